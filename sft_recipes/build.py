@@ -1,0 +1,75 @@
+"""Pure mappers from our config to the library objects: BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig.
+
+They take the plain config values (a `Config` or DictConfig with the same fields) and load nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+def bnb_config(q):
+    """BitsAndBytesConfig for quantization.bits 4 or 8, None for 16 (no quantization)."""
+    if q.bits == 16:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              bnb_4bit_quant_storage=getattr(torch, q.compute_dtype))
+
+
+def lora_config(lora):
+    from peft import LoraConfig
+
+    targets = list(lora.target_modules)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      task_type="CAUSAL_LM")
+
+
+def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None):
+    """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    cuda = torch.cuda.is_available() if use_cpu is None else not use_cpu
+    dtype = cfg.quantization.compute_dtype if cfg.quantization.bits == 4 else cfg.model.dtype
+    eval_steps = t.eval_steps or t.save_steps
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=dtype == "bfloat16" and cuda,
+        fp16=dtype == "float16" and cuda,
+        use_cpu=not cuda,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        report_to=list(t.report_to),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=None,  # rows are already cut to data.max_length by sft_recipes.data, with counts
+        completion_only_loss=False,  # our rows carry their own labels
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_only_model=False,
+    )

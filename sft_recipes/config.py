@@ -1,0 +1,156 @@
+"""The typed config schema and the cross-field checks.
+
+The dataclasses below are registered in Hydra's ConfigStore as `base_config`; `conf/train.yaml` lists it
+first in its defaults, so every YAML file and every command-line override is merged into these typed
+nodes: a misspelled key or a wrong type fails at compose time with Hydra's own message.
+`check(cfg)` then runs the checks that span several fields, before any model is loaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id or local folder
+    embedded: Optional[str] = None  # a pip package that ships this model as GGUF (used when no local folder)
+    gguf_file: Optional[str] = None  # the GGUF file inside that package
+    dtype: str = "bfloat16"  # weights and compute dtype: bfloat16 | float16 | float32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    bias: str = "none"
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = 4  # 4 | 8 | 16 (16 = no quantization)
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/training_data/sft_sample.json"
+    val_path: Optional[str] = "data/training_data/sft_sample_val.json"
+    val_fraction: float = 0.0  # used when val_path is null
+    max_length: int = 1024
+    overlong: str = "truncate"  # truncate (the answer) | drop | error
+    template: str = "chat"
+    system_prompt: Optional[str] = None  # null: the template's own default
+    template_files: List[str] = field(default_factory=lambda: ["conf/templates"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = True
+    logging_steps: int = 5
+    save_steps: int = 50
+    save_total_limit: Optional[int] = 3
+    eval_steps: int = 0  # 0: evaluate at every save
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 42
+    dry_run: bool = False
+    resume_from: Optional[str] = None  # null | auto | PATH to a checkpoint-N folder
+    output_dir: str = "${hydra:runtime.output_dir}"
+    debug: bool = False  # show tracebacks for errors we explain
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that need no model. Each message names the override that fixes it."""
+    problems = []
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype} is not one of {', '.join(DTYPES)}.")
+    q = cfg.quantization
+    if q.bits not in (4, 8, 16):
+        problems.append(f"quantization.bits={q.bits} must be 4, 8 or 16 (use quantization=nf4|int8|none).")
+    if q.bits == 4 and q.quant_type not in ("nf4", "fp4"):
+        problems.append(f"quantization.quant_type={q.quant_type} must be nf4 or fp4.")
+    if q.compute_dtype not in DTYPES:
+        problems.append(f"quantization.compute_dtype={q.compute_dtype} is not one of {', '.join(DTYPES)}.")
+    if q.bits in (4, 8):
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("quantization needs the bitsandbytes package: pip install bitsandbytes, "
+                            "or train in full precision with quantization=none.")
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+        problems.append("lora.r and lora.alpha must be positive.")
+    if not 0 <= cfg.lora.dropout < 1:
+        problems.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1).")
+    if any(m in ("lm_head", "embed_tokens") for m in cfg.lora.target_modules):
+        problems.append("LoRA on lm_head/embed_tokens is not supported by PEFT with TRL; "
+                        "remove it from lora.target_modules (e.g. lora=default or lora=all_linear).")
+    t = cfg.train
+    for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+        if getattr(t, name) <= 0:
+            problems.append(f"train.{name}={getattr(t, name)} must be positive.")
+    if t.lr <= 0:
+        problems.append(f"train.lr={t.lr} must be positive.")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("set train.epochs > 0 or train.max_steps > 0.")
+    d = cfg.data
+    if d.max_length < 16:
+        problems.append(f"data.max_length={d.max_length} is too small (at least 16).")
+    if d.overlong not in ("truncate", "drop", "error"):
+        problems.append(f"data.overlong={d.overlong} must be truncate, drop or error.")
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1).")
+    if not Path(d.train_path).exists():
+        problems.append(f"data.train_path={d.train_path} does not exist (from {os.getcwd()}).")
+    if d.val_path and not Path(d.val_path).exists():
+        problems.append(f"data.val_path={d.val_path} does not exist; set data.val_path=null to split "
+                        "off data.val_fraction of the training data instead.")
+    if cfg.resume_from not in (None, "auto") and not Path(cfg.resume_from).is_dir():
+        problems.append(f"resume_from={cfg.resume_from} is not a checkpoint folder; use resume_from=auto "
+                        "for the latest checkpoint of the run dir.")
+    import torch
+
+    if torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
+        problems.append(f"{torch.cuda.device_count()} GPUs are visible but this is a single-process run: "
+                        "launch with `accelerate launch -m sft_recipes ...`, or pick one GPU with CUDA_VISIBLE_DEVICES=0.")
+    if problems:
+        raise UserError("Invalid configuration: " + " ".join(problems))

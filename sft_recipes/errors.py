@@ -1,0 +1,7 @@
+"""One error type for everything the user can fix: bad data, bad config, a missing model."""
+
+
+class UserError(Exception):
+    """A problem the user can fix. The CLI prints the message as one paragraph and exits with status 2."""
+
+    exit_code = 2

