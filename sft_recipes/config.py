@@ -56,7 +56,7 @@ class DataConfig:
     overlong: str = "truncate"  # truncate (the answer) | drop | error
     template: str = "chat"
     system_prompt: Optional[str] = None  # null: the template's own default
-    template_files: List[str] = field(default_factory=lambda: ["conf/templates"])
+    template_files: List[str] = field(default_factory=list)  # extra YAML files/folders (conf/templates/ is always read)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from . import build, config, data, models, report, templates
+from . import build, conf_dir, config, data, models, report, templates
 from .errors import UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -25,7 +25,7 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
 def prepare_data(cfg, tokenizer):
     """Load, validate, split and tokenize. Returns (train_ds, val_ds or None, train_stats, val_stats or None)."""
     d = cfg.data
-    template = templates.get(d.template, d.template_files)
+    template = templates.get(d.template, [str(Path(conf_dir()) / "templates"), *d.template_files])
     template.apply_to(tokenizer)
     train_records = data.load_records(d.train_path)
     if d.val_path:

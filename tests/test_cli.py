@@ -1,0 +1,91 @@
+"""The command line, in real subprocesses: overrides, -m sweeps, dry runs, resume, bad keys and bad data."""
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from conftest import TRAIN, cli, tiny_args
+
+
+def state(ckpt):
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def test_overrides_train_and_save(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    r = cli(*tiny_args(tiny_dir, out, "train.max_steps=3", "lora.r=4", "train.lr=1e-3", "data.max_length=128"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Adapter saved to {out / 'final_model'}" in r.stdout
+    assert json.loads((out / "final_model" / "adapter_config.json").read_text())["r"] == 4
+    saved = (out / ".hydra" / "config.yaml").read_text()
+    assert "lr: 0.001" in saved and "max_length: 128" in saved
+    assert state(out / "checkpoint-3")["global_step"] == 3
+
+
+def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_args(tiny_dir, "unused", "train.max_steps=1") if not a.startswith("hydra.run.dir")]
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8", "train.lr=1e-4,2e-4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 4, jobs
+    ranks = sorted(json.loads((j / "final_model" / "adapter_config.json").read_text())["r"] for j in jobs)
+    assert ranks == [4, 4, 8, 8]
+    overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert sum("lora.r=8" in o and "train.lr=0.0002" in o for o in overrides) == 1
+
+
+def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
+    out = tmp_path / "dry"
+    r = cli(*tiny_args(tiny_dir, out, "dry_run=true", "data.max_length=96"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout
+    assert "Training data: 112 records" in text and "p50=" in text and "p90=" in text and "max=" in text
+    assert "over max_length" in text and "truncated" in text
+    assert "Trainable parameters:" in text and "max_length: 96" in text
+    assert ">>>" in text and "<|im_end|><<<" in text and "Dry run: nothing was trained." in text
+    assert not list(out.glob("checkpoint-*")) and not (out / "final_model").exists()
+
+
+def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
+    # no hydra.run.dir: runs land in ./outputs/<time>; resume_from=auto finds the newest one with a checkpoint
+    args = [a for a in tiny_args(tiny_dir, "unused") if not a.startswith("hydra.run.dir")]
+    r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs").iterdir())
+    first = state(run / "checkpoint-4")
+    # simulate a run stopped after step 2: drop what came later
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", "resume_from=auto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resuming from {run / 'checkpoint-2'}" in r.stdout
+    assert len(list((tmp_path / "outputs").iterdir())) == 1  # continued in place, no new run dir
+    resumed = state(run / "checkpoint-4")
+    assert resumed["global_step"] == 4
+    log = (run / "training_log.txt").read_text()
+    assert "# training starts at step 2 of 4" in log
+    # same seed, same data order, restored optimizer/scheduler/RNG: the resumed steps match the original ones
+    loss = lambda s, step: next(h["loss"] for h in s["log_history"] if h.get("step") == step and "loss" in h)
+    assert abs(loss(resumed, 4) - loss(first, 4)) < 1e-3
+    weights = load_file(run / "final_model" / "adapter_model.safetensors")
+    assert len(weights) == 2 * 4 * 2 and not any("base_model.model.base_model" in k for k in weights)
+
+
+def test_misspelled_key_fails_naming_it(tmp_path, tiny_dir):
+    r = cli(*tiny_args(tiny_dir, tmp_path / "x", "train.lerning_rate=1e-4"))
+    assert r.returncode != 0
+    assert "lerning_rate" in r.stderr
+
+
+def test_bad_data_fails_before_training_and_writes_no_result(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"question": "Q?", "answer": "A"}, {"question": "Q2?"}]))
+    out = tmp_path / "run"
+    r = cli(*tiny_args(tiny_dir, out, f"data.train_path={bad}"))
+    assert r.returncode == 2
+    assert f"{bad}, record 2: field 'answer' is missing" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "final_model").exists()
