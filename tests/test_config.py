@@ -86,3 +86,18 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
 def test_cross_field_checks_name_the_fix(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("|", r"\|")):
         config.check(make(override))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml")))
+def test_recipes_compose(recipe, tmp_path):
+    # as `--config-dir recipes` does: the recipe and conf/ on one search path
+    import shutil
+
+    shutil.copytree(CONF, tmp_path / "conf")
+    shutil.copy(CONF.parent / "recipes" / f"{recipe}.yaml", tmp_path / "conf")
+    with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):
+        cfg = compose(recipe, overrides=["output_dir=/tmp/sft-test"])
+    assert cfg.model.name_or_path and cfg.train.lr == 2e-4
+    build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
+    header = (CONF.parent / "recipes" / f"{recipe}.yaml").read_text().splitlines()[:4]
+    assert any(f"--config-name {recipe}" in line for line in header)  # the command that runs it
