@@ -65,6 +65,8 @@ def run(cfg) -> Optional[Path]:
 
     datasets.disable_progress_bars()
     config.check(cfg)
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
 
@@ -76,7 +78,6 @@ def run(cfg) -> Optional[Path]:
     if val_stats:
         print(report.data_summary("Validation data", val_stats))
     if cfg.dry_run:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
         dry_run(cfg, model_path, tokenizer, train_ds, train_stats)
         return None
 

@@ -89,3 +89,9 @@ def test_bad_data_fails_before_training_and_writes_no_result(tmp_path, tiny_dir)
     assert f"{bad}, record 2: field 'answer' is missing" in r.stderr
     assert "Traceback" not in r.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "final_model").exists()
+
+
+def test_unreachable_hub_model_fails_fast_naming_the_way_out(tmp_path):
+    r = cli("model=deepseek_math_7b", "dry_run=true", f"hydra.run.dir={tmp_path / 'x'}", timeout=60)
+    assert r.returncode == 2
+    assert "deepseek-ai/deepseek-math-7b-instruct" in r.stderr and "model.name_or_path=DIR" in r.stderr
