@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: help install train test check dry-run clean
+.PHONY: help install train test check dry-run validate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ train: $(STAMP) ## fine-tune the embedded model on the sample data (fast_test pr
 
 dry-run: $(STAMP) ## validate config and data, show statistics and one training example, train nothing
 	$(PY) -m sft_recipes dry_run=true $(ARGS)
+
+validate: $(STAMP) ## check the sample data files (or FILES=...) without loading a model
+	$(PY) -m sft_recipes.data validate $(or $(FILES),data/training_data)
 
 check: $(STAMP) ## verify the setup: versions, CPU/GPU, 4-bit support, default model
 	$(PY) -m sft_recipes.check

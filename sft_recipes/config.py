@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -48,12 +48,25 @@ class QuantizationConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """The names of our fields in the input files (e.g. data.columns.question=prompt for a CSV)."""
+    question: str = "question"
+    answer: str = "answer"
+    source: str = "source"
+
+
+@dataclass
 class DataConfig:
-    train_path: str = "data/training_data/sft_sample.json"
-    val_path: Optional[str] = "data/training_data/sft_sample_val.json"
-    val_fraction: float = 0.0  # used when val_path is null
+    # a file (JSON, JSONL, CSV, Parquet), a folder, a glob, or a list of these: [a.json,more/*.jsonl]
+    train_path: Any = "data/training_data/sft_sample.json"
+    val_path: Any = "data/training_data/sft_sample_val.json"  # null: split off val_fraction instead
+    val_fraction: float = 0.0
+    split_by: str = "record"  # record | source (every record of a source on the same side)
+    dedup: bool = True  # drop exact and normalized (case, whitespace, punctuation) duplicates
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 1024
-    overlong: str = "truncate"  # truncate (the answer) | drop | error
+    overlong: str = "truncate"  # truncate (the answer, never the question) | drop | error
+    cache: bool = True  # reuse prepared (tokenized) data when files, tokenizer and options are unchanged
     template: str = "chat"
     system_prompt: Optional[str] = None  # null: the template's own default
     template_files: List[str] = field(default_factory=list)  # extra YAML files/folders (conf/templates/ is always read)
@@ -158,11 +171,22 @@ def check(cfg: Config) -> None:
         problems.append(f"data.overlong={d.overlong} must be truncate, drop or error.")
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1).")
-    if not Path(d.train_path).exists():
-        problems.append(f"data.train_path={d.train_path} does not exist (from {os.getcwd()}).")
-    if d.val_path and not Path(d.val_path).exists():
-        problems.append(f"data.val_path={d.val_path} does not exist; set data.val_path=null to split "
-                        "off data.val_fraction of the training data instead.")
+    if d.split_by not in ("record", "source"):
+        problems.append(f"data.split_by={d.split_by} must be record or source.")
+    from .data import expand
+
+    for key, spec in (("train_path", d.train_path), ("val_path", d.val_path)):
+        if spec is None and key == "val_path":
+            continue
+        if not isinstance(spec, str) and not (OmegaConf.is_list(spec) or isinstance(spec, list)):
+            problems.append(f"data.{key} must be a path, a glob or a list of them.")
+            continue
+        try:
+            expand(list(spec) if not isinstance(spec, str) else spec)
+        except UserError as e:
+            fix = (" Set data.val_path=null to split off data.val_fraction of the training data instead."
+                   if key == "val_path" else "")
+            problems.append(f"data.{key}: {e} Relative paths start from {os.getcwd()}.{fix}")
     if cfg.resume_from not in (None, "auto") and not Path(cfg.resume_from).is_dir():
         problems.append(f"resume_from={cfg.resume_from} is not a checkpoint folder; use resume_from=auto "
                         "for the latest checkpoint of the run dir.")

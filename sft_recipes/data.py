@@ -1,25 +1,29 @@
-"""Question/answer/source records -> validated -> chat-formatted, tokenized `datasets.Dataset`.
+"""Question/answer/source records: read, validate, deduplicate and split. No tokenizer, no Hydra here.
 
-We tokenize ourselves (one batched call of the fast tokenizer) instead of letting TRL do it, so that the
-length audit, truncation policy and the dry-run display see exactly the tokens that are trained, and so that
-nothing is dropped without being counted. Each row is `input_ids` + `labels` (-100 on the prompt): the
-loss falls on the answer and on the end-of-turn token that ends it. TRL uses such rows as they are.
+Input: a JSON array, JSON lines, CSV or Parquet file, a folder or glob of such files, or a list of these.
+Every invalid record is reported (up to MAX_LISTED, then a count) with its file, record or line number and
+field, in one `UserError`; unknown extra fields are a warning.
+`python -m sft_recipes.data validate PATH...` checks files without any model.
 """
 from __future__ import annotations
 
-import bisect
+import glob
 import json
 import random
+import re
+import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import UserError
-from .templates import Template
 
+FIELDS = ("question", "answer", "source")
 REQUIRED = ("question", "answer")
-OPTIONAL = ("source",)
 MAX_LISTED = 20
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 
 
 @dataclass
@@ -27,20 +31,34 @@ class Record:
     question: str
     answer: str
     source: str = ""
-    where: str = ""  # "file:record N" for messages
+    where: str = ""  # "FILE, record N" (or line N) for messages
 
     def as_dict(self) -> dict:
         return {"question": self.question, "answer": self.answer, "source": self.source}
 
 
-def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
-    """("line" or "record", [(number, raw value)]): line numbers for JSONL, array positions for JSON."""
+@dataclass
+class FileReport:
+    path: str
+    records: int = 0
+    warnings: List[str] = field(default_factory=list)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}).") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8.") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror}).") from None
+
+
+def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
+    """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record") or
+    a table ("row", the header not counted)."""
+    if path.suffix in (".csv", ".parquet"):
+        return "row", list(enumerate(_read_table(path), 1))
+    text = _read_text(path)
     if not text.strip():
         raise UserError(f"{path}: the file is empty; expected a JSON array or JSON lines of "
                         '{"question": ..., "answer": ..., "source": ...} records.')
@@ -65,136 +83,213 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     return "record", list(enumerate(value, 1))
 
 
-def load_records(path: str) -> List[Record]:
-    """Read and validate one JSON/JSONL file; every problem is listed (up to MAX_LISTED) in one error."""
+def _read_table(path: Path) -> List[dict]:
+    """CSV or Parquet rows through `datasets` (all columns as they are typed there)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+    except Exception as e:  # the loaders raise many types; all mean "cannot read this file"
+        raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e}).") from None
+    return ds.to_list()
+
+
+def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
+                 report: Optional[FileReport] = None) -> List[Record]:
+    """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt)."""
     p = Path(path)
+    cols = {**DEFAULT_COLUMNS, **(columns or {})}
     unit, rows = _parse(p)
     if not rows:
         raise UserError(f"{p}: contains no records.")
-    records, problems = [], []
+    records, problems, extra = [], [], set()
     for n, raw in rows:
-        where = f"{p}, {unit} {n}"
+        where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
-            problems.append(f"{where}: expected an object with 'question' and 'answer', found {type(raw).__name__}")
+            problems.append(f"{at}: expected an object with '{cols['question']}' and '{cols['answer']}', "
+                            f"found {type(raw).__name__}")
             continue
+        extra.update(k for k in raw if k not in cols.values())
         bad = False
-        for key in REQUIRED + OPTIONAL:
-            value = raw.get(key)
+        for key in FIELDS:
+            name, value = cols[key], raw.get(cols[key])
             if value is None:
                 if key in REQUIRED:
-                    problems.append(f"{where}: field '{key}' is missing")
+                    problems.append(f"{at}: field '{name}' is missing")
                     bad = True
             elif not isinstance(value, str):
-                problems.append(f"{where}: field '{key}' must be a string, found {type(value).__name__}")
+                problems.append(f"{at}: field '{name}' must be a string, found {type(value).__name__}")
                 bad = True
             elif key in REQUIRED and not value.strip():
-                problems.append(f"{where}: field '{key}' is empty")
+                problems.append(f"{at}: field '{name}' is {'empty' if not value else 'only whitespace'}")
                 bad = True
         if not bad:
-            records.append(Record(raw["question"], raw["answer"], raw.get("source") or "", where))
+            records.append(Record(raw[cols["question"]], raw[cols["answer"]], raw.get(cols["source"]) or "", where))
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise UserError(f"{len(problems)} invalid record(s) in {p}: {shown}{more}. "
-                        "Each record needs non-empty string fields 'question' and 'answer' "
-                        "('source' is an optional string).")
+        raise UserError(f"{len(problems)} invalid record(s) in {p}: {shown}{more}. Each record needs non-empty "
+                        f"string fields '{cols['question']}' and '{cols['answer']}' ('{cols['source']}' is an "
+                        "optional string); map other column names with data.columns.question=NAME etc.")
+    if report is not None:
+        report.records = len(records)
+        if extra:
+            report.warnings.append(f"{p}: unknown field(s) {sorted(extra)} ignored")
     return records
 
 
-def split(records: List[Record], val_fraction: float, seed: int) -> Tuple[List[Record], List[Record]]:
+def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
+    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.parquet), glob, or a list of these."""
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    files: List[Path] = []
+    for item in map(str, items):
+        if any(c in item for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).suffix in SUFFIXES)
+            if not found:
+                raise UserError(f"No data files match {item}.")
+            files += found
+        elif Path(item).is_dir():
+            found = sorted(f for f in Path(item).iterdir() if f.suffix in SUFFIXES)
+            if not found:
+                raise UserError(f"Folder {item} holds no {'/'.join(SUFFIXES)} files.")
+            files += found
+        elif Path(item).exists():
+            files.append(Path(item))
+        else:
+            raise UserError(f"Data file {item} does not exist.")
+    return files
+
+
+def load_many(spec, columns: Optional[Dict[str, str]] = None,
+              reports: Optional[List[FileReport]] = None) -> List[Record]:
+    """All records of all files in `spec`; every file is validated before the first error is raised."""
+    records, errors = [], []
+    for path in expand(spec):
+        rep = FileReport(str(path))
+        try:
+            records += load_records(path, columns, rep)
+        except UserError as e:
+            errors.append(str(e))
+        if reports is not None:
+            reports.append(rep)
+    if errors:
+        raise UserError(" ".join(errors))
+    return records
+
+
+_PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalize(text: str) -> str:
+    """Case, whitespace and punctuation folded away: what makes two texts 'the same' for deduplication."""
+    return _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+@dataclass
+class DedupReport:
+    exact: int = 0  # identical question and answer
+    normalized: int = 0  # identical after normalize()
+    conflicting: int = 0  # same question, different answers (kept; reported)
+
+    @property
+    def dropped(self) -> int:
+        return self.exact + self.normalized
+
+
+def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
+    """Keep the first of each group of duplicate (question, answer) pairs."""
+    rep = DedupReport()
+    seen_exact, seen_norm, answers = set(), set(), {}
+    kept = []
+    for r in records:
+        exact = (r.question, r.answer)
+        norm = (normalize(r.question), normalize(r.answer))
+        if exact in seen_exact:
+            rep.exact += 1
+            continue
+        if norm in seen_norm:
+            rep.normalized += 1
+            continue
+        seen_exact.add(exact)
+        seen_norm.add(norm)
+        if answers.setdefault(norm[0], norm[1]) != norm[1]:
+            rep.conflicting += 1
+        kept.append(r)
+    return kept, rep
+
+
+def split(records: List[Record], val_fraction: float, seed: int,
+          by: str = "record") -> Tuple[List[Record], List[Record]]:
+    """A seeded validation split. by="source" keeps every record of a source on the same side."""
     if val_fraction <= 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(records) * val_fraction))
-    val_idx = set(order[:n_val])
+        return list(records), []
+    if by == "source":
+        groups: Dict[str, List[int]] = {}
+        for i, r in enumerate(records):
+            groups.setdefault(r.source or f"\0{i}", []).append(i)
+        keys = sorted(groups)
+        random.Random(seed).shuffle(keys)
+        target, val_idx = val_fraction * len(records), set()
+        for k in keys:
+            if len(val_idx) >= target:
+                break
+            val_idx.update(groups[k])
+        if len(val_idx) == len(records):
+            raise UserError(f"data.split_by=source: only {len(groups)} source(s), so no split leaves training "
+                            "data; lower data.val_fraction or use data.split_by=record.")
+    else:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        val_idx = set(order[:max(1, round(len(records) * val_fraction))])
     return ([r for i, r in enumerate(records) if i not in val_idx],
             [r for i, r in enumerate(records) if i in val_idx])
 
 
-@dataclass
-class Stats:
-    records: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    over_max_length: int = 0
-    prompt_mismatch: int = 0
-    lengths: List[int] = field(default_factory=list)  # tokens per record before truncation
-    trained_tokens: int = 0
-
-    def percentile(self, q: float) -> int:
-        s = sorted(self.lengths)
-        return s[min(len(s) - 1, int(q * len(s)))] if s else 0
-
-    def summary(self) -> Dict[str, int]:
-        return {"records": self.records, "kept": self.kept, "tokens_p50": self.percentile(0.5),
-                "tokens_p90": self.percentile(0.9), "tokens_max": max(self.lengths, default=0),
-                "over_max_length": self.over_max_length, "truncated": self.truncated, "dropped": self.dropped,
-                "trained_tokens": self.trained_tokens}
+def overlap(train: Iterable[Record], val: Iterable[Record]) -> List[Record]:
+    """Validation records whose (normalized) question also appears in training: a leak."""
+    seen = {normalize(r.question) for r in train}
+    return [r for r in val if normalize(r.question) in seen]
 
 
-def render(records: Sequence[Record], tokenizer, template: Template,
-           system_prompt: Optional[str] = None) -> Tuple[List[str], List[str]]:
-    """(prompt text as at inference, full conversation text) per record, through the chat template."""
-    prompts = [template.messages(r.as_dict(), system_prompt) for r in records]
-    prompt_texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
-    full_texts = tokenizer.apply_chat_template(
-        [p + [{"role": "assistant", "content": r.answer}] for p, r in zip(prompts, records)], tokenize=False)
-    eos = tokenizer.eos_token
-    out = []
-    for r, prompt, full in zip(records, prompt_texts, full_texts):
-        if not full.startswith(prompt):
-            raise UserError(f"Template '{template.name}' renders the prompt of {r.where} differently alone than "
-                            "inside the conversation, so training would not match inference; fix its chat_template.")
-        # End the trained text at the end-of-turn token: what follows it (a newline) is never generated.
-        stripped = full.rstrip()
-        out.append(stripped if eos and stripped.endswith(eos) else full)
-    return prompt_texts, out
+def validate_main(paths: List[str], columns: Optional[Dict[str, str]] = None) -> int:
+    """Check files and print a summary table; 0 if all are valid, 2 otherwise."""
+    rows, status = [], 0
+    for path in expand(paths) if paths else []:
+        rep = FileReport(str(path))
+        try:
+            records = load_records(path, columns, rep)
+            kept, d = dedup(records)
+            rows.append((str(path), "ok", len(records), d.dropped, d.conflicting,
+                         sum(1 for r in records if r.source) , "; ".join(rep.warnings)))
+        except UserError as e:
+            status = 2
+            rows.append((str(path), "INVALID", 0, 0, 0, 0, str(e)))
+    head = ("file", "status", "records", "duplicates", "conflicting", "with source", "notes")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *[r[:6] + ("",) for r in rows])]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r[:6], widths)) + ("  " + r[6] if r[6] else ""))
+    return status
 
 
-def tokenize(records: Sequence[Record], tokenizer, template: Template, max_length: int,
-             overlong: str = "truncate", system_prompt: Optional[str] = None):
-    """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy. Returns (dataset, stats)."""
-    from datasets import Dataset
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
 
-    prompt_texts, full_texts = render(records, tokenizer, template, system_prompt)
-    enc = tokenizer(full_texts, add_special_tokens=False, return_offsets_mapping=True)
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    stats = Stats(records=len(records))
-    rows: Dict[str, list] = {"input_ids": [], "labels": []}
-    overlong_where = []
-    for r, prompt, ids, offsets, p_ids in zip(records, prompt_texts, enc["input_ids"],
-                                              enc["offset_mapping"], prompt_ids):
-        n_prompt = bisect.bisect_left([start for start, _ in offsets], len(prompt))
-        if ids[:n_prompt] != p_ids:
-            stats.prompt_mismatch += 1
-        stats.lengths.append(len(ids))
-        if len(ids) > max_length:
-            stats.over_max_length += 1
-            overlong_where.append(r.where)
-            if overlong == "drop" or n_prompt >= max_length - 1:
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-            ids = ids[:max_length]
-        labels = [-100] * n_prompt + ids[n_prompt:]
-        rows["input_ids"].append(ids)
-        rows["labels"].append(labels)
-        stats.trained_tokens += len(ids) - n_prompt
-    if overlong == "error" and overlong_where:
-        raise UserError(f"{len(overlong_where)} record(s) exceed data.max_length={max_length} tokens: "
-                        f"{'; '.join(overlong_where[:MAX_LISTED])}. Raise data.max_length, or set "
-                        "data.overlong=truncate (cut the answer) or data.overlong=drop.")
-    stats.kept = len(rows["input_ids"])
-    if not stats.kept:
-        raise UserError(f"No record fits data.max_length={max_length}: every question alone is longer. "
-                        "Raise data.max_length.")
-    return Dataset.from_dict(rows), stats
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.data",
+                                     description="Check question/answer data files without loading a model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="validate files, folders or globs and print a summary table")
+    v.add_argument("paths", nargs="+")
+    v.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
+                   help="map a field to a column name, e.g. --column question=prompt")
+    args = parser.parse_args(argv)
+    try:
+        columns = dict(c.split("=", 1) for c in args.column)
+        return validate_main(args.paths, columns)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
-def show_example(row: dict, tokenizer) -> str:
-    """Decode one training row with the trained span (the tokens that carry loss) between >>> and <<<."""
-    ids, labels = row["input_ids"], row["labels"]
-    first = next(i for i, lab in enumerate(labels) if lab != -100)
-    return tokenizer.decode(ids[:first]) + ">>>" + tokenizer.decode(ids[first:]) + "<<<"
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,7 +62,7 @@ def plot_loss(log_history, path: Path) -> None:
     plt.close(fig)
 
 
-def write_metrics(trainer, train_result, path: Path, wall_s: float) -> dict:
+def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: int) -> dict:
     history = trainer.state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
@@ -74,6 +74,7 @@ def write_metrics(trainer, train_result, path: Path, wall_s: float) -> dict:
         "final_eval_loss": evals[-1] if evals else None,
         "trained_tokens_per_s": None,
         "wall_s": round(wall_s, 1),
+        "peak_memory_gib": round(peak_bytes / 2**30, 3),
     }
     tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
     runtime = train_result.metrics.get("train_runtime")
@@ -83,20 +84,86 @@ def write_metrics(trainer, train_result, path: Path, wall_s: float) -> dict:
     return metrics
 
 
-def trainable_parameters(model_path: str, lora_cfg, trust_remote_code: bool = False):
-    """(trainable, total) parameters of base + LoRA, computed on the meta device: no weights are loaded."""
+def memory_estimate(cfg, model_path: str, seq_len: int):
+    """(trainable, total parameters, estimated peak bytes per term), from the model config: no weights loaded."""
     from peft import get_peft_model
 
+    from . import build, estimate
     from .models import meta_model
 
-    model = get_peft_model(meta_model(model_path, trust_remote_code), lora_cfg)
+    base = meta_model(model_path, cfg.model.trust_remote_code)
+    parts_model = base
+    model = get_peft_model(base, build.lora_config(cfg.lora))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    q = cfg.quantization
+    dtype = q.compute_dtype if q.bits == 4 else cfg.model.dtype
+    parts = estimate.estimate(parts_model, trainable, q.bits, dtype, cfg.train.batch_size, seq_len,
+                              cfg.train.gradient_checkpointing, q.double_quant)
+    return trainable, total, parts
+
+
+def length_histogram(stats, max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(stats.lengths, bins=40, color="#4477aa")
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"data.max_length={max_length}")
+    ax.set_xlabel("tokens per record (prompt + answer)")
+    ax.set_ylabel("records")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def data_report(cfg, data, steps_per_epoch: int, steps: int, params, parts, path: Path) -> None:
+    """data_report.md: files, duplicates, leaks, lengths, truncation, steps and the memory estimate."""
+    from .estimate import table
+
+    rep = data.report
+    lines = ["# Data report", "", "| file | records | notes |", "| --- | --- | --- |"]
+    lines += [f"| {f['path']} | {f['records']} | {'; '.join(f['warnings'])} |" for f in rep["files"]]
+    dup = rep["duplicates"]
+    lines += ["", "## Cleaning", "",
+              f"- duplicates dropped: {dup['exact']} exact, {dup['normalized']} normalized; "
+              f"{dup['conflicting']} question(s) with different answers kept" if dup else "- deduplication off",
+              f"- validation questions also in training: {rep['leak_count']}"
+              + (f" (e.g. {rep['leaks'][0]})" if rep["leaks"] else "")]
+    lines += [f"- warning: {w}" for w in rep["warnings"]]
+    lines += ["", f"## Lengths (tokens per record, data.max_length={cfg.data.max_length}, "
+              f"data.overlong={cfg.data.overlong})", "",
+              "| split | records | kept | p50 | p90 | p99 | max | over max_length | truncated | dropped |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, st in (("train", data.train_stats), ("validation", data.val_stats)):
+        if st:
+            s = st.summary()
+            lines.append(f"| {name} | {s['records']} | {s['kept']} | {s['tokens_p50']} | {s['tokens_p90']} | "
+                         f"{s['tokens_p99']} | {s['tokens_max']} | {s['over_max_length']} | {s['truncated']} | "
+                         f"{s['dropped']} |")
+    lines += ["", "![token lengths](token_lengths.png)", "",
+              "## Training", "",
+              f"- optimizer steps: {steps} ({steps_per_epoch} per epoch, "
+              f"{cfg.train.batch_size} x {cfg.train.grad_accum} samples per step)",
+              f"- trainable parameters: {params[0]:,} of {params[1]:,} ({100 * params[0] / params[1]:.3f} %)",
+              "", "## Estimated peak memory (from the model config; no weights loaded)", "",
+              "| term | estimate |", "| --- | --- |", table(parts), ""]
+    path.write_text("\n".join(lines))
 
 
 def data_summary(name: str, stats) -> str:
     s = stats.summary()
     return (f"{name}: {s['records']} records, kept {s['kept']}; tokens per record p50={s['tokens_p50']} "
-            f"p90={s['tokens_p90']} max={s['tokens_max']}; {s['over_max_length']} over max_length "
-            f"({s['truncated']} truncated, {s['dropped']} dropped); {s['trained_tokens']} trained tokens")
+            f"p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; {s['over_max_length']} over "
+            f"max_length ({s['truncated']} truncated, {s['dropped']} dropped); {s['trained_tokens']} trained tokens")
+
+
+def write_data_stats(data, path: Path) -> None:
+    """Counts a user may need later: kept, truncated, dropped, duplicates, leaks; token length percentiles."""
+    path.write_text(json.dumps({"train": data.train_stats.summary(),
+                                "validation": data.val_stats.summary() if data.val_stats else None,
+                                **{k: v for k, v in data.report.items() if k != "files"},
+                                "files": data.report["files"]}, indent=2) + "\n")

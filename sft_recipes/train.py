@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from . import build, conf_dir, config, data, models, report, templates
+from . import build, conf_dir, config, models, prepare, report, templates
 from .errors import UserError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -22,40 +22,40 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def prepare_data(cfg, tokenizer):
-    """Load, validate, split and tokenize. Returns (train_ds, val_ds or None, train_stats, val_stats or None)."""
+def prepare_data(cfg, tokenizer) -> prepare.Prepared:
+    """Load, validate, deduplicate, split and tokenize the data (see sft_recipes.prepare)."""
     d = cfg.data
     template = templates.get(d.template, [str(Path(conf_dir()) / "templates"), *d.template_files])
     template.apply_to(tokenizer)
-    train_records = data.load_records(d.train_path)
-    if d.val_path:
-        val_records = data.load_records(d.val_path)
-    else:
-        train_records, val_records = data.split(train_records, d.val_fraction, cfg.seed)
-    train_ds, train_stats = data.tokenize(train_records, tokenizer, template, d.max_length, d.overlong,
-                                          d.system_prompt)
-    val_ds = val_stats = None
-    if val_records:
-        val_ds, val_stats = data.tokenize(val_records, tokenizer, template, d.max_length, d.overlong,
-                                          d.system_prompt)
-    return train_ds, val_ds, train_stats, val_stats
+    paths = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
+    opts = prepare.Options(max_length=d.max_length, overlong=d.overlong, dedup=d.dedup, val_fraction=d.val_fraction,
+                           split_by=d.split_by, seed=cfg.seed, system_prompt=d.system_prompt,
+                           columns=dict(d.columns), cache_dir=str(models.cache_root() / "data") if d.cache else None)
+    return prepare.prepare(paths(d.train_path), paths(d.val_path), tokenizer, template, opts)
 
 
-def dry_run(cfg, model_path: str, tokenizer, train_ds, train_stats) -> None:
+def dry_run(cfg, model_path: str, tokenizer, data, out: Path) -> None:
+    """Report what a run would do, write data_report.md and token_lengths.png, train nothing."""
     import math
 
-    trainable, total = report.trainable_parameters(model_path, build.lora_config(cfg.lora),
-                                                   cfg.model.trust_remote_code)
     t = cfg.train
-    steps_per_epoch = math.ceil(len(train_ds) / (t.batch_size * t.grad_accum))
+    steps_per_epoch = math.ceil(len(data.train) / (t.batch_size * t.grad_accum))
     steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
+    longest = min(cfg.data.max_length, data.train_stats.summary()["tokens_max"])
+    trainable, total, parts = report.memory_estimate(cfg, model_path, longest)
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
     print(f"Optimizer steps: {steps} ({steps_per_epoch} per epoch, {t.batch_size * t.grad_accum} samples per step)")
+    print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
+        f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
+        f"{t.batch_size} x {longest} tokens)")
+    out.mkdir(parents=True, exist_ok=True)
+    report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
+    report.data_report(cfg, data, steps_per_epoch, steps, (trainable, total), parts, out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
-    print(data.show_example(train_ds[0], tokenizer))
-    print("Dry run: nothing was trained.")
+    print(prepare.show_example(data.train[0], tokenizer))
+    print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 
 def run(cfg) -> Optional[Path]:
@@ -73,12 +73,18 @@ def run(cfg) -> Optional[Path]:
     # Data first: bad records fail here, before any model weights are loaded.
     model_path = models.resolve(cfg.model.name_or_path, cfg.model.embedded, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    train_ds, val_ds, train_stats, val_stats = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)
+    train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
     print(report.data_summary("Training data", train_stats))
     if val_stats:
         print(report.data_summary("Validation data", val_stats))
+    for warning in data.report["warnings"]:
+        print(f"warning: {warning}")
+    if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
+        print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "
+              "(data.dedup=false keeps them)")
     if cfg.dry_run:
-        dry_run(cfg, model_path, tokenizer, train_ds, train_stats)
+        dry_run(cfg, model_path, tokenizer, data, out)
         return None
 
     checkpoint = None
@@ -93,6 +99,9 @@ def run(cfg) -> Optional[Path]:
 
     from trl import SFTTrainer
 
+    from .estimate import PeakMemory
+
+    memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
     trainer = SFTTrainer(
@@ -105,6 +114,7 @@ def run(cfg) -> Optional[Path]:
         callbacks=[report.TrainingLog(out / "training_log.txt")],
     )
     start = time.perf_counter()
+    memory.start()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if val_ds is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
                                       for h in trainer.state.log_history):
@@ -112,10 +122,10 @@ def run(cfg) -> Optional[Path]:
     final = out / "final_model"
     trainer.save_model(str(final))  # adapter + tokenizer with its chat template
     if trainer.is_world_process_zero():
-        (out / "data_stats.json").write_text(json.dumps(
-            {"train": train_stats.summary(), "validation": val_stats.summary() if val_stats else None}, indent=2))
+        report.write_data_stats(data, out / "data_stats.json")
         report.plot_loss(trainer.state.log_history, out / "loss.png")
-        metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start)
+        metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
+                                       memory.peak_bytes())
         print(f"Final train loss {metrics['final_train_loss']}, best validation loss {metrics['best_eval_loss']}")
         print(f"Adapter saved to {final}")
     return final

@@ -44,7 +44,11 @@ def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
     assert "over max_length" in text and "truncated" in text
     assert "Trainable parameters:" in text and "max_length: 96" in text
     assert ">>>" in text and "<|im_end|><<<" in text and "Dry run: nothing was trained." in text
+    assert "Estimated peak memory:" in text and "p99=" in text
     assert not list(out.glob("checkpoint-*")) and not (out / "final_model").exists()
+    report = (out / "data_report.md").read_text()
+    assert "| train | 112 | 112 |" in report and "Estimated peak memory" in report and "optimizer steps: 56" in report
+    assert (out / "token_lengths.png").stat().st_size > 1000
 
 
 def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
@@ -86,9 +90,11 @@ def test_bad_data_fails_before_training_and_writes_no_result(tmp_path, tiny_dir)
     out = tmp_path / "run"
     r = cli(*tiny_args(tiny_dir, out, f"data.train_path={bad}"))
     assert r.returncode == 2
-    assert f"{bad}, record 2: field 'answer' is missing" in r.stderr
+    assert f"invalid record(s) in {bad}: record 2: field 'answer' is missing" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not list(out.glob("checkpoint-*")) and not (out / "final_model").exists()
+    assert not out.exists()  # nothing written as if it were a result
+    r = cli(*tiny_args(tiny_dir, out, f"data.train_path={bad}", "debug=true"))
+    assert r.returncode != 0 and "Traceback" in r.stderr
 
 
 def test_unreachable_hub_model_fails_fast_naming_the_way_out(tmp_path):

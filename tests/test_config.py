@@ -76,7 +76,9 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.train_path=nope.json", "data.train_path=nope.json does not exist"),
+    ("data.train_path=nope.json", "data.train_path: Data file nope.json does not exist"),
+    ("data.val_path=[nope/*.json]", "data.val_path: No data files match nope/\\*.json.*data.val_path=null"),
+    ("data.split_by=chapter", "data.split_by=chapter must be record or source"),
     ("lora.target_modules=[q_proj,lm_head]", "LoRA on lm_head"),
     ("data.overlong=cut", "data.overlong=cut must be truncate, drop or error"),
     ("train.batch_size=0", "train.batch_size=0 must be positive"),

@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import TRAIN, VAL
-from sft_recipes import data, templates
+from sft_recipes import data, prepare, templates
 from sft_recipes.errors import UserError
 
 
@@ -28,28 +29,39 @@ def test_jsonl_and_json_give_the_same_records(tmp_path):
     assert b[1].where.endswith("b.jsonl, line 2")
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[{"question": "Q?"}]', r"bad.json, record 1: field 'answer' is missing"),
-    ('[{"question": "Q?", "answer": 3}]', r"bad.json, record 1: field 'answer' must be a string, found int"),
-    ('[{"question": "  ", "answer": "A"}]', r"bad.json, record 1: field 'question' is empty"),
-    ('[{"question": "Q?", "answer": "A", "source": 1}]', r"record 1: field 'source' must be a string"),
-    ('[{"question": "Q?", "answer": "A"}, "x"]', r"bad.json, record 2: expected an object"),
-    ('{"question": "Q?"}', r"bad.json: expected a JSON array of records, found a dict"),
-    ('[{"question": "Q?", ', r"bad.json: not valid JSON \(.* at line 1, column"),
-    ('', r"bad.json: the file is empty"),
-    ('[]', r"bad.json: contains no records"),
-])
-def test_invalid_input_names_file_record_and_field(tmp_path, text, message):
-    with pytest.raises(UserError, match=message):
-        data.load_records(write(tmp_path, "bad.json", text))
+BROKEN = Path(__file__).parent / "broken"
+EXPECTED = json.loads((BROKEN / "expected.json").read_text())
 
 
-def test_every_problem_is_listed(tmp_path):
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_corpus_gives_the_exact_message(name):
+    """One file per problem; each must produce exactly its message, naming file, record/line and field."""
+    path = BROKEN / name
+    columns = {"question": "prompt", "answer": "response"} if path.suffix == ".csv" else None
+    with pytest.raises(UserError) as e:
+        data.load_records(path, columns)
+    assert str(e.value) == EXPECTED[name].replace("{path}", str(path))
+
+
+def test_every_broken_file_is_in_the_corpus():
+    assert sorted(EXPECTED) == sorted(p.name for p in BROKEN.iterdir() if p.name != "expected.json")
+
+
+def test_every_problem_is_listed_up_to_a_limit(tmp_path):
     rows = [{"question": "Q?"}, {"answer": "A"}, {"question": "Q?", "answer": "A"}]
     with pytest.raises(UserError) as e:
         data.load_records(write(tmp_path, "bad.json", json.dumps(rows)))
     msg = str(e.value)
     assert msg.startswith("2 invalid record(s)") and "record 1: field 'answer'" in msg and "record 2: field 'question'" in msg
+    with pytest.raises(UserError, match=r"^30 invalid record\(s\).*record 20: field 'answer' is missing; and 10 more\."):
+        data.load_records(write(tmp_path, "many.json", json.dumps([{"question": "Q"}] * 30)))
+
+
+def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
+    rep = data.FileReport("x")
+    records = data.load_records(write(tmp_path, "x.json", json.dumps([{"question": "Q", "answer": "A", "id": 3}])),
+                                report=rep)
+    assert len(records) == 1 and rep.warnings == [f"{tmp_path / 'x.json'}: unknown field(s) ['id'] ignored"]
 
 
 def test_not_utf8_and_bad_jsonl_line(tmp_path):
@@ -63,8 +75,8 @@ def test_not_utf8_and_bad_jsonl_line(tmp_path):
 
 def test_labels_mask_prompt_and_train_answer_and_end_of_turn(tokenizer):
     records = data.load_records(str(TRAIN))[:8]
-    ds, stats = data.tokenize(records, tokenizer, templates.get("chat"), max_length=512)
-    assert stats.kept == 8 and stats.prompt_mismatch == 0
+    ds, stats = prepare.tokenize(records, tokenizer, templates.get("chat"), max_length=512)
+    assert stats.kept == 8 and stats.fast_path
     for row, rec in zip(ds, records):
         ids, labels = row["input_ids"], row["labels"]
         first = next(i for i, lab in enumerate(labels) if lab != -100)
@@ -78,22 +90,22 @@ def test_labels_mask_prompt_and_train_answer_and_end_of_turn(tokenizer):
         # the trained span is the answer followed by the end-of-turn token, and nothing after it
         assert tokenizer.decode(ids[first:]) == rec.answer + "<|im_end|>"
         assert ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    shown = data.show_example(ds[0], tokenizer)
+    shown = prepare.show_example(ds[0], tokenizer)
     assert shown.endswith(">>>" + records[0].answer + "<|im_end|><<<")
 
 
 def test_overlong_policies(tokenizer):
     records = data.load_records(str(TRAIN))[:10]
-    lengths = [len(r) for r in data.tokenize(records, tokenizer, templates.get("chat"), 1024)[0]["input_ids"]]
+    lengths = [len(r) for r in prepare.tokenize(records, tokenizer, templates.get("chat"), 1024)[0]["input_ids"]]
     limit = sorted(lengths)[5]  # half the records are longer
     n_over = sum(n > limit for n in lengths)
-    ds, st = data.tokenize(records, tokenizer, templates.get("chat"), limit, "truncate")
+    ds, st = prepare.tokenize(records, tokenizer, templates.get("chat"), limit, "truncate")
     assert st.over_max_length == st.truncated == n_over and st.dropped == 0 and len(ds) == 10
     assert max(len(x) for x in ds["input_ids"]) == limit
-    ds, st = data.tokenize(records, tokenizer, templates.get("chat"), limit, "drop")
+    ds, st = prepare.tokenize(records, tokenizer, templates.get("chat"), limit, "drop")
     assert st.dropped == n_over and len(ds) == 10 - n_over
     with pytest.raises(UserError, match=rf"{n_over} record\(s\) exceed data.max_length={limit}.*record"):
-        data.tokenize(records, tokenizer, templates.get("chat"), limit, "error")
+        prepare.tokenize(records, tokenizer, templates.get("chat"), limit, "error")
 
 
 def test_split_is_seeded_and_disjoint():

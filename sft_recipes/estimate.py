@@ -1,0 +1,100 @@
+"""Peak training memory, estimated from the model's config alone (no weights are loaded).
+
+The four terms of a LoRA/QLoRA step: the frozen base weights (4-bit NF4: half a byte per parameter plus
+its block scales; 8-bit: one byte; else the model dtype), the LoRA parameters with their gradients and
+AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward pass, and the logits
+(float32, with their gradient). Activations per token and layer follow the tensors a Llama-style decoder
+layer saves; with gradient checkpointing only each layer's input is kept, plus one layer recomputed.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
+             gradient_checkpointing: bool, double_quant: bool = True) -> Dict[str, float]:
+    """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count."""
+    import torch
+
+    cfg = model.config.get_text_config()
+    b = DTYPE_BYTES[dtype]
+    quantized = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            quantized += module.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    frozen = total - quantized
+    if bits == 4:  # NF4: 0.5 byte/param + an absmax per 64 (fp32, or 8-bit with a second level when double)
+        qbytes = quantized * (0.5 + (1 + 4 / 256) / 64 if double_quant else 0.5 + 4 / 64)
+    elif bits == 8:
+        qbytes = quantized * 1.0 + quantized ** 0.5 * 4
+    else:
+        qbytes = quantized * b
+    weights = qbytes + frozen * b
+    lora = lora_trainable * (4 + 4 + 8)  # fp32 parameter, gradient, AdamW first and second moments
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", heads) * (h // heads)
+    tokens = batch_size * seq_len
+    per_layer = tokens * (11 * h + 2 * kv + 5 * inter) * b  # norms, q/k/v/o inputs and outputs, MLP, LoRA inputs
+    activations = tokens * h * b * layers + per_layer if gradient_checkpointing else per_layer * layers
+    logits = tokens * cfg.vocab_size * 4 * 2  # float32 logits and their gradient
+    parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def table(parts: Dict[str, float]) -> str:
+    return "\n".join(f"| {k.replace('_', ' ')} | {v / GIB:.3f} GiB |" for k, v in parts.items())
+
+
+# ---- measuring the real peak ---------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of the training phase: CUDA's max allocated on a GPU; on a CPU the process's peak resident
+    size (VmHWM, reset when training starts, after freed memory is returned to the system) minus its size
+    before the model was loaded."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.before_model = 0 if self.cuda else _status_kib("VmRSS") * 1024
+
+    def start(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:  # hand the allocator's freed pages (from loading and quantizing) back, so RSS shows live memory
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+        except OSError:
+            pass
+
+    def peak_bytes(self) -> int:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return max(0, _status_kib("VmHWM") * 1024 - self.before_model)

@@ -1,0 +1,300 @@
+"""Records -> chat-formatted, tokenized, length-audited `datasets.Dataset` rows, cached on disk.
+
+We tokenize ourselves instead of letting TRL do it, so that the length audit, the overlong policy and the
+dry-run display see exactly the tokens that are trained, and nothing is dropped without being counted.
+Each row is `input_ids` + `labels` (-100 on the prompt): the loss falls on the answer and on the
+end-of-turn token that closes it. TRL trains on such rows as they are.
+
+Two ways to the same tokens. The reference: render each conversation with the chat template (Jinja) and
+tokenize it whole, taking the prompt/answer boundary from character offsets. The fast way, used when it is
+proven equal: render the template once around placeholder texts to find its constant pieces, tokenize
+those once, and tokenize only each record's question and answer. It is checked token for token against the
+reference on a spread sample of records (any difference, and the reference is used for all); records whose
+texts start or end with whitespace, where tokens could merge across a piece boundary, always take the
+reference.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import __version__
+from .data import MAX_LISTED, Record
+from .errors import UserError
+from .templates import Template
+
+U, A = "\ue000USER\ue000", "\ue000ANSWER\ue000"  # placeholders (private-use characters)
+VERIFY_SAMPLE = 256
+
+
+@dataclass
+class Stats:
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    over_max_length: int = 0
+    lengths: List[int] = field(default_factory=list)  # tokens per record before truncation
+    trained_tokens: int = 0
+    fast_path: bool = False
+
+    def percentile(self, q: float) -> int:
+        s = sorted(self.lengths)
+        return s[min(len(s) - 1, int(q * len(s)))] if s else 0
+
+    def summary(self) -> Dict[str, int]:
+        return {"records": self.records, "kept": self.kept, "tokens_p50": self.percentile(0.5),
+                "tokens_p90": self.percentile(0.9), "tokens_p99": self.percentile(0.99),
+                "tokens_max": max(self.lengths, default=0), "over_max_length": self.over_max_length,
+                "truncated": self.truncated, "dropped": self.dropped, "trained_tokens": self.trained_tokens}
+
+
+class Renderer:
+    """Turns records into (input_ids, n_prompt_tokens) through a template and a tokenizer."""
+
+    def __init__(self, tokenizer, template: Template, system_prompt: Optional[str] = None):
+        self.tok, self.template, self.system_prompt = tokenizer, template, system_prompt
+        self.pieces = self._find_pieces()
+
+    def _messages(self, r: Record) -> List[dict]:
+        return self.template.messages(r.as_dict(), self.system_prompt)
+
+    def _find_pieces(self) -> Optional[Tuple[str, str, str]]:
+        """(head, middle, tail) such that full text = head + user + middle + answer + tail, if the template
+        renders placeholders that way; None otherwise."""
+        sys_msgs = self.template.messages({}, self.system_prompt)[:-1]
+        prompt = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U}],
+                                              add_generation_prompt=True, tokenize=False)
+        full = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U},
+                                                        {"role": "assistant", "content": A}], tokenize=False)
+        if prompt.count(U) != 1 or not full.startswith(prompt) or not full[len(prompt):].startswith(A):
+            return None
+        head, middle = prompt.split(U)
+        return head, middle, self._end_at_eos(full[len(prompt) + len(A):])
+
+    def _end_at_eos(self, text: str) -> str:
+        """The trained text ends at the end-of-turn token: what follows it (a newline) is never generated."""
+        eos, stripped = self.tok.eos_token, text.rstrip()
+        return stripped if eos and stripped.endswith(eos) else text
+
+    def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:
+        """Render with Jinja and tokenize each conversation whole; the boundary comes from offsets."""
+        prompts = [self._messages(r) for r in records]
+        prompt_texts = self.tok.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+        full_texts = self.tok.apply_chat_template(
+            [p + [{"role": "assistant", "content": r.answer}] for p, r in zip(prompts, records)], tokenize=False)
+        texts = []
+        for r, prompt, full in zip(records, prompt_texts, full_texts):
+            if not full.startswith(prompt):
+                raise UserError(f"Template '{self.template.name}' renders the prompt of {r.where} differently "
+                                "alone than inside the conversation, so training would not match inference; "
+                                "fix its chat_template.")
+            texts.append(self._end_at_eos(full))
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        n_prompt = [bisect.bisect_left([s for s, _ in offsets], len(p))
+                    for offsets, p in zip(enc["offset_mapping"], prompt_texts)]
+        return enc["input_ids"], n_prompt
+
+    def fast(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:
+        head, middle, tail = self.pieces
+        enc = lambda texts: self.tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        h, m, t = enc([head, middle, tail])
+        users = enc([self._messages(r)[-1]["content"] for r in records])
+        answers = enc([r.answer for r in records])
+        ids = [h + u + m + a + t for u, a in zip(users, answers)]
+        return ids, [len(h) + len(u) + len(m) for u in users]
+
+    def __call__(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int], bool]:
+        """(input_ids, prompt lengths, fast path used) for every record."""
+        if self.pieces is None or not records:
+            return (*self.reference(records), False)
+        edge = lambda t: t[:1].isspace() or t[-1:].isspace()  # noqa: E731  tokens may merge across pieces
+        risky = [i for i, r in enumerate(records) if edge(r.question) or edge(r.answer)]
+        ids, n_prompt = self.fast(records)
+        step = max(1, len(records) // VERIFY_SAMPLE)
+        sample = [i for i in range(0, len(records), step) if not edge(records[i].question + records[i].answer)]
+        ref_ids, ref_n = self.reference([records[i] for i in sample + risky])
+        if any(ids[i] != ri or n_prompt[i] != rn for i, ri, rn in zip(sample, ref_ids, ref_n)):
+            return (*self.reference(records), False)
+        for i, ri, rn in zip(risky, ref_ids[len(sample):], ref_n[len(sample):]):
+            ids[i], n_prompt[i] = ri, rn
+        return ids, n_prompt, True
+
+
+def tokenize(records: Sequence[Record], tokenizer, template: Template, max_length: int,
+             overlong: str = "truncate", system_prompt: Optional[str] = None):
+    """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy. Returns (dataset, stats)."""
+    import numpy as np
+
+    ids_list, n_prompt_list, fast = Renderer(tokenizer, template, system_prompt)(records)
+    stats = Stats(records=len(records), fast_path=fast)
+    stats.lengths = [len(ids) for ids in ids_list]
+    rows_ids, rows_np, overlong_where = [], [], []
+    for r, ids, n_prompt in zip(records, ids_list, n_prompt_list):
+        if len(ids) > max_length:
+            stats.over_max_length += 1
+            overlong_where.append(r.where)
+            if overlong == "drop" or n_prompt >= max_length - 1:  # never cut the question
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            ids = ids[:max_length]
+        rows_ids.append(ids)
+        rows_np.append(n_prompt)
+    if overlong == "error" and overlong_where:
+        raise UserError(f"{len(overlong_where)} record(s) exceed data.max_length={max_length} tokens: "
+                        f"{'; '.join(overlong_where[:MAX_LISTED])}. Raise data.max_length, or set "
+                        "data.overlong=truncate (cut the answer) or data.overlong=drop.")
+    stats.kept = len(rows_ids)
+    if not stats.kept:
+        raise UserError(f"No record fits data.max_length={max_length}: every question alone is longer. "
+                        "Raise data.max_length.")
+    lengths = np.fromiter((len(x) for x in rows_ids), dtype=np.int64, count=len(rows_ids))
+    stats.trained_tokens = int(lengths.sum() - sum(rows_np))
+    return _to_dataset(rows_ids, lengths, np.asarray(rows_np)), stats
+
+
+def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt):
+    """input_ids and labels columns built as Arrow list arrays straight from numpy (fast for 100k rows)."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+
+    offsets = np.zeros(len(rows_ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows_ids), dtype=np.int32, count=int(offsets[-1]))
+    labels = flat.astype(np.int64)
+    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+    labels[position < np.repeat(n_prompt, lengths)] = -100
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int64))),
+                      "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels))})
+    return Dataset(table)
+
+
+def show_example(row: dict, tokenizer) -> str:
+    """Decode one training row with the trained span (the tokens that carry loss) between >>> and <<<."""
+    ids, labels = row["input_ids"], row["labels"]
+    first = next(i for i, lab in enumerate(labels) if lab != -100)
+    return tokenizer.decode(ids[:first]) + ">>>" + tokenizer.decode(ids[first:]) + "<<<"
+
+
+# ---- the whole preparation, cached ------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    """What shapes the prepared rows (see DataConfig for each field's meaning)."""
+    max_length: int = 1024
+    overlong: str = "truncate"
+    dedup: bool = True
+    val_fraction: float = 0.0
+    split_by: str = "record"
+    seed: int = 42
+    system_prompt: Optional[str] = None
+    columns: Optional[Dict[str, str]] = None
+    cache_dir: Optional[str] = None  # None: no cache
+
+
+@dataclass
+class Prepared:
+    train: object  # datasets.Dataset
+    val: object  # datasets.Dataset or None
+    train_stats: Stats
+    val_stats: Optional[Stats]
+    report: dict  # files, duplicates, leaks, warnings: what data_report.md and the dry run show
+    from_cache: bool = False
+
+
+def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
+    """Load, validate, deduplicate, split and tokenize; reuse the cached result when nothing changed."""
+    from .data import FileReport, dedup, expand, load_many, overlap, split
+
+    files = expand(train_spec) + (expand(val_spec) if val_spec else [])
+    key = None
+    if opts.cache_dir:
+        key = Path(opts.cache_dir) / fingerprint(files, tokenizer, template,
+                                                 {**asdict(opts), "cache_dir": None, "val": bool(val_spec)})
+        hit = cache_load(key)
+        if hit:
+            train, val, meta = hit
+            return Prepared(train, val, Stats(**meta["train_stats"]),
+                            Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True)
+    reports: List[FileReport] = []
+    train_records = load_many(train_spec, opts.columns, reports)
+    val_records = load_many(val_spec, opts.columns, reports) if val_spec else []
+    dup = None
+    if opts.dedup:
+        train_records, dup = dedup(train_records)
+    if not val_spec:
+        train_records, val_records = split(train_records, opts.val_fraction, opts.seed, opts.split_by)
+    leaks = overlap(train_records, val_records)
+    report = {"files": [asdict(r) for r in reports],
+              "duplicates": asdict(dup) if dup else None,
+              "leaks": [r.where for r in leaks[:MAX_LISTED]], "leak_count": len(leaks),
+              "warnings": [w for r in reports for w in r.warnings]}
+    if leaks:
+        report["warnings"].append(f"{len(leaks)} validation question(s) also appear in the training data "
+                                  f"(e.g. {leaks[0].where}): the validation loss will be optimistic")
+    train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,
+                                  opts.system_prompt)
+    val = val_stats = None
+    if val_records:
+        val, val_stats = tokenize(val_records, tokenizer, template, opts.max_length, opts.overlong,
+                                  opts.system_prompt)
+    if key is not None:
+        cache_save(key, train, val, {"train_stats": asdict(train_stats),
+                                     "val_stats": asdict(val_stats) if val_stats else None, "report": report})
+    return Prepared(train, val, train_stats, val_stats, report)
+
+
+# ---- the prepared-data cache --------------------------------------------------------------------------------
+
+def fingerprint(files: Sequence[Path], tokenizer, template: Template, options: dict) -> str:
+    """Changes whenever anything that shapes the rows changes: file contents, tokenizer, template, options."""
+    h = hashlib.sha256(__version__.encode())
+    for f in files:
+        h.update(str(f).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
+             else repr(tokenizer).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps([asdict(template), options], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_load(path: Path):
+    from datasets import load_from_disk
+
+    if not (path / "meta.json").exists():
+        return None
+    meta = json.loads((path / "meta.json").read_text())
+    train = load_from_disk(str(path / "train"))
+    val = load_from_disk(str(path / "validation")) if (path / "validation").exists() else None
+    return train, val, meta
+
+
+def cache_save(path: Path, train, val, meta: dict) -> None:
+    """Written to a temporary folder and renamed into place, so a cache entry is whole or absent."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        train.save_to_disk(str(tmp / "train"))
+        if val is not None:
+            val.save_to_disk(str(tmp / "validation"))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.rename(tmp, path)
+    except OSError:
+        pass  # another process wrote it first, or the disk is read-only: the cache is only an optimization
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
