@@ -67,7 +67,11 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         report_to=list(t.report_to),
         seed=cfg.seed,
         data_seed=cfg.seed,
-        max_length=None,  # rows are already cut to data.max_length by sft_recipes.data, with counts
+        # rows are already cut to data.max_length by sft_recipes.prepare (with counts); packing fills rows to it
+        max_length=cfg.data.max_length if t.packing else None,
+        packing=t.packing,
+        padding_free=t.padding_free or t.packing,
+        pad_to_multiple_of=t.pad_to_multiple_of,
         completion_only_loss=False,  # our rows carry their own labels
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -85,6 +85,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = True
+    # Pack whole samples into rows of up to data.max_length tokens (best-fit decreasing) and train without
+    # padding; samples never attend to each other (position ids restart per sample; tested). With packing,
+    # train.batch_size counts packed rows.
+    packing: bool = False
+    # Without packing: each batch's samples are laid end to end in one row, with no padding (same samples per
+    # step as padded batches, so the same training objective; samples are kept apart the same way).
+    padding_free: bool = False
+    pad_to_multiple_of: Optional[int] = None  # fewer distinct shapes (for compiled attention kernels)
     logging_steps: int = 5
     save_steps: int = 50
     save_total_limit: Optional[int] = 3
