@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 SETUPS = {
     # device: (max_length, batch_size, trained tokens per variant, warm-up steps, variants)
     "cpu": dict(max_length=512, batch=4, tokens=12_000, warm=2,
-                variants=["a_padmax", "b_trl", "c_ours", "d_ours_no_packing"]),
-    "gpu": dict(max_length=1024, batch=4, tokens=140_000, warm=6,
-                variants=["a_padmax", "b_trl", "b_trl_packed_flex", "c_ours", "d_ours_bs16"]),
+                variants=["a_padmax", "b_trl", "c_ours", "d_ours_padded"]),
+    "gpu": dict(max_length=1024, batch=4, tokens=100_000, warm=6,
+                variants=["a_padmax", "b_trl", "b_trl_packed_flex", "c_ours", "d_ours_nockpt_bs1"]),
 }
 
 # What each variant changes, on top of the common settings. "ours" variants go through sft_recipes.build.
@@ -42,8 +42,9 @@ VARIANTS = {
     "b_trl": dict(kind="trl"),
     "b_trl_packed_flex": dict(kind="trl", packing=True, attn="flex_attention"),
     "c_ours": dict(kind="ours", overrides=[]),
-    "d_ours_no_packing": dict(kind="ours", overrides=["train.packing=false"]),
+    "d_ours_padded": dict(kind="ours", overrides=["train.padding_free=false"]),
     "d_ours_bs16": dict(kind="ours", overrides=["train.batch_size=16"]),
+    "d_ours_nockpt_bs1": dict(kind="ours", overrides=["train.batch_size=1", "train.gradient_checkpointing=false"]),
     "d_ours_padding_free": dict(kind="ours", overrides=["train.padding_free=true"]),
     "d_ours_packing": dict(kind="ours", overrides=["train.packing=true"]),
     "d_ours_packing_bs1": dict(kind="ours", overrides=["train.packing=true", "train.batch_size=1"]),
@@ -79,13 +80,18 @@ def cpu_data(max_length):
 
 
 def build_gpu_model(path):
+    """deepseek-math-7b's shape with random weights (SIM=1: a tiny one on the CPU, to check this script here)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=102400, max_position_embeddings=4096, rope_theta=10000.0,
+    shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+                 num_key_value_heads=32)
+    if os.environ.get("SIM"):
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4)
+    cfg = LlamaConfig(**shape, vocab_size=102400, max_position_embeddings=4096, rope_theta=10000.0,
                       bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path)
     tok_dir = os.environ.get("TOK_DIR")
@@ -103,10 +109,11 @@ def run_variant(device, name, model_dir, out_json):
 
     from sft_recipes import build, config, models
 
-    setup, spec = SETUPS[device], VARIANTS[name]
+    setup, spec = dict(SETUPS[device]), VARIANTS[name]
+    setup["tokens"] = int(os.environ.get("TOKENS", setup["tokens"]))
     max_length, batch = setup["max_length"], setup["batch"]
-    cuda = device == "gpu"
-    if cuda:
+    cuda = device == "gpu" and torch.cuda.is_available()
+    if device == "gpu":
         train_ds = Dataset.from_list(qa_rows(6000, max_length))
         val_ds = Dataset.from_list(qa_rows(48, max_length, seed=99))
         tok = None
@@ -118,11 +125,14 @@ def run_variant(device, name, model_dir, out_json):
     config.register()
     overrides = [f"output_dir={tempfile.mkdtemp()}", f"data.max_length={max_length}", f"train.batch_size={batch}",
                  "train.grad_accum=1", "train.lr=2e-4", "train.scheduler=constant", "train.warmup_ratio=0",
-                 "train.report_to=[]", "train.save_steps=100000", "train.logging_steps=1",
+                 "train.report_to=[]", "train.save_steps=100000", "train.logging_steps=1000",
                  f"train.gradient_checkpointing={'true' if cuda else 'false'}", "train.max_steps=100000"]
-    if cuda:
+    if device == "gpu":
         overrides += ["preset=gpu_fast"]
     overrides += spec.get("overrides", [])
+    if os.environ.get("SIM"):  # no flex attention backward on the CPU
+        overrides += ["model.attn_implementation=sdpa"]
+    overrides = list({o.split("=", 1)[0]: o for o in overrides}.values())  # the last value of a key wins
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
 
@@ -131,7 +141,7 @@ def run_variant(device, name, model_dir, out_json):
         attn = cfg.model.attn_implementation
         train_input = train_ds
     else:  # plain TRL, as a user would write it
-        attn = spec.get("attn", "sdpa")
+        attn = "sdpa" if os.environ.get("SIM") else spec.get("attn", "sdpa")
         kw = dict(output_dir=cfg.output_dir, per_device_train_batch_size=batch, max_steps=100000,
                   max_length=max_length, logging_steps=1, report_to=[], save_strategy="no", learning_rate=2e-4,
                   lr_scheduler_type="constant", bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0,
@@ -139,7 +149,7 @@ def run_variant(device, name, model_dir, out_json):
         if spec.get("pad_to_multiple_of") == "max":
             kw["pad_to_multiple_of"] = max_length
         args = SFTConfig(**kw)
-        if cuda:  # pre-tokenized rows with a completion mask: TRL's processed-data path
+        if device == "gpu":  # pre-tokenized rows with a completion mask: TRL's processed-data path
             train_input = train_ds.map(lambda r: {"completion_mask": [int(x != -100) for x in r["labels"]]},
                                        remove_columns=["labels"])
         else:  # conversational prompt-completion rows: TRL tokenizes them itself
@@ -147,22 +157,39 @@ def run_variant(device, name, model_dir, out_json):
                 {"prompt": [{"role": "user", "content": r.question}],
                  "completion": [{"role": "assistant", "content": r.answer}]} for r in train_rec])
     model = models.load_model(model_dir, "bfloat16", build.bnb_config(cfg.quantization), attn)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_input, processing_class=tok,
-                         peft_config=build.lora_config(cfg.lora))
+    from sft_recipes.trainer import Trainer
+
+    cls = Trainer if spec["kind"] == "ours" else SFTTrainer
+    trainer = cls(model=model, args=args, train_dataset=train_input, processing_class=tok,
+                  peft_config=build.lora_config(cfg.lora))
 
     times, real, computed = [], [], []
     target = setup["tokens"]
+
+    profile_step = setup["warm"] + 1 if os.environ.get("PROFILE") == name else None
 
     class Meter(TrainerCallback):
         def on_step_begin(self, a, state, control, **k):
             if cuda:
                 torch.cuda.synchronize()
+            if state.global_step == profile_step:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+                self.prof.__enter__()
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **k):
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
+            if getattr(self, "prof", None) is not None:
+                self.prof.__exit__(None, None, None)
+                key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                text = self.prof.key_averages().table(sort_by=key, row_limit=25)
+                Path(out_json).with_suffix(".profile.txt").write_text(text)
+                print(text, flush=True)
+                self.prof = None
             if sum(real) >= target:
                 control.should_training_stop = True
 
@@ -213,6 +240,10 @@ def validation_loss(model, val_ds, cuda):
     import torch
 
     model.eval()
+    try:  # one row at a time, each a new length: plain SDPA, not a compiled kernel
+        model.set_attn_implementation("sdpa")
+    except Exception:
+        pass
     dev = next(model.parameters()).device
     total = count = 0.0
     with torch.no_grad():
@@ -239,13 +270,20 @@ def main(device):
     results = []
     for name in setup["variants"]:
         out = work / f"{name}.json"
-        proc = subprocess.run([sys.executable, __file__, "run", device, name, model_dir, str(out)],
-                              capture_output=True, text=True, timeout=int(os.environ.get("VARIANT_TIMEOUT", "900")))
+        try:
+            proc = subprocess.run([sys.executable, __file__, "run", device, name, model_dir, str(out)],
+                                  capture_output=True, text=True, timeout=int(os.environ.get("VARIANT_TIMEOUT", "900")))
+        except subprocess.TimeoutExpired as e:
+            proc = e
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], f"log_{name}.txt").write_text(str(proc.stdout)[-20000:] + str(proc.stderr)[-20000:])
+            if out.with_suffix(".profile.txt").exists():
+                Path(os.environ["OUT"], f"profile_{name}.txt").write_text(out.with_suffix(".profile.txt").read_text())
         if out.exists():
             results.append(json.loads(out.read_text()))
             print(f"{name}: {results[-1]}", flush=True)
         else:
-            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            print(f"{name}: FAILED\n{str(proc.stderr)[-2000:]}", flush=True)
     report(device, results)
 
 
@@ -253,13 +291,14 @@ def report(device, results):
     by = {r["variant"]: r for r in results}
     lines = [f"| variant | trained tokens/s | s/step | peak GiB | padding | val loss | steps |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['s_per_step']} | {r['peak_gib']} | "
+    lines += [f"| {r['variant']} | {r['tokens_per_s'] or 0:,.0f} | {r['s_per_step']} | {r['peak_gib']} | "
               f"{100 * r['padding_share']:.1f} % | {r['val_loss']} | {r['steps']} |" for r in results]
     ratios = {}
     if "c_ours" in by:
         for base in ("a_padmax", "b_trl", "b_trl_packed_flex"):
             if base in by:
-                ratios[f"c/{base}"] = round(by["c_ours"]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
+                if by["c_ours"]["tokens_per_s"] and by[base]["tokens_per_s"]:
+                    ratios[f"c/{base}"] = round(by["c_ours"]["tokens_per_s"] / by[base]["tokens_per_s"], 2)
     print("\n".join(lines))
     print("ratios: " + ", ".join(f"{k} = {v}x" for k, v in ratios.items()))
     out = ROOT / "bench" / "results"

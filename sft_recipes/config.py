@@ -91,7 +91,7 @@ class TrainConfig:
     packing: bool = False
     # Without packing: each batch's samples are laid end to end in one row, with no padding (same samples per
     # step as padded batches, so the same training objective; samples are kept apart the same way).
-    padding_free: bool = False
+    padding_free: bool = True
     pad_to_multiple_of: Optional[int] = None  # fewer distinct shapes (for compiled attention kernels)
     logging_steps: int = 5
     save_steps: int = 50

@@ -97,14 +97,13 @@ def run(cfg) -> Optional[Path]:
         if not (checkpoint / "trainer_state.json").exists():
             raise UserError(f"resume_from={checkpoint} has no trainer_state.json: not a complete checkpoint.")
 
-    from trl import SFTTrainer
-
     from .estimate import PeakMemory
+    from .trainer import Trainer
 
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
         args=build.sft_config(cfg, str(out), has_eval=val_ds is not None),
         train_dataset=train_ds,

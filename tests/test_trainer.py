@@ -1,0 +1,60 @@
+"""The training step: our lean loss equals TRL's, and packed / padding-free batches keep samples apart."""
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from conftest import TRAIN
+from sft_recipes import build, data, prepare, templates, trainer as trainer_mod
+from test_config import make
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    ds, _ = prepare.tokenize(data.load_records(TRAIN)[:6], tokenizer, templates.get("chat"), 512)
+    return [ds[i] for i in range(6)]
+
+
+def make_trainer(tiny_dir, tmp_path, cls, train_rows):
+    from datasets import Dataset
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                     max_length=None, completion_only_loss=False)
+    return cls(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+               peft_config=build.lora_config(make().lora))
+
+
+def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
+    ours = make_trainer(tiny_dir, tmp_path / "a", trainer_mod.Trainer, rows)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:3])
+    lean = ours.compute_loss(ours.model, dict(batch))
+    monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # force TRL's tiled path
+    trl_loss = ours.compute_loss(ours.model, dict(batch))
+    assert torch.allclose(lean, trl_loss, rtol=1e-5), (lean, trl_loss)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n), lean, rtol=1e-5)
+    lean.backward()  # and it trains: LoRA weights get gradients
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in ours.model.named_parameters() if "lora_" in n_)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_and_packed_batches_keep_samples_apart(tiny_dir, rows, attn):
+    """Per-sample losses of samples laid end to end (as padding_free/packing do) equal those of each alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attn)
+    model = get_peft_model(model, build.lora_config(make().lora)).eval()
+
+    def per_token_losses(batch):
+        out = model(**batch, use_cache=False)
+        logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                                                 ignore_index=-100)[labels.flatten() != -100]
+
+    with torch.no_grad():
+        alone = torch.cat([per_token_losses(DataCollatorForLanguageModeling(pad_token_id=0)([r])) for r in rows])
+        packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+        together = per_token_losses({k: packed[k] for k in ("input_ids", "position_ids", "labels")})
+    assert together.shape == alone.shape
+    assert torch.allclose(together, alone, atol=1e-4), (together - alone).abs().max()
