@@ -200,6 +200,9 @@ def check(cfg: Config) -> None:
                         "for the latest checkpoint of the run dir.")
     import torch
 
+    if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        problems.append("flex attention has no backward pass on the CPU: use model.attn_implementation=sdpa "
+                        "(or a preset other than gpu_fast).")
     if torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         problems.append(f"{torch.cuda.device_count()} GPUs are visible but this is a single-process run: "
                         "launch with `accelerate launch -m sft_recipes ...`, or pick one GPU with CUDA_VISIBLE_DEVICES=0.")

@@ -3,7 +3,7 @@
 The four terms of a LoRA/QLoRA step: the frozen base weights (4-bit NF4: half a byte per parameter plus
 its block scales; 8-bit: one byte; else the model dtype), the LoRA parameters with their gradients and
 AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward pass, and the logits
-(float32, with their gradient). Activations per token and layer follow the tensors a Llama-style decoder
+(with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py). Activations per token and layer follow the tensors a Llama-style decoder
 layer saves; with gradient checkpointing only each layer's input is kept, plus one layer recomputed.
 """
 from __future__ import annotations
@@ -41,7 +41,11 @@ def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int,
     tokens = batch_size * seq_len
     per_layer = tokens * (11 * h + 2 * kv + 5 * inter) * b  # norms, q/k/v/o inputs and outputs, MLP, LoRA inputs
     activations = tokens * h * b * layers + per_layer if gradient_checkpointing else per_layer * layers
-    logits = tokens * cfg.vocab_size * 4 * 2  # float32 logits and their gradient
+    from .trainer import LEAN_LOGITS_BYTES, LOGITS_BYTES_PER_ELEMENT
+
+    logits = tokens * cfg.vocab_size * LOGITS_BYTES_PER_ELEMENT  # the lean loss step holds them all...
+    if logits > LEAN_LOGITS_BYTES:  # ...or TRL's tiled kernel, which never holds more than a tile of them
+        logits = 0
     parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits}
     parts["total"] = sum(parts.values())
     return parts

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 
-LEAN_LOGITS_BYTES = 512 * 2**20  # float32 logits + their gradient, at the trained positions
+LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their gradients at once
+# bf16 logits, their float32 copy, the log-softmax, its gradient and the bf16 gradient: 2 + 4 + 4 + 4 + 2
+LOGITS_BYTES_PER_ELEMENT = 16
 
 
 class Trainer(SFTTrainer):
@@ -26,7 +28,7 @@ class Trainer(SFTTrainer):
         # sequence positions whose next token is trained, in any row of the batch
         keep = (targets != -100).any(0).nonzero().squeeze(-1)
         vocab = self.model.config.get_text_config().vocab_size
-        if labels.size(0) * keep.numel() * vocab * 8 > LEAN_LOGITS_BYTES:
+        if labels.size(0) * keep.numel() * vocab * LOGITS_BYTES_PER_ELEMENT > LEAN_LOGITS_BYTES:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)

@@ -13,7 +13,8 @@ from sft_recipes.errors import UserError
 config.register()
 CONF = Path(conf_dir())
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("preset", "quantization", "lora", "model")}
-PRESETS = {"default": (3, 4, 1024), "fast_test": (1, 2, 512), "full_training": (5, 8, 2048), "low_memory": (3, 1, 512)}
+PRESETS = {"default": (3, 4, 1024), "fast_test": (1, 2, 512), "full_training": (5, 8, 2048), "low_memory": (3, 1, 512),
+           "gpu_fast": (3, 4, 1024)}
 
 
 def make(*overrides):
@@ -22,7 +23,7 @@ def make(*overrides):
 
 
 def test_groups_hold_the_documented_options():
-    assert set(PRESETS) == set(GROUPS["preset"])
+    assert set(PRESETS) == set(GROUPS["preset"])  # the original four, and gpu_fast (BENCHMARKS.md)
     assert {"nf4", "int8", "none"} == set(GROUPS["quantization"])
     assert {"default", "all_linear"} == set(GROUPS["lora"])
     assert {"smollm2_135m", "deepseek_math_7b"} <= set(GROUPS["model"])
@@ -41,6 +42,10 @@ def test_every_combination_builds(preset, quant, lora, model):
     cfg = make(f"preset={preset}", f"quantization={quant}", f"lora={lora}", f"model={model}")
     epochs, batch, max_length = PRESETS[preset]
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.max_length) == (epochs, batch, max_length)
+    if cfg.model.attn_implementation == "flex_attention":  # GPU only: the check says so on a CPU
+        with pytest.raises(UserError, match="model.attn_implementation=sdpa"):
+            config.check(cfg)
+        cfg.model.attn_implementation = "sdpa"
     config.check(cfg)
     bnb = build.bnb_config(cfg.quantization)
     if quant == "none":
