@@ -38,5 +38,9 @@ check: $(STAMP) ## verify the setup: versions, CPU/GPU, 4-bit support, default m
 test: $(STAMP) ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q $(ARGS)
 
+bench: $(STAMP) ## throughput of the original padding, plain TRL and our recipe on this CPU (~8 min)
+	$(PY) bench/throughput.py cpu
+	$(PY) bench/prep_speed.py 100000
+
 clean: ## remove run outputs (outputs/, multirun/)
 	rm -rf outputs multirun
