@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: help install train test check dry-run validate bench clean
+.PHONY: help install train test check dry-run validate bench eval chat merge clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,15 @@ train: $(STAMP) ## fine-tune the embedded model on the sample data (fast_test pr
 
 dry-run: $(STAMP) ## validate config and data, show statistics and one training example, train nothing
 	$(PY) -m sft_recipes dry_run=true $(ARGS)
+
+eval: $(STAMP) ## evaluate a run against its base model: make eval RUN=outputs/<time>
+	$(PY) -m sft_recipes.evaluate run_dir=$(RUN) $(ARGS)
+
+chat: $(STAMP) ## chat with a run's fine-tuned model: make chat RUN=outputs/<time>
+	$(PY) -m sft_recipes.chat run_dir=$(RUN) $(ARGS)
+
+merge: $(STAMP) ## merge a run's adapter into a plain model folder RUN/merged: make merge RUN=outputs/<time>
+	$(PY) -m sft_recipes.merge run_dir=$(RUN) $(ARGS)
 
 validate: $(STAMP) ## check the sample data files (or FILES=...) without loading a model
 	$(PY) -m sft_recipes.data validate $(or $(FILES),data/training_data)

@@ -101,12 +101,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    after_train: bool = False  # run `python -m sft_recipes.evaluate` on the run when training ends
+    max_new_tokens: int = 256
+    limit: int = 0  # evaluate only the first N validation records (0: all)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     dry_run: bool = False
     resume_from: Optional[str] = None  # null | auto | PATH to a checkpoint-N folder

@@ -211,9 +211,23 @@ class Prepared:
     from_cache: bool = False
 
 
+def load_and_split(train_spec, val_spec, opts: Options, reports=None):
+    """(train records, validation records, DedupReport or None): the records a run trains and validates on."""
+    from .data import dedup, load_many, split
+
+    train_records = load_many(train_spec, opts.columns, reports)
+    val_records = load_many(val_spec, opts.columns, reports) if val_spec else []
+    dup = None
+    if opts.dedup:
+        train_records, dup = dedup(train_records)
+    if not val_spec:
+        train_records, val_records = split(train_records, opts.val_fraction, opts.seed, opts.split_by)
+    return train_records, val_records, dup
+
+
 def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
     """Load, validate, deduplicate, split and tokenize; reuse the cached result when nothing changed."""
-    from .data import FileReport, dedup, expand, load_many, overlap, split
+    from .data import FileReport, expand, overlap
 
     files = expand(train_spec) + (expand(val_spec) if val_spec else [])
     key = None
@@ -226,13 +240,7 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
             return Prepared(train, val, Stats(**meta["train_stats"]),
                             Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True)
     reports: List[FileReport] = []
-    train_records = load_many(train_spec, opts.columns, reports)
-    val_records = load_many(val_spec, opts.columns, reports) if val_spec else []
-    dup = None
-    if opts.dedup:
-        train_records, dup = dedup(train_records)
-    if not val_spec:
-        train_records, val_records = split(train_records, opts.val_fraction, opts.seed, opts.split_by)
+    train_records, val_records, dup = load_and_split(train_spec, val_spec, opts, reports)
     leaks = overlap(train_records, val_records)
     report = {"files": [asdict(r) for r in reports],
               "duplicates": asdict(dup) if dup else None,

@@ -22,16 +22,28 @@ def last_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def prepare_data(cfg, tokenizer) -> prepare.Prepared:
-    """Load, validate, deduplicate, split and tokenize the data (see sft_recipes.prepare)."""
+def template_of(cfg) -> templates.Template:
+    return templates.get(cfg.data.template, [str(Path(conf_dir()) / "templates"), *cfg.data.template_files])
+
+
+def data_options(cfg) -> prepare.Options:
     d = cfg.data
-    template = templates.get(d.template, [str(Path(conf_dir()) / "templates"), *d.template_files])
-    template.apply_to(tokenizer)
-    paths = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
-    opts = prepare.Options(max_length=d.max_length, overlong=d.overlong, dedup=d.dedup, val_fraction=d.val_fraction,
+    return prepare.Options(max_length=d.max_length, overlong=d.overlong, dedup=d.dedup, val_fraction=d.val_fraction,
                            split_by=d.split_by, seed=cfg.seed, system_prompt=d.system_prompt,
                            columns=dict(d.columns), cache_dir=str(models.cache_root() / "data") if d.cache else None)
-    return prepare.prepare(paths(d.train_path), paths(d.val_path), tokenizer, template, opts)
+
+
+def data_paths(cfg):
+    """(train spec, validation spec) as plain strings or lists."""
+    plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
+    return plain(cfg.data.train_path), plain(cfg.data.val_path)
+
+
+def prepare_data(cfg, tokenizer) -> prepare.Prepared:
+    """Load, validate, deduplicate, split and tokenize the data (see sft_recipes.prepare)."""
+    template = template_of(cfg)
+    template.apply_to(tokenizer)
+    return prepare.prepare(*data_paths(cfg), tokenizer, template, data_options(cfg))
 
 
 def dry_run(cfg, model_path: str, tokenizer, data, out: Path) -> None:
@@ -127,4 +139,12 @@ def run(cfg) -> Optional[Path]:
                                        memory.peak_bytes())
         print(f"Final train loss {metrics['final_train_loss']}, best validation loss {metrics['best_eval_loss']}")
         print(f"Adapter saved to {final}")
+        if cfg.eval.after_train:
+            from .evaluate import evaluate
+
+            del trainer, model  # free the training copy before loading the evaluation one
+            m = evaluate(out, cfg.eval.max_new_tokens, cfg.eval.limit)
+            print("Evaluation (base -> fine-tuned): " + ", ".join(
+                f"{k} {m['base'][k]} -> {m['fine_tuned'][k]}" for k in ("loss", "rouge_l", "token_f1")))
+            print(f"Report: {out / 'eval' / 'report.md'}")
     return final

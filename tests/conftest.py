@@ -60,3 +60,25 @@ def tiny_args(tiny_dir, run_dir, *extra):
     return [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",
             f"data.train_path={TRAIN}", f"data.val_path={VAL}", "train.report_to=[]",
             f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def embedded_run(tmp_path_factory, embedded_dir):
+    """A real 4-bit QLoRA run on the embedded model: 40 steps of fast_test on the sample data (~45 s)."""
+    from hydra import compose, initialize_config_dir
+
+    from sft_recipes import conf_dir, config, train
+
+    config.register()
+    out = tmp_path_factory.mktemp("embedded_run")
+    with initialize_config_dir(conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"output_dir={out}", f"data.train_path={TRAIN}", f"data.val_path={VAL}", "preset=fast_test",
+            "train.max_steps=40", "train.logging_steps=5", "train.save_steps=20", "train.eval_steps=40"])
+    train.run(cfg)
+    # Hydra's app writes this; evaluate/chat/merge read the run's config from it
+    (out / ".hydra").mkdir(exist_ok=True)
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    return out

@@ -48,10 +48,9 @@ def test_tiny_model_end_to_end(tmp_path, tiny_dir, quant):
 
 
 @pytest.mark.slow
-def test_embedded_model_qlora_learns_and_adapter_loads(tmp_path, embedded_dir, tokenizer):
+def test_embedded_model_qlora_learns_and_adapter_loads(embedded_run, embedded_dir, tokenizer):
     """4-bit NF4 QLoRA on the real SmolLM2-135M: loss goes down, the adapter loads with plain peft and generates."""
-    final = run(tmp_path, None, "preset=fast_test", "train.max_steps=40", "train.logging_steps=5",
-                "train.save_steps=20", "train.eval_steps=40", "train.report_to=[tensorboard]", embedded=True)
+    tmp_path, final = embedded_run, embedded_run / "final_model"
     history = json.loads((tmp_path / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] - 0.3, losses

@@ -1,0 +1,128 @@
+"""`python -m sft_recipes.evaluate run_dir=RUN`: is the adapter better than the base model?
+
+On the run's validation split: loss and perplexity of the base model and of base + adapter, then greedy
+answers from both (the run's chat template, stopping at the end-of-turn token) scored against the references
+with ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/:
+metrics.json, report.md, predictions.jsonl, metrics.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+USAGE = "python -m sft_recipes.evaluate run_dir=RUN [max_new_tokens=256] [limit=0] [batch_size=8]"
+DEFAULTS = {"run_dir": None, "max_new_tokens": 256, "limit": 0, "batch_size": 8}
+
+
+def scores(prediction: str, reference: str) -> Dict[str, float]:
+    """ROUGE-L F-measure, SQuAD token F1 and exact match (after SQuAD's normalization), each in [0, 1]."""
+    from torchmetrics.functional.text import rouge_score
+    from torchmetrics.functional.text.squad import squad
+
+    rouge = float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"])
+    sq = squad([{"prediction_text": prediction, "id": "0"}],
+               [{"answers": {"answer_start": [0], "text": [reference]}, "id": "0"}])
+    return {"rouge_l": rouge, "token_f1": float(sq["f1"]) / 100, "exact_match": float(sq["exact_match"]) / 100}
+
+
+def mean(rows: List[Dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+
+def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8) -> dict:
+    from . import prepare, runs
+    from .errors import UserError
+    from .train import data_options, data_paths, template_of
+
+    run_dir = Path(run_dir)
+    cfg = runs.config(run_dir)
+    tok = runs.tokenizer(run_dir)
+    _, val_records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
+    if not val_records:
+        raise UserError(f"The run {run_dir} has no validation split (data.val_path or data.val_fraction).")
+    if limit:
+        val_records = val_records[:limit]
+    rows, _ = prepare.tokenize(val_records, tok, template_of(cfg), cfg.data.max_length, "truncate",
+                               cfg.data.system_prompt)
+    model = runs.adapter_model(cfg, run_dir)
+    conversations = [runs.messages(cfg, r.question) for r in val_records]
+    with model.disable_adapter():
+        base_loss = runs.mean_loss(model, rows)
+        base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size)
+    tuned_loss = runs.mean_loss(model, rows)
+    tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size)
+
+    predictions, base_scores, tuned_scores = [], [], []
+    for r, (base, base_stop), (tuned, tuned_stop) in zip(val_records, base_answers, tuned_answers):
+        b, t = scores(base, r.answer), scores(tuned, r.answer)
+        base_scores.append(b)
+        tuned_scores.append(t)
+        predictions.append({"question": r.question, "reference": r.answer, "source": r.source,
+                            "base": base, "base_stopped": base_stop, "fine_tuned": tuned,
+                            "fine_tuned_stopped": tuned_stop, "base_scores": b, "fine_tuned_scores": t})
+    summary = lambda loss, sc, answers: {  # noqa: E731
+        "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+        **{k: round(mean(sc, k), 4) for k in ("rouge_l", "token_f1", "exact_match")},
+        "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3)}
+    metrics = {"run_dir": str(run_dir), "records": len(val_records), "max_new_tokens": max_new_tokens,
+               "base": summary(base_loss, base_scores, base_answers),
+               "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
+    write(run_dir / "eval", metrics, predictions)
+    return metrics
+
+
+def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
+    b, t = metrics["base"], metrics["fine_tuned"]
+    lines = [f"# Evaluation of {metrics['run_dir']}", "",
+             f"{metrics['records']} validation records; greedy answers of at most {metrics['max_new_tokens']} tokens.",
+             "", "| metric | base | fine-tuned |", "| --- | --- | --- |"]
+    lines += [f"| {k.replace('_', ' ')} | {b[k]} | {t[k]} |" for k in keys]
+    lines += ["", "## Sample answers", ""]
+    for p in predictions[:10]:
+        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines += [f"**Q:** {cell(p['question'])}", "", f"- reference: {cell(p['reference'])}",
+                  f"- base: {cell(p['base'])}", f"- fine-tuned: {cell(p['fine_tuned'])}", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("loss", "rouge_l", "token_f1", "exact_match")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(shown))
+    ax.bar([i - 0.2 for i in x], [b[k] for k in shown], 0.4, label="base", color="#bbbbbb")
+    ax.bar([i + 0.2 for i in x], [t[k] for k in shown], 0.4, label="fine-tuned", color="#4477aa")
+    ax.set_xticks(list(x), [k.replace("_", " ") for k in shown])
+    ax.set_title("validation: base vs fine-tuned (loss: lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=100)
+    plt.close(fig)
+
+
+def _cli(argv):
+    from .runs import parse_args
+
+    args = parse_args(argv, DEFAULTS, USAGE)
+    m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"])
+    for name in ("base", "fine_tuned"):
+        print(f"{name:>10}: " + ", ".join(f"{k} {v}" for k, v in m[name].items()))
+    print(f"Report: {Path(args['run_dir']) / 'eval' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .runs import main_guard
+
+    sys.exit(main_guard(_cli))

@@ -1,0 +1,134 @@
+"""A finished run dir, for evaluate, chat and merge: its config, tokenizer, base model and adapter.
+
+Everything comes from the run itself: `.hydra/config.yaml` (model, quantization, template, data) and
+`final_model/` (the adapter and the tokenizer with the chat template it was trained with), so inference
+renders prompts exactly as training did.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from omegaconf import OmegaConf
+
+from .errors import UserError
+
+
+def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str) -> Dict[str, object]:
+    """key=value arguments (as Hydra writes overrides), typed like their defaults; unknown keys are an error."""
+    out = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise UserError(f"Unknown argument '{arg}'. Usage: {usage} (keys: {', '.join(defaults)}).")
+        kind = type(defaults[key]) if defaults[key] is not None else str
+        try:
+            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"{key}={value}: expected {kind.__name__}.") from None
+    if out.get("run_dir") in (None, ""):
+        raise UserError(f"run_dir is required. Usage: {usage}")
+    return out
+
+
+def main_guard(fn, argv=None) -> int:
+    """Run a small CLI: our errors become one paragraph and exit status 2."""
+    from . import quiet_logs
+
+    quiet_logs()
+    try:
+        fn(sys.argv[1:] if argv is None else argv)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def config(run_dir) -> object:
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a run dir: {path} is missing.")
+    if not (Path(run_dir) / "final_model" / "adapter_config.json").exists():
+        raise UserError(f"{run_dir} has no final_model/ adapter yet (is the run finished? resume it with "
+                        "resume_from=auto).")
+    from .config import Config
+
+    # onto the schema: typed, and keys added since the run was made get their defaults
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+
+
+def tokenizer(run_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(run_dir) / "final_model")
+
+
+def base_path(cfg) -> str:
+    from .models import resolve
+
+    return resolve(cfg.model.name_or_path, cfg.model.embedded, cfg.model.gguf_file, cfg.model.revision)
+
+
+def base_model(cfg):
+    """The base model as it was trained: quantized per the run's config."""
+    from . import build, models
+
+    attn = "sdpa" if cfg.model.attn_implementation == "flex_attention" else cfg.model.attn_implementation
+    return models.load_model(base_path(cfg), cfg.model.dtype, build.bnb_config(cfg.quantization), attn,
+                             cfg.model.trust_remote_code)
+
+
+def adapter_model(cfg, run_dir, base=None):
+    """The run's adapter on `base` (default: the base model as trained)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base if base is not None else base_model(cfg),
+                                     Path(run_dir) / "final_model").eval()
+
+
+def messages(cfg, question: str, history: List[dict] = ()) -> List[dict]:
+    """The prompt messages for a question, with the run's template and system prompt (and chat history)."""
+    from .train import template_of
+
+    prompt = template_of(cfg).messages({"question": question}, cfg.data.system_prompt)
+    return prompt[:-1] + list(history) + prompt[-1:]
+
+
+def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8):
+    """Greedy answers for prompt conversations, batched with left padding; stops at the end-of-turn token.
+    Returns [(text, stopped at end-of-turn)]."""
+    import torch
+
+    tok.padding_side = "left"
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(conversations), batch_size):
+        batch = tok.apply_chat_template(conversations[i:i + batch_size], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True, padding=True).to(device)
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for row in ids[:, batch["input_ids"].shape[1]:]:
+            row = row.tolist()
+            stopped = tok.eos_token_id in row
+            if stopped:
+                row = row[:row.index(tok.eos_token_id)]
+            out.append((tok.decode(row, skip_special_tokens=True).strip(), stopped))
+    return out
+
+
+def mean_loss(model, rows) -> float:
+    """Mean per-token loss over tokenized rows (input_ids + labels), one row at a time: no padding."""
+    import torch
+
+    device = next(model.parameters()).device
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]], device=device)
+            labels = torch.tensor([row["labels"]], device=device)
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels, use_cache=False).loss.item() * n
+            count += n
+    return total / max(count, 1)

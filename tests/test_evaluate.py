@@ -1,0 +1,95 @@
+"""Evaluate, chat and merge: metrics against hand-computed cases, each command end to end on the tiny model,
+and once on the embedded model (the adapter must beat the base model)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TRAIN, VAL
+from sft_recipes import evaluate, merge
+from sft_recipes.errors import UserError
+
+
+def test_metrics_against_hand_computed_cases():
+    s = evaluate.scores("the cat sat on the mat", "the cat is on the mat")
+    # ROUGE-L: LCS "the cat on the mat" = 5 of 6 tokens each way; SQuAD F1 drops articles: 3 of 4 each way
+    assert s["rouge_l"] == pytest.approx(5 / 6, abs=1e-4)
+    assert s["token_f1"] == pytest.approx(0.75, abs=1e-4) and s["exact_match"] == 0
+    assert evaluate.scores("The cat sat!", "the cat sat") == pytest.approx(
+        {"rouge_l": 1.0, "token_f1": 1.0, "exact_match": 1.0})
+    assert evaluate.scores("", "a variance") == {"rouge_l": 0.0, "token_f1": 0.0, "exact_match": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dir):
+    """A QLoRA run on the tiny model through the CLI, evaluated after training."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", f"model.name_or_path={tiny_dir}", "model.embedded=null",
+                        "preset=fast_test", f"data.train_path={TRAIN}", f"data.val_path={VAL}", "train.max_steps=3",
+                        "train.report_to=[]", "eval.after_train=true", "eval.limit=3", "eval.max_new_tokens=8",
+                        f"hydra.run.dir={out}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Evaluation (base -> fine-tuned): loss" in r.stdout
+    return out
+
+
+def test_evaluate_after_train_writes_the_report(tiny_run):
+    m = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    assert m["records"] == 3
+    for side in ("base", "fine_tuned"):
+        assert set(m[side]) == {"loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn"}
+        assert m[side]["perplexity"] == pytest.approx(2.718281828 ** m[side]["loss"], rel=1e-3)
+    preds = [json.loads(line) for line in (tiny_run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and {"question", "reference", "base", "fine_tuned"} <= set(preds[0])
+    assert "| rouge l |" in (tiny_run / "eval" / "report.md").read_text()
+    assert (tiny_run / "eval" / "metrics.png").stat().st_size > 1000
+
+
+def test_chat_one_shot_and_interactive(tiny_run):
+    one = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "prompt=What is a mean?",
+                          "max_new_tokens=5"], capture_output=True, text=True, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    inter = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "max_new_tokens=4"],
+                           input="What is a mean?\n/reset\nAnd a median?\n/exit\n", capture_output=True, text=True,
+                           cwd=ROOT)
+    assert inter.returncode == 0, inter.stderr[-2000:]
+    assert inter.stdout.count("you> ") == 4 and inter.stdout.count("model> ") == 2 and "(history cleared)" in inter.stdout
+    bad = subprocess.run([sys.executable, "-m", "sft_recipes.chat", "run_dir=/nowhere"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "not a run dir" in bad.stderr
+
+
+def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_recipes import runs
+
+    report = merge.merge(tiny_run, dtype="float32")
+    assert report["merged_into"] == "de-quantized 4-bit weights" and report["relative_difference"] < 0.01
+    plain = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32)
+    assert not isinstance(plain, PeftModel) and getattr(plain.config, "quantization_config", None) is None
+    cfg = runs.config(tiny_run)
+    adapted = runs.adapter_model(cfg, tiny_run)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 1, 4093, 198, 1780, 314]])
+    with torch.no_grad():
+        a, m = adapted(input_ids=ids).logits.float(), plain(input_ids=ids).logits
+    assert (a - m).abs().max() / a.abs().max() < 0.02  # bf16 compute in the 4-bit adapter vs float32 merged
+
+
+def test_cli_arguments_are_checked(tiny_run):
+    with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
+        evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
+    with pytest.raises(UserError, match="limit=x: expected int"):
+        evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
+
+
+@pytest.mark.slow
+def test_embedded_adapter_beats_base_and_merges(embedded_run):
+    m = evaluate.evaluate(embedded_run, max_new_tokens=96, limit=8)
+    assert m["fine_tuned"]["loss"] < m["base"]["loss"] - 0.2
+    assert m["fine_tuned"]["rouge_l"] > m["base"]["rouge_l"]
+    report = merge.merge(embedded_run, dtype="float32", limit=8)
+    assert report["relative_difference"] < 0.01
