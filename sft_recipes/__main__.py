@@ -9,10 +9,13 @@ from . import conf_dir, config
 from .errors import UserError
 
 config.register()
+_task_started = False
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 def main(cfg) -> None:
+    global _task_started
+    _task_started = True
     from .train import run
 
     try:
@@ -31,5 +34,46 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def precheck(argv) -> None:
+    """Before Hydra writes into the run dir (it rewrites .hydra/ there): refuse a folder that already holds a
+    run unless resuming, and one that cannot be written."""
+    from .train import holds_run
+
+    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if run_dir is None or "-m" in argv or "--multirun" in argv:
+        return
+    resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
+    if holds_run(Path(run_dir)) and not resuming and "dry_run=true" not in argv:
+        raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
+                        "or start a new one in another folder (hydra.run.dir=...).")
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(run_dir) / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"Cannot write to the run dir {run_dir} ({e.strerror}); choose another hydra.run.dir.") from None
+
+
+def cli() -> None:
+    """The console entry point: config errors (Hydra's, before the run starts) exit with status 2 like ours."""
+    argv = sys.argv[1:]
+    if "debug=true" in argv:
+        import os
+
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        precheck(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(UserError.exit_code)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -93,6 +93,7 @@ class TrainConfig:
     # step as padded batches, so the same training objective; samples are kept apart the same way).
     padding_free: bool = True
     pad_to_multiple_of: Optional[int] = None  # fewer distinct shapes (for compiled attention kernels)
+    on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (last good checkpoint kept) | skip (drop that step)
     logging_steps: int = 5
     save_steps: int = 50
     save_total_limit: Optional[int] = 3
@@ -176,6 +177,8 @@ def check(cfg: Config) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name}={getattr(t, name)} must be positive.")
+    if t.on_nonfinite not in ("stop", "skip"):
+        problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:
         problems.append(f"train.lr={t.lr} must be positive.")
     if t.max_steps <= 0 and t.epochs <= 0:

@@ -11,15 +11,43 @@ from omegaconf import OmegaConf
 
 from . import build, conf_dir, config, models, prepare, report, templates
 from .errors import UserError
+from .trainer import COMPLETE, NonFiniteError, publish
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint-N folder of a run dir that holds a trainer state (a complete save)."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
-             if (m := CHECKPOINT.match(p.name)) and (p / "trainer_state.json").exists()]
+def last_checkpoint(run_dir: Path, warn: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint-N folder of a run dir (one with its completion marker)."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        if not (m := CHECKPOINT.match(p.name)):
+            continue
+        if (p / COMPLETE).exists():
+            found.append((int(m.group(1)), p))
+        elif warn:
+            print(f"warning: ignoring {p}: it has no {COMPLETE} marker (a save that was cut short)")
     return max(found)[1] if found else None
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a folder already holds a training run's results."""
+    d = Path(run_dir)
+    return any((d / n).exists() for n in ("final_model", "training_log.txt")) or any(d.glob("checkpoint-*"))
+
+
+def oom_advice(cfg) -> str:
+    """Concrete overrides that lower GPU memory for this run."""
+    t, tips = cfg.train, []
+    if t.batch_size > 1:
+        tips.append(f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2} (same samples per step)")
+    if cfg.data.max_length > 256:
+        tips.append(f"data.max_length={cfg.data.max_length // 2} (the dry run shows how many records that truncates)")
+    if cfg.quantization.bits != 4:
+        tips.append("quantization=nf4 (4-bit weights)")
+    if not t.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing=true")
+    tips.append("preset=low_memory")
+    return "; ".join(tips)
 
 
 def template_of(cfg) -> templates.Template:
@@ -99,18 +127,23 @@ def run(cfg) -> Optional[Path]:
         dry_run(cfg, model_path, tokenizer, data, out)
         return None
 
+    if holds_run(out) and not cfg.resume_from:
+        raise UserError(f"{out} already holds a run; nothing was changed. Continue it with resume_from=auto, "
+                        "or start a new one in another folder (hydra.run.dir=...).")
     checkpoint = None
     if cfg.resume_from == "auto":
-        checkpoint = last_checkpoint(out)
+        checkpoint = last_checkpoint(out, warn=True)
         print(f"Resuming from {checkpoint}" if checkpoint else f"resume_from=auto: no checkpoint in {out}, "
               "starting from step 0")
     elif cfg.resume_from:
         checkpoint = Path(cfg.resume_from)
-        if not (checkpoint / "trainer_state.json").exists():
-            raise UserError(f"resume_from={checkpoint} has no trainer_state.json: not a complete checkpoint.")
+        if not (checkpoint / COMPLETE).exists():
+            raise UserError(f"resume_from={checkpoint} has no {COMPLETE} marker: it is not a complete checkpoint.")
+
+    import torch
 
     from .estimate import PeakMemory
-    from .trainer import Trainer
+    from .trainer import Guard, Trainer
 
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
@@ -122,16 +155,34 @@ def run(cfg) -> Optional[Path]:
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=build.lora_config(cfg.lora),
-        callbacks=[report.TrainingLog(out / "training_log.txt")],
+        callbacks=[report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)],
     )
     start = time.perf_counter()
     memory.start()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteError as e:
+        last = last_checkpoint(out)
+        raise UserError(f"Training stopped: {e} (learning rate {cfg.train.lr}). Nothing from that step was "
+                        f"saved; the last good checkpoint is {last or 'none yet'}. Lower train.lr, or set "
+                        "train.on_nonfinite=skip to drop such steps, then continue with resume_from=auto.") from None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"Out of GPU memory. To fit, try: {oom_advice(cfg)}. Continue with "
+                        "resume_from=auto to keep the finished steps.") from None
+    if guard.interrupted:
+        print(f"Stopped by Ctrl-C at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
+              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out} (and the same overrides)")
+        raise SystemExit(130)
+    if guard.skipped:
+        print(f"warning: {guard.skipped} step(s) with a non-finite gradient were skipped (train.on_nonfinite=skip)")
     if val_ds is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
                                       for h in trainer.state.log_history):
         trainer.evaluate()  # always end with a validation loss
     final = out / "final_model"
-    trainer.save_model(str(final))  # adapter + tokenizer with its chat template
+    staging = out / ".staging" / "final_model"
+    trainer.save_model(str(staging))  # adapter + tokenizer with its chat template
+    if trainer.is_world_process_zero():
+        publish(staging, final, "final model")
     if trainer.is_world_process_zero():
         report.write_data_stats(data, out / "data_stats.json")
         report.plot_loss(trainer.state.log_history, out / "loss.png")

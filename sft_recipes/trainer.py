@@ -10,9 +10,78 @@ compares the two); the logged metrics are loss, token accuracy and num_tokens.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 from trl import SFTTrainer
+
+COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def publish(tmp: Path, dest: Path, what: str) -> None:
+    """Mark a fully written folder complete and rename it into place (atomic on one filesystem)."""
+    (tmp / COMPLETE).write_text(what + "\n")
+    if dest.exists():  # the same step saved again (e.g. at the end of training): replace it
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+class Guard(TrainerCallback):
+    """Ctrl-C: finish the current step, save a checkpoint, stop. Non-finite gradients: stop (train.on_nonfinite=stop)
+    before the optimizer applies them, or drop that step's update (skip)."""
+
+    def __init__(self, on_nonfinite: str = "stop"):
+        self.on_nonfinite, self.interrupted, self.skipped = on_nonfinite, False, 0
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        def handler(signum, frame):
+            if self.interrupted:  # a second Ctrl-C: stop now, without saving
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once).",
+                  flush=True)
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            return
+        if self.on_nonfinite == "skip":
+            self.skipped += 1
+            for p in model.parameters():
+                p.grad = None  # the optimizer leaves parameters without a gradient untouched
+            return
+        raise NonFiniteError(f"the loss or its gradient became NaN or infinite at step {state.global_step + 1}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # evaluation runs before the checkpoint of the same step is saved: a non-finite validation loss stops
+        # the run before weights that produce it are kept
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and not torch.isfinite(torch.tensor(loss)):
+            raise NonFiniteError(f"the validation loss became {loss} at step {state.global_step}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their gradients at once
@@ -21,6 +90,28 @@ LOGITS_BYTES_PER_ELEMENT = 16
 
 
 class Trainer(SFTTrainer):
+    """SFTTrainer + the lean loss step + checkpoints written to a staging folder and renamed into place."""
+
+    _staging = None
+
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = str(run_dir / ".staging")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            from transformers.trainer_utils import rotate_checkpoints
+
+            publish(run_dir / ".staging" / name, run_dir / name, f"step {self.state.global_step}")
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]

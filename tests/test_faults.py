@@ -1,0 +1,162 @@
+"""Fault injection: runs killed (SIGKILL) or interrupted (SIGINT) at seeded random steps resume exactly; a
+checkpoint cut short is ignored; NaN stops the run keeping the last good checkpoint; finished runs are never
+overwritten; bad configs and unwritable dirs end in one paragraph with exit status 2."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TRAIN, VAL, cli
+from sft_recipes.trainer import COMPLETE, Guard, NonFiniteError
+
+STEPS = 30
+
+
+def args(tiny_dir, run_dir, *extra):
+    return [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",
+            f"data.train_path={TRAIN}", "data.val_path=null", "train.report_to=[]", f"train.max_steps={STEPS}",
+            "train.save_steps=3", "train.logging_steps=1", "train.lr=1e-3", "train.save_total_limit=null",
+            f"hydra.run.dir={run_dir}", *extra]
+
+
+def losses(run_dir):
+    state = json.loads((Path(run_dir) / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dir):
+    """The same run, never interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = cli(*args(tiny_dir, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def start_and_hit(tiny_dir, out, sig, at_step):
+    """Start a run, send `sig` once training_log.txt shows step `at_step`; returns the finished process."""
+    proc = subprocess.Popen([sys.executable, "-m", "sft_recipes", *args(tiny_dir, out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "training_log.txt", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and f"step={at_step} " in log.read_text():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+
+
+def assert_resumes_exactly(tiny_dir, out, reference):
+    r = cli(*args(tiny_dir, out, "resume_from=auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed_from = int(r.stdout.split("Resuming from ")[1].split("checkpoint-")[1].split()[0])
+    ours, ref = losses(out), losses(reference)
+    after = [s for s in ref if s > resumed_from]
+    assert after and all(abs(ours[s] - ref[s]) < 1e-4 for s in after), [(s, ours[s], ref[s]) for s in after]
+    return r
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_mid_training_resumes_the_same_curve(tmp_path, tiny_dir, reference, seed):
+    at = random.Random(seed).randint(4, STEPS - 6)
+    out = tmp_path / "run"
+    code, _, _ = start_and_hit(tiny_dir, out, signal.SIGKILL, at)
+    assert code == -signal.SIGKILL
+    assert not (out / "final_model").exists()
+    # a checkpoint folder cut short (no completion marker, a truncated file) is ignored, with a warning
+    good = max((p for p in out.glob("checkpoint-*") if (p / COMPLETE).exists()), key=lambda p: int(p.name[11:]))
+    broken = out / "checkpoint-29"
+    if broken.exists():
+        shutil.rmtree(broken)
+    shutil.copytree(good, broken)
+    (broken / COMPLETE).unlink()
+    (broken / "adapter_model.safetensors").write_bytes(b"cut short")
+    r = assert_resumes_exactly(tiny_dir, out, reference)
+    assert f"ignoring {broken}" in r.stdout and f"Resuming from {good}" in r.stdout
+
+
+def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resumes(tmp_path, tiny_dir, reference):
+    at = random.Random(7).randint(4, STEPS - 6)
+    out = tmp_path / "run"
+    code, stdout, _ = start_and_hit(tiny_dir, out, signal.SIGINT, at)
+    assert code == 130, stdout[-2000:]
+    assert "Continue with: python -m sft_recipes resume_from=auto" in stdout
+    saved = [p for p in out.glob("checkpoint-*") if (p / COMPLETE).exists()]
+    stopped_at = int(stdout.split("Stopped by Ctrl-C at step ")[1].split(";")[0])
+    assert stopped_at >= at and (out / f"checkpoint-{stopped_at}" / COMPLETE).exists(), saved
+    assert_resumes_exactly(tiny_dir, out, reference)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    r = cli(*args(tiny_dir, out, "train.lr=1e30", f"data.val_path={VAL}", "train.save_steps=2"))
+    assert r.returncode == 2
+    assert "error: Training stopped: the validation loss became nan at step 2" in r.stderr
+    assert "Traceback" not in r.stderr and "train.on_nonfinite=skip" in r.stderr
+    assert not (out / "checkpoint-2").exists()  # the weights that gave NaN were not kept
+
+
+def test_skip_policy_drops_the_update_of_a_nonfinite_step():
+    model = torch.nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.tensor([[float("nan"), 0, 0], [0, 0, 0]])
+    model.bias.grad = torch.zeros(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = type("S", (), {"global_step": 4})()
+    guard = Guard("skip")
+    guard.on_pre_optimizer_step(None, state, None, model=model)
+    opt.step()
+    assert guard.skipped == 1 and torch.equal(model.weight, before)
+    model.weight.grad = torch.full((2, 3), float("inf"))
+    with pytest.raises(NonFiniteError, match="at step 5"):
+        Guard("stop").on_pre_optimizer_step(None, state, None, model=model)
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path, tiny_dir, reference):
+    before = (reference / ".hydra" / "config.yaml").read_bytes()
+    r = cli(*args(tiny_dir, reference, "train.lr=5e-4"))
+    assert r.returncode == 2 and "already holds a run; nothing was changed" in r.stderr
+    assert (reference / ".hydra" / "config.yaml").read_bytes() == before
+
+
+def test_unwritable_run_dir(tiny_dir):
+    r = cli(*args(tiny_dir, "/sys/sft-recipes-test-run"))
+    assert r.returncode == 2 and "Cannot write to the run dir /sys/sft-recipes-test-run" in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1e-4", "lrr"),
+    ("train.batch_size=four", "batch_size"),
+    ("data.train_path=/no/such.json", "Data file /no/such.json does not exist"),
+    ("model.name_or_path=/no/such/model", "Model '/no/such/model' is not a local folder"),
+    ("lora.target_modules=[lm_head]", "LoRA on lm_head"),
+])
+def test_bad_configs_exit_2_with_one_paragraph(tmp_path, tiny_dir, override, message):
+    base = [a for a in args(tiny_dir, tmp_path / "run") if not a.startswith(override.split("=")[0] + "=")]
+    r = cli(*base, override)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_dir):
+    r = cli(*args(tiny_dir, tmp_path / "run", "data.train_path=/no/such.json", "debug=true"))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_out_of_memory_advice_names_overrides():
+    from sft_recipes.train import oom_advice
+    from test_config import make
+
+    advice = oom_advice(make("preset=default", "quantization=none", "train.gradient_checkpointing=false"))
+    for part in ("train.batch_size=2 train.grad_accum=8", "data.max_length=512", "quantization=nf4",
+                 "train.gradient_checkpointing=true", "preset=low_memory"):
+        assert part in advice
