@@ -7,7 +7,8 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: help install train test check dry-run validate bench eval chat merge clean
+PHONY_EXTRA := train-multi sweep
+.PHONY: help install train test check dry-run validate bench eval chat merge clean $(PHONY_EXTRA)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +26,12 @@ install: $(STAMP) ## create .venv with everything (torch first)
 
 train: $(STAMP) ## fine-tune the embedded model on the sample data (fast_test preset, 4-bit QLoRA)
 	$(PY) -m sft_recipes preset=fast_test $(ARGS)
+
+train-multi: $(STAMP) ## the same on 2 processes (recipes/accelerate/ddp.yaml; GPUs if present, else CPU + gloo)
+	$(PY) -m accelerate.commands.launch --config_file recipes/accelerate/ddp.yaml -m sft_recipes preset=fast_test $(ARGS)
+
+sweep: $(STAMP) ## the example sweep (LoRA rank x learning rate) on the embedded model, with its summary
+	$(PY) -m sft_recipes --config-dir recipes --config-name sweep_lora_rank_lr -m $(ARGS)
 
 dry-run: $(STAMP) ## validate config and data, show statistics and one training example, train nothing
 	$(PY) -m sft_recipes dry_run=true $(ARGS)

@@ -13,13 +13,19 @@ _task_started = False
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
-def main(cfg) -> None:
+def main(cfg):
+    """One run; returns its best validation loss (what a search sweeper such as Optuna minimizes)."""
     global _task_started
     _task_started = True
+    import json
+
     from .train import run
 
     try:
-        run(cfg)
+        metrics_file = Path(cfg.output_dir) / "metrics.json"
+        if run(cfg) is not None and metrics_file.exists():  # (other processes of a launch write nothing)
+            metrics = json.loads(metrics_file.read_text())
+            return metrics["best_eval_loss"] if metrics["best_eval_loss"] is not None else metrics["final_train_loss"]
     except UserError as e:
         if cfg.debug:
             raise
@@ -39,16 +45,18 @@ def precheck(argv) -> None:
     run unless resuming, and one that cannot be written."""
     from .train import holds_run
 
+    import os
+
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
-    if run_dir is None or "-m" in argv or "--multirun" in argv:
-        return
+    if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
+        return  # (other processes of a multi-process launch leave this to the main one)
     resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
     if holds_run(Path(run_dir)) and not resuming and "dry_run=true" not in argv:
         raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
                         "or start a new one in another folder (hydra.run.dir=...).")
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(run_dir) / ".write-test"
+        probe = Path(run_dir) / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

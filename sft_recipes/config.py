@@ -135,7 +135,12 @@ def run_dir(root: str, resume_from) -> str:
 
         runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)] if resume_from == "auto" else []
         newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
-        _run_dirs[key] = str(newest) if newest else f"{root}/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        started = datetime.now()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process of a launch: the launcher's start time
+            import psutil
+
+            started = datetime.fromtimestamp(psutil.Process(os.getppid()).create_time())
+        _run_dirs[key] = str(newest) if newest else f"{root}/{started:%Y-%m-%d_%H-%M-%S}"
     return _run_dirs[key]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def run(cfg) -> Optional[Path]:
         dry_run(cfg, model_path, tokenizer, data, out)
         return None
 
-    if holds_run(out) and not cfg.resume_from:
+    if holds_run(out) and not cfg.resume_from and os.environ.get("RANK", "0") == "0":
         raise UserError(f"{out} already holds a run; nothing was changed. Continue it with resume_from=auto, "
                         "or start a new one in another folder (hydra.run.dir=...).")
     checkpoint = None

@@ -1,0 +1,113 @@
+"""A sweep's results at a glance: `python -m sft_recipes.sweep_report SWEEP_DIR`.
+
+Writes SWEEP_DIR/summary.csv, summary.md (one row per job: its overrides and metrics, best validation loss
+first) and summary.png (the validation loss curves of all jobs on one plot). Runs by itself at the end of
+every `-m` sweep (the Hydra callback below, named in conf/train.yaml).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+import yaml
+from hydra.experimental.callback import Callback
+
+METRICS = ("best_eval_loss", "final_eval_loss", "final_train_loss", "trained_tokens_per_s", "peak_memory_gib",
+           "wall_s", "global_step")
+
+
+def eval_curve(job: Path) -> List[tuple]:
+    """(step, validation loss) pairs from the job's training_log.txt."""
+    log = job / "training_log.txt"
+    points = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "eval_loss" in fields:
+            points.append((int(fields["step"]), float(fields["eval_loss"])))
+    return points
+
+
+def collect(sweep_dir: Path) -> List[dict]:
+    rows = []
+    for job in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").exists()),
+                      key=lambda p: (len(p.name), p.name)):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        metrics_file = job / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        rows.append({"job": job.name, "status": "done" if metrics else "failed or unfinished",
+                     "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
+                     **{k: metrics.get(k) for k in METRICS}, "curve": eval_curve(job)})
+    if len(rows) > 1:  # show what differs between jobs, not the overrides they share
+        common = set.intersection(*(set(r["overrides"].split()) for r in rows))
+        for r in rows:
+            r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common)
+    rank = lambda r: (r["best_eval_loss"] is None, r["best_eval_loss"] or 0, r["final_train_loss"] or 0)  # noqa: E731
+    return sorted(rows, key=rank)
+
+
+def write(sweep_dir, rows: List[dict]) -> None:
+    sweep_dir = Path(sweep_dir)
+    columns = ["job", "status", "overrides", *METRICS]
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"# Sweep {sweep_dir}", "", f"{len(rows)} job(s), best validation loss first.", "",
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["", "![validation loss](summary.png)", ""]
+    (sweep_dir / "summary.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        if r["curve"]:
+            ax.plot(*zip(*r["curve"]), "o-", label=f"{r['job']}: {r['overrides']}"[:60])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    if any(r["curve"] for r in rows):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no validation loss logged", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "summary.png", dpi=100)
+    plt.close(fig)
+
+
+def summarize(sweep_dir) -> List[dict]:
+    rows = collect(Path(sweep_dir))
+    write(sweep_dir, rows)
+    return rows
+
+
+class SummaryCallback(Callback):
+    """Hydra callback: write the summary when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            rows = summarize(sweep_dir)
+            print(f"Sweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m sft_recipes.sweep_report SWEEP_DIR", file=sys.stderr)
+        return 2
+    rows = summarize(argv[0])
+    print(Path(argv[0], "summary.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Several processes through accelerate (2 on the CPU, gloo), sweep summaries, and the launch configs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TRAIN, VAL, cli, tiny_args
+
+CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def history(run):
+    state = json.loads(max(Path(run).glob("checkpoint-*"), key=lambda p: int(p.name[11:])).joinpath(
+        "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir):
+    common = ["train.max_steps=6", "train.save_steps=3", "train.logging_steps=1", "train.lr=2e-3", "train.grad_accum=1"]
+    single = cli(*tiny_args(tiny_dir, tmp_path / "one", *common, "train.batch_size=4"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+         "-m", "sft_recipes", *tiny_args(tiny_dir, tmp_path / "two", *common, "train.batch_size=2")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    two = tmp_path / "two"
+    assert multi.stdout.count("Training data: 112 records") == 2  # both processes prepared the same data
+    assert multi.stdout.count("Adapter saved to") == 1  # only the main process writes
+    assert (two / "final_model" / "adapter_model.safetensors").exists()
+    log = (two / "training_log.txt").read_text()
+    assert log.count("# training starts") == 1 and log.count("step=6 ") >= 1
+    one_h, two_h = history(tmp_path / "one"), history(two)
+    assert sorted(one_h) == sorted(two_h) == list(range(1, 7))
+    # the same 4 samples per optimizer step, split over 2 processes: the same loss curve
+    assert all(abs(one_h[s] - two_h[s]) < 2e-2 for s in one_h), (one_h, two_h)
+    state = json.loads((two / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(6 * 4 / 112, rel=1e-3)
+
+
+def test_sweep_summary_from_a_real_multirun(tmp_path, tiny_dir):
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_args(tiny_dir, "unused", "train.max_steps=2", "train.save_steps=1")
+            if not a.startswith("hydra.run.dir")]
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Sweep summary (2 jobs): {sweep / 'summary.md'}" in r.stdout
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("job,status,overrides,best_eval_loss")
+    assert {row.split(",")[2] for row in rows[1:]} == {"lora.r=4", "lora.r=8"}  # only what differs
+    md = (sweep / "summary.md").read_text()
+    assert "| lora.r=4 |" in md.replace("| done ", "") or "lora.r=4" in md
+    losses = [float(row.split(",")[3]) for row in rows[1:]]
+    assert losses == sorted(losses)  # best validation loss first
+    assert (sweep / "summary.png").stat().st_size > 1000
+    (sweep / "summary.csv").unlink()
+    again = subprocess.run([sys.executable, "-m", "sft_recipes.sweep_report", str(sweep)], capture_output=True,
+                           text=True, cwd=ROOT)
+    assert again.returncode == 0 and (sweep / "summary.csv").exists() and "lora.r=8" in again.stdout
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_launch_configs_parse(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    raw = yaml.safe_load(path.read_text())
+    header = path.read_text().splitlines()[:4]
+    assert any(f"accelerate launch --config_file recipes/accelerate/{path.name} -m sft_recipes" in h for h in header)
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type.value == raw["distributed_type"] and config.num_processes >= 2
+
+
+def test_the_yaml_sweep_recipe_composes():
+    from hydra import compose, initialize_config_dir
+    import shutil
+    import tempfile
+
+    from sft_recipes import conf_dir, config
+
+    config.register()
+    tmp = Path(tempfile.mkdtemp()) / "conf"
+    shutil.copytree(conf_dir(), tmp)
+    shutil.copy(ROOT / "recipes" / "sweep_lora_rank_lr.yaml", tmp)
+    with initialize_config_dir(str(tmp), version_base="1.3"):
+        cfg = compose("sweep_lora_rank_lr", overrides=["output_dir=/tmp/x"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == {"lora.r": "8,32", "train.lr": "1e-4,4e-4"}
+
+
+def test_optuna_search_minimizes_the_validation_loss(tmp_path, tiny_dir):
+    sweep = tmp_path / "search"
+    args = [a for a in tiny_args(tiny_dir, "unused", "train.max_steps=2", "train.save_steps=1")
+            if not a.startswith(("hydra.run.dir", "preset="))]
+    r = cli("--config-dir", str(ROOT / "recipes"), "--config-name", "optuna_search", "-m", *args,
+            "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"lora.r", "lora.alpha", "train.lr"} and best["best_value"] < 11
+    assert (sweep / "summary.md").exists()
