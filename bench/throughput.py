@@ -237,24 +237,14 @@ def real_tokens(inputs, pad_id) -> int:
 
 def validation_loss(model, val_ds, cuda):
     """Mean per-token loss on the validation rows, one row at a time (no padding, no packing)."""
-    import torch
+    from sft_recipes.runs import mean_loss
 
     model.eval()
     try:  # one row at a time, each a new length: plain SDPA, not a compiled kernel
         model.set_attn_implementation("sdpa")
     except Exception:
         pass
-    dev = next(model.parameters()).device
-    total = count = 0.0
-    with torch.no_grad():
-        for row in val_ds:
-            ids = torch.tensor([row["input_ids"]], device=dev)
-            labels = torch.tensor([row["labels"]], device=dev)
-            out = model(input_ids=ids, labels=labels, use_cache=False)
-            n = int((labels[:, 1:] != -100).sum())
-            total += out.loss.item() * n
-            count += n
-    return total / count
+    return mean_loss(model, val_ds)
 
 
 # ---- the driver -------------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def validate_main(paths: List[str], columns: Optional[Dict[str, str]] = None) ->
             records = load_records(path, columns, rep)
             kept, d = dedup(records)
             rows.append((str(path), "ok", len(records), d.dropped, d.conflicting,
-                         sum(1 for r in records if r.source) , "; ".join(rep.warnings)))
+                         sum(1 for r in records if r.source), "; ".join(rep.warnings)))
         except UserError as e:
             status = 2
             rows.append((str(path), "INVALID", 0, 0, 0, 0, str(e)))

@@ -181,10 +181,15 @@ def run(cfg) -> Optional[Path]:
         trainer.evaluate()  # always end with a validation loss
     final = out / "final_model"
     staging = out / ".staging" / "final_model"
+    if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file for the final save
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))  # adapter + tokenizer with its chat template
     if trainer.is_world_process_zero():
         publish(staging, final, "final model")
-    if trainer.is_world_process_zero():
+        try:
+            staging.parent.rmdir()  # .staging/ is empty once everything is in place
+        except OSError:
+            pass
         report.write_data_stats(data, out / "data_stats.json")
         report.plot_loss(trainer.state.log_history, out / "loss.png")
         metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,

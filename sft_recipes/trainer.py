@@ -37,7 +37,8 @@ def publish(tmp: Path, dest: Path, what: str) -> None:
 
 class Guard(TrainerCallback):
     """Ctrl-C: finish the current step, save a checkpoint, stop. Non-finite gradients: stop (train.on_nonfinite=stop)
-    before the optimizer applies them, or drop that step's update (skip)."""
+    before the optimizer applies them, or drop that step's update (skip). A non-finite validation loss stops
+    the run before the checkpoint of that step is written."""
 
     def __init__(self, on_nonfinite: str = "stop"):
         self.on_nonfinite, self.interrupted, self.skipped = on_nonfinite, False, 0

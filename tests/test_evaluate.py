@@ -93,3 +93,12 @@ def test_embedded_adapter_beats_base_and_merges(embedded_run):
     assert m["fine_tuned"]["rouge_l"] > m["base"]["rouge_l"]
     report = merge.merge(embedded_run, dtype="float32", limit=8)
     assert report["relative_difference"] < 0.01
+
+
+@pytest.mark.slow
+def test_embedded_chat_answers_and_stops(embedded_run):
+    r = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={embedded_run}",
+                        "prompt=What is the median?", "max_new_tokens=150"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answer = r.stdout.strip().splitlines()[-1]
+    assert "median" in answer.lower() and len(answer.split()) >= 5 and "<|im_end|>" not in answer
