@@ -43,7 +43,7 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
 def precheck(argv) -> None:
     """Before Hydra writes into the run dir (it rewrites .hydra/ there): refuse a folder that already holds a
     run unless resuming, and one that cannot be written."""
-    from .train import holds_run
+    from .train import refuse_finished
 
     import os
 
@@ -51,9 +51,8 @@ def precheck(argv) -> None:
     if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
         return  # (other processes of a multi-process launch leave this to the main one)
     resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
-    if holds_run(Path(run_dir)) and not resuming and "dry_run=true" not in argv:
-        raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
-                        "or start a new one in another folder (hydra.run.dir=...).")
+    if not resuming and "dry_run=true" not in argv:
+        refuse_finished(Path(run_dir))
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(run_dir) / f".write-test-{os.getpid()}"

@@ -32,20 +32,15 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
 
 
 def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8) -> dict:
-    from . import prepare, runs
+    from . import runs
     from .errors import UserError
-    from .train import data_options, data_paths, template_of
 
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
     tok = runs.tokenizer(run_dir)
-    _, val_records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
+    val_records, rows = runs.validation(cfg, tok, limit)
     if not val_records:
         raise UserError(f"The run {run_dir} has no validation split (data.val_path or data.val_fraction).")
-    if limit:
-        val_records = val_records[:limit]
-    rows, _ = prepare.tokenize(val_records, tok, template_of(cfg), cfg.data.max_length, "truncate",
-                               cfg.data.system_prompt)
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.messages(cfg, r.question) for r in val_records]
     with model.disable_adapter():

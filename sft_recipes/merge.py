@@ -24,9 +24,8 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import prepare, runs
+    from . import runs
     from .errors import UserError
-    from .train import data_options, data_paths, template_of
 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
@@ -54,10 +53,8 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
 
     # how much did merging change the model? loss on the validation split, adapter vs merged (reloaded plain)
     report = {"dtype": dtype, "merged_into": "de-quantized 4-bit weights" if quantized else "base weights"}
-    _, val_records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
-    if val_records:
-        rows, _ = prepare.tokenize(val_records[:limit] if limit else val_records, tok, template_of(cfg),
-                                   cfg.data.max_length, "truncate", cfg.data.system_prompt)
+    _, rows = runs.validation(cfg, tok, limit)
+    if rows is not None:
         plain = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
         a, m = runs.mean_loss(adapted, rows), runs.mean_loss(plain, rows)
         report.update(adapter_loss=round(a, 5), merged_loss=round(m, 5),

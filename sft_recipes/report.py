@@ -92,13 +92,12 @@ def memory_estimate(cfg, model_path: str, seq_len: int):
     from .models import meta_model
 
     base = meta_model(model_path, cfg.model.trust_remote_code)
-    parts_model = base
     model = get_peft_model(base, build.lora_config(cfg.lora))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     q = cfg.quantization
     dtype = q.compute_dtype if q.bits == 4 else cfg.model.dtype
-    parts = estimate.estimate(parts_model, trainable, q.bits, dtype, cfg.train.batch_size, seq_len,
+    parts = estimate.estimate(base, trainable, q.bits, dtype, cfg.train.batch_size, seq_len,
                               cfg.train.gradient_checkpointing, q.double_quant)
     return trainable, total, parts
 

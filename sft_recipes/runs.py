@@ -118,6 +118,19 @@ def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, b
     return out
 
 
+def validation(cfg, tok, limit: int = 0):
+    """(records, tokenized rows) of the run's validation split, rendered with the run's template."""
+    from . import prepare
+    from .train import data_options, data_paths, template_of
+
+    _, records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
+    records = records[:limit] if limit else records
+    if not records:
+        return [], None
+    rows, _ = prepare.tokenize(records, tok, template_of(cfg), cfg.data.max_length, "truncate", cfg.data.system_prompt)
+    return records, rows
+
+
 def mean_loss(model, rows) -> float:
     """Mean per-token loss over tokenized rows (input_ids + labels), one row at a time: no padding."""
     import torch

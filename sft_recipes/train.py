@@ -36,6 +36,13 @@ def holds_run(run_dir: Path) -> bool:
     return any((d / n).exists() for n in ("final_model", "training_log.txt")) or any(d.glob("checkpoint-*"))
 
 
+def refuse_finished(run_dir: Path) -> None:
+    """A new run never writes into a folder that already holds one."""
+    if holds_run(run_dir):
+        raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
+                        "or start a new one in another folder (hydra.run.dir=...).")
+
+
 def oom_advice(cfg) -> str:
     """Concrete overrides that lower GPU memory for this run."""
     t, tips = cfg.train, []
@@ -128,9 +135,8 @@ def run(cfg) -> Optional[Path]:
         dry_run(cfg, model_path, tokenizer, data, out)
         return None
 
-    if holds_run(out) and not cfg.resume_from and os.environ.get("RANK", "0") == "0":
-        raise UserError(f"{out} already holds a run; nothing was changed. Continue it with resume_from=auto, "
-                        "or start a new one in another folder (hydra.run.dir=...).")
+    if not cfg.resume_from and os.environ.get("RANK", "0") == "0":
+        refuse_finished(out)
     checkpoint = None
     if cfg.resume_from == "auto":
         checkpoint = last_checkpoint(out, warn=True)
