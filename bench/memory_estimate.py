@@ -23,7 +23,7 @@ def main(overrides):
     out = Path(tempfile.mkdtemp())
     with initialize_config_dir(conf_dir(), version_base="1.3"):
         cfg = compose("train", overrides=[f"output_dir={out}", "train.epochs=1", "train.report_to=[]", *overrides])
-    path = models.resolve(cfg.model.name_or_path, cfg.model.embedded, cfg.model.gguf_file)
+    path = models.resolve_config(cfg.model)
     data = train.prepare_data(cfg, models.load_tokenizer(path))
     longest = min(cfg.data.max_length, data.train_stats.summary()["tokens_max"])
     _, _, parts = report.memory_estimate(cfg, path, longest)

@@ -1,4 +1,5 @@
 """`python -m sft_recipes [overrides]`: the Hydra app that runs one fine-tuning (or a sweep with -m)."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def precheck(argv) -> None:
     run unless resuming, and one that cannot be written."""
     from .train import refuse_finished
 
-    import os
-
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
     if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
         return  # (other processes of a multi-process launch leave this to the main one)
@@ -66,8 +65,6 @@ def cli() -> None:
     """The console entry point: config errors (Hydra's, before the run starts) exit with status 2 like ours."""
     argv = sys.argv[1:]
     if "debug=true" in argv:
-        import os
-
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         precheck(argv)

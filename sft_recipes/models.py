@@ -118,6 +118,11 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
 
 
+def resolve_config(model) -> str:
+    """resolve() for a `model` config node (name_or_path, embedded, gguf_file, revision)."""
+    return resolve(model.name_or_path, model.embedded, model.gguf_file, model.revision)
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -134,7 +134,7 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
     ids_list, n_prompt_list, fast = Renderer(tokenizer, template, system_prompt)(records)
     stats = Stats(records=len(records), fast_path=fast)
     stats.lengths = [len(ids) for ids in ids_list]
-    rows_ids, rows_np, overlong_where = [], [], []
+    rows_ids, kept_n_prompt, overlong_where = [], [], []
     for r, ids, n_prompt in zip(records, ids_list, n_prompt_list):
         if len(ids) > max_length:
             stats.over_max_length += 1
@@ -145,7 +145,7 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
             stats.truncated += 1
             ids = ids[:max_length]
         rows_ids.append(ids)
-        rows_np.append(n_prompt)
+        kept_n_prompt.append(n_prompt)
     if overlong == "error" and overlong_where:
         raise UserError(f"{len(overlong_where)} record(s) exceed data.max_length={max_length} tokens: "
                         f"{'; '.join(overlong_where[:MAX_LISTED])}. Raise data.max_length, or set "
@@ -155,8 +155,8 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
         raise UserError(f"No record fits data.max_length={max_length}: every question alone is longer. "
                         "Raise data.max_length.")
     lengths = np.fromiter((len(x) for x in rows_ids), dtype=np.int64, count=len(rows_ids))
-    stats.trained_tokens = int(lengths.sum() - sum(rows_np))
-    return _to_dataset(rows_ids, lengths, np.asarray(rows_np)), stats
+    stats.trained_tokens = int(lengths.sum() - sum(kept_n_prompt))
+    return _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt)), stats
 
 
 def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt):

@@ -64,18 +64,12 @@ def tokenizer(run_dir):
     return AutoTokenizer.from_pretrained(Path(run_dir) / "final_model")
 
 
-def base_path(cfg) -> str:
-    from .models import resolve
-
-    return resolve(cfg.model.name_or_path, cfg.model.embedded, cfg.model.gguf_file, cfg.model.revision)
-
-
 def base_model(cfg):
     """The base model as it was trained: quantized per the run's config."""
     from . import build, models
 
     attn = "sdpa" if cfg.model.attn_implementation == "flex_attention" else cfg.model.attn_implementation
-    return models.load_model(base_path(cfg), cfg.model.dtype, build.bnb_config(cfg.quantization), attn,
+    return models.load_model(models.resolve_config(cfg.model), cfg.model.dtype, build.bnb_config(cfg.quantization), attn,
                              cfg.model.trust_remote_code)
 
 

@@ -119,7 +119,7 @@ def run(cfg) -> Optional[Path]:
     set_seed(cfg.seed)
 
     # Data first: bad records fail here, before any model weights are loaded.
-    model_path = models.resolve(cfg.model.name_or_path, cfg.model.embedded, cfg.model.gguf_file, cfg.model.revision)
+    model_path = models.resolve_config(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
