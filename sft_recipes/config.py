@@ -93,6 +93,10 @@ class TrainConfig:
     # step as padded batches, so the same training objective; samples are kept apart the same way).
     padding_free: bool = True
     pad_to_multiple_of: Optional[int] = None  # fewer distinct shapes (for compiled attention kernels)
+    # torch.compile each decoder layer in place (one graph, reused by every layer): fuses the elementwise work
+    # around the matrix products (norms, rotary, SwiGLU, LoRA scale-and-add, casts) and cuts kernel launches.
+    # Costs a compile on the first steps (and for each new batch shape); pays on GPUs (BENCHMARKS.md).
+    compile: bool = False
     on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (last good checkpoint kept) | skip (drop that step)
     logging_steps: int = 5
     save_steps: int = 50
