@@ -54,6 +54,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         gradient_checkpointing=t.gradient_checkpointing,
+        activation_offloading=t.activation_offloading,
         bf16=dtype == "bfloat16" and cuda,
         fp16=dtype == "float16" and cuda,
         use_cpu=not cuda,

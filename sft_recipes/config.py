@@ -97,6 +97,10 @@ class TrainConfig:
     # around the matrix products (norms, rotary, SwiGLU, LoRA scale-and-add, casts) and cuts kernel launches.
     # Costs a compile on the first steps (and for each new batch shape); pays on GPUs (BENCHMARKS.md).
     compile: bool = False
+    # Move what the backward pass keeps (with gradient checkpointing: each layer's input) to pinned CPU memory
+    # during the forward and back during the backward, on a side stream that overlaps the compute (TRL's
+    # activation offloading). Frees room for bigger batches on one GPU; CUDA only.
+    activation_offloading: bool = False
     on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (last good checkpoint kept) | skip (drop that step)
     logging_steps: int = 5
     save_steps: int = 50
@@ -220,6 +224,10 @@ def check(cfg: Config) -> None:
                         "for the latest checkpoint of the run dir.")
     import torch
 
+    if cfg.train.activation_offloading and not torch.cuda.is_available():
+        problems.append("train.activation_offloading=true needs a CUDA GPU (it copies activations to pinned CPU "
+                        "memory on a CUDA stream): set train.activation_offloading=false "
+                        "(or a preset other than gpu_fast).")
     if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         problems.append("flex attention has no backward pass on the CPU: use model.attn_implementation=sdpa "
                         "(or a preset other than gpu_fast).")

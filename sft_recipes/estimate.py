@@ -4,7 +4,8 @@ The four terms of a LoRA/QLoRA step: the frozen base weights (4-bit NF4: half a 
 its block scales; 8-bit: one byte; else the model dtype), the LoRA parameters with their gradients and
 AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward pass, and the logits
 (with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py). Activations per token and layer follow the tensors a Llama-style decoder
-layer saves; with gradient checkpointing only each layer's input is kept, plus one layer recomputed.
+layer saves; with gradient checkpointing only each layer's input is kept, plus one layer recomputed; with
+activation offloading most of what is kept waits in CPU memory instead.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Dict
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+OFFLOAD_STASH = 5  # trl.models.activation_offloading: max_fwd_stash_size
 
 
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
-             gradient_checkpointing: bool, double_quant: bool = True) -> Dict[str, float]:
+             gradient_checkpointing: bool, double_quant: bool = True, offloading: bool = False) -> Dict[str, float]:
     """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count."""
     import torch
 
@@ -41,6 +43,10 @@ def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int,
     tokens = batch_size * seq_len
     per_layer = tokens * (11 * h + 2 * kv + 5 * inter) * b  # norms, q/k/v/o inputs and outputs, MLP, LoRA inputs
     activations = tokens * h * b * layers + per_layer if gradient_checkpointing else per_layer * layers
+    if offloading:  # what is kept goes to CPU memory; TRL keeps the last OFFLOAD_STASH saved tensors on the GPU
+        kept = tokens * h * b * min(layers, OFFLOAD_STASH) + per_layer if gradient_checkpointing else \
+            per_layer * min(layers, 2)
+        activations = min(activations, kept)
     from .trainer import LEAN_LOGITS_BYTES, LOGITS_BYTES_PER_ELEMENT
 
     logits = tokens * cfg.vocab_size * LOGITS_BYTES_PER_ELEMENT  # the lean loss step holds them all...

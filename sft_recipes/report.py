@@ -98,7 +98,7 @@ def memory_estimate(cfg, model_path: str, seq_len: int):
     q = cfg.quantization
     dtype = q.compute_dtype if q.bits == 4 else cfg.model.dtype
     parts = estimate.estimate(base, trainable, q.bits, dtype, cfg.train.batch_size, seq_len,
-                              cfg.train.gradient_checkpointing, q.double_quant)
+                              cfg.train.gradient_checkpointing, q.double_quant, cfg.train.activation_offloading)
     return trainable, total, parts
 
 

@@ -65,7 +65,8 @@ class Guard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if all(torch.isfinite(g).all() for g in grads):
+        # one norm over all gradients (foreach kernels) and one device sync: the norm is finite iff every entry is
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
             return
         if self.on_nonfinite == "skip":
             self.skipped += 1

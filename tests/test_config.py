@@ -14,7 +14,7 @@ config.register()
 CONF = Path(conf_dir())
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("preset", "quantization", "lora", "model")}
 PRESETS = {"default": (3, 4, 1024), "fast_test": (1, 2, 512), "full_training": (5, 8, 2048), "low_memory": (3, 1, 512),
-           "gpu_fast": (3, 4, 1024)}
+           "gpu_fast": (3, 8, 1024)}
 
 
 def make(*overrides):
@@ -46,6 +46,10 @@ def test_every_combination_builds(preset, quant, lora, model):
         with pytest.raises(UserError, match="model.attn_implementation=sdpa"):
             config.check(cfg)
         cfg.model.attn_implementation = "sdpa"
+    if cfg.train.activation_offloading:  # CUDA only, likewise
+        with pytest.raises(UserError, match="train.activation_offloading=false"):
+            config.check(cfg)
+        cfg.train.activation_offloading = False
     config.check(cfg)
     bnb = build.bnb_config(cfg.quantization)
     if quant == "none":
