@@ -112,3 +112,23 @@ def test_recipes_compose(recipe, tmp_path):
     build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
     header = (CONF.parent / "recipes" / f"{recipe}.yaml").read_text().splitlines()[:4]
     assert any(f"--config-name {recipe}" in line for line in header)  # the command that runs it
+
+
+@pytest.mark.parametrize("rows, offloading, measured_gib", [(4, False, 6.38), (8, False, 8.03), (8, True, 6.40)])
+def test_memory_estimate_matches_peaks_measured_on_an_h100(rows, offloading, measured_gib):
+    """The dry run's estimate for deepseek-math-7b's shape (QLoRA r=16 on q,k,v,o, rows of 1024, gradient
+    checkpointing) against torch.cuda.max_memory_allocated on an H100 (BENCHMARKS.md, bench/gpu_run.sh)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_recipes import estimate
+
+    shape = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32,
+                        num_key_value_heads=32, vocab_size=102400, tie_word_embeddings=False)
+    with torch.device("meta"):
+        trainable = sum(p.numel() for p in get_peft_model(LlamaForCausalLM(shape), build.lora_config(make().lora))
+                        .parameters() if p.requires_grad)
+        base = LlamaForCausalLM(shape)
+    parts = estimate.estimate(base, trainable, 4, "bfloat16", rows, 1024, True, True, offloading)
+    assert abs(parts["total"] / 2**30 - measured_gib) / measured_gib < 0.06, parts
