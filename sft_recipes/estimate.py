@@ -3,9 +3,10 @@
 The four terms of a LoRA/QLoRA step: the frozen base weights (4-bit NF4: half a byte per parameter plus
 its block scales; 8-bit: one byte; else the model dtype), the LoRA parameters with their gradients and
 AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward pass, and the logits
-(with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py). Activations per token and layer follow the tensors a Llama-style decoder
-layer saves; with gradient checkpointing only each layer's input is kept, plus one layer recomputed; with
-activation offloading most of what is kept waits in CPU memory instead.
+(with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py).
+Activations per token and layer follow the tensors a Llama-style decoder layer saves; with gradient
+checkpointing only each layer's input is kept, plus one layer recomputed; with activation offloading most of
+what is kept waits in CPU memory instead.
 """
 from __future__ import annotations
 
