@@ -46,7 +46,6 @@ VARIANTS = {
     "d_ours_padded": dict(kind="ours", overrides=["train.padding_free=false"]),
     "d_ours_bs16": dict(kind="ours", overrides=["train.batch_size=16"]),
     "d_ours_eager": dict(kind="ours", overrides=["train.compile=false"]),
-    "d_ours_bs8": dict(kind="ours", overrides=["train.batch_size=8"]),
     "d_ours_bs4": dict(kind="ours", overrides=["train.batch_size=4", "train.activation_offloading=false"]),
     "d_ours_bs8_resident": dict(kind="ours", overrides=["train.activation_offloading=false"]),
     "d_ours_nockpt_bs1": dict(kind="ours", overrides=["train.batch_size=1", "train.gradient_checkpointing=false"]),
@@ -128,8 +127,8 @@ def run_variant(device, name, model_dir, out_json):
     from hydra import compose, initialize_config_dir
 
     config.register()
-    overrides = [f"output_dir={tempfile.mkdtemp()}", f"data.max_length={max_length}", "train.grad_accum=1", "train.lr=2e-4", "train.scheduler=constant", "train.warmup_ratio=0",
-                 "train.report_to=[]", "train.save_steps=100000", "train.logging_steps=1000",
+    overrides = [f"output_dir={tempfile.mkdtemp()}", f"data.max_length={max_length}", "train.grad_accum=1",
+                 "train.lr=2e-4", "train.scheduler=constant", "train.warmup_ratio=0", "train.report_to=[]", "train.save_steps=100000", "train.logging_steps=1000",
                  f"train.gradient_checkpointing={'true' if cuda else 'false'}", "train.max_steps=100000"]
     if device == "gpu":  # our GPU recipe with its own batch size; the plain-TRL variants use `batch`
         overrides += ["preset=gpu_fast"]
@@ -303,7 +302,7 @@ def main(device):
 
 def report(device, results):
     by = {r["variant"]: r for r in results}
-    lines = [f"| variant | trained tokens/s | s/step | peak GiB | padding | val loss | steps |",
+    lines = ["| variant | trained tokens/s | s/step | peak GiB | padding | val loss | steps |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['tokens_per_s'] or 0:,.0f} | {r['s_per_step']} | {r['peak_gib']} | "
               f"{100 * r['padding_share']:.1f} % | {r['val_loss']} | {r['steps']} |" for r in results]

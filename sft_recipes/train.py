@@ -1,7 +1,6 @@
 """One fine-tuning run, top to bottom: check, data, tokenizer, model, trainer, train, save, report."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import time

@@ -55,6 +55,15 @@ def cli(*args, cwd=None, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def loss_history(run_dir) -> dict:
+    """{step: training loss} from the trainer state of a run's newest checkpoint."""
+    import json
+
+    newest = max(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name[len("checkpoint-"):]))
+    state = json.loads((newest / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
 def tiny_args(tiny_dir, run_dir, *extra):
     """Overrides for a quick CLI run on the tiny model."""
     return [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from conftest import TRAIN, cli, tiny_args
+from conftest import cli, tiny_args
 
 
 def state(ckpt):

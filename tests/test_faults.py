@@ -1,20 +1,17 @@
 """Fault injection: runs killed (SIGKILL) or interrupted (SIGINT) at seeded random steps resume exactly; a
 checkpoint cut short is ignored; NaN stops the run keeping the last good checkpoint; finished runs are never
 overwritten; bad configs and unwritable dirs end in one paragraph with exit status 2."""
-import json
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN, VAL, cli
+from conftest import ROOT, TRAIN, VAL, cli, loss_history
 from sft_recipes.trainer import COMPLETE, Guard, NonFiniteError
 
 STEPS = 30
@@ -25,11 +22,6 @@ def args(tiny_dir, run_dir, *extra):
             f"data.train_path={TRAIN}", "data.val_path=null", "train.report_to=[]", f"train.max_steps={STEPS}",
             "train.save_steps=3", "train.logging_steps=1", "train.lr=1e-3", "train.save_total_limit=null",
             f"hydra.run.dir={run_dir}", *extra]
-
-
-def losses(run_dir):
-    state = json.loads((Path(run_dir) / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def assert_resumes_exactly(tiny_dir, out, reference):
     r = cli(*args(tiny_dir, out, "resume_from=auto"))
     assert r.returncode == 0, r.stderr[-3000:]
     resumed_from = int(r.stdout.split("Resuming from ")[1].split("checkpoint-")[1].split()[0])
-    ours, ref = losses(out), losses(reference)
+    ours, ref = loss_history(out), loss_history(reference)
     after = [s for s in ref if s > resumed_from]
     assert after and all(abs(ours[s] - ref[s]) < 1e-4 for s in after), [(s, ours[s], ref[s]) for s in after]
     return r

@@ -7,15 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TRAIN, VAL, cli, tiny_args
+from conftest import ROOT, cli, loss_history, tiny_args
 
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
-
-
-def history(run):
-    state = json.loads(max(Path(run).glob("checkpoint-*"), key=lambda p: int(p.name[11:])).joinpath(
-        "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
 def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir):
@@ -33,7 +27,7 @@ def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir):
     assert (two / "final_model" / "adapter_model.safetensors").exists()
     log = (two / "training_log.txt").read_text()
     assert log.count("# training starts") == 1 and log.count("step=6 ") >= 1
-    one_h, two_h = history(tmp_path / "one"), history(two)
+    one_h, two_h = loss_history(tmp_path / "one"), loss_history(two)
     assert sorted(one_h) == sorted(two_h) == list(range(1, 7))
     # the same 4 samples per optimizer step, split over 2 processes: the same loss curve
     assert all(abs(one_h[s] - two_h[s]) < 2e-2 for s in one_h), (one_h, two_h)
