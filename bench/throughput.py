@@ -12,6 +12,9 @@ Each runs until it has trained on the same number of (non-pad) tokens; figures a
 tokens/s, seconds per step, peak memory, padding share of computed tokens, and the validation loss at the end
 (the same held-out rows for every variant, so speed is never bought with a different objective).
 Writes bench/results/<device>.json and prints a table, then the ratios c/a and c/b.
+Environment: TOKENS (trained tokens per variant), VARIANTS=c_ours,b_trl (a subset, in that order),
+PROFILE=NAME (profile one step of that variant: a table, and with OUT set a timeline), VARIANT_TIMEOUT (s),
+SIM=1 (gpu mode with a tiny model on the CPU, to check this script), OUT (a folder for logs and profiles).
 """
 from __future__ import annotations
 
