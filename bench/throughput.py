@@ -51,6 +51,7 @@ VARIANTS = {
     "d_ours_eager": dict(kind="ours", overrides=["train.compile=false"]),
     "d_ours_bs4": dict(kind="ours", overrides=["train.batch_size=4", "train.activation_offloading=false"]),
     "d_ours_bs8_resident": dict(kind="ours", overrides=["train.activation_offloading=false"]),
+    "d_ours_bs12": dict(kind="ours", overrides=["train.batch_size=12"]),  # estimated 7.66 GiB, not yet run
     "d_ours_nockpt_bs1": dict(kind="ours", overrides=["train.batch_size=1", "train.gradient_checkpointing=false"]),
     "d_ours_padding_free": dict(kind="ours", overrides=["train.padding_free=true"]),
     "d_ours_packing": dict(kind="ours", overrides=["train.packing=true"]),
