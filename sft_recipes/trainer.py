@@ -65,8 +65,9 @@ class Guard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # one norm over all gradients (foreach kernels) and one device sync: the norm is finite iff every entry is
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
+        # one max-norm over all gradients (foreach kernels) and one device sync: the largest |entry| is finite
+        # exactly when every entry is (a 2-norm could overflow on large finite entries)
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"), foreach=True)):
             return
         if self.on_nonfinite == "skip":
             self.skipped += 1
