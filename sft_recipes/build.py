@@ -59,6 +59,9 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         fp16=dtype == "float16" and cuda,
         use_cpu=not cuda,
         logging_steps=t.logging_steps,
+        # Trainer's own NaN filter reads the loss back at every step (a host-device sync); with on_nonfinite=stop
+        # the Guard ends the run on such a step anyway
+        logging_nan_inf_filter=t.on_nonfinite == "skip",
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,

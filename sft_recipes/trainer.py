@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,19 +95,26 @@ LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their
 LOGITS_BYTES_PER_ELEMENT = 16
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, options: Optional[dict] = None) -> int:
     """torch.compile each decoder layer in place; returns how many.
 
     The layers share one compiled graph (same code, parameters passed in as inputs), so the compile happens
     once, on the first step. In place (`module.compile()`) rather than `torch.compile(model)` (what
     TrainingArguments.torch_compile does): the module tree, the state-dict keys and each layer's gradient
     checkpointing stay as they are, and the code between the layers (embedding, attention masks, the loss)
-    stays eager. Checked against eager on 4-bit QLoRA in tests/test_train.py."""
+    stays eager. `options` go to torch.compile (Inductor settings). Checked against eager on 4-bit QLoRA in
+    tests/test_train.py."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile()
+        try:
+            layer.compile(options=dict(options) if options else None)
+        except RuntimeError as e:  # "Unexpected optimization option X, known options are [...300 names]"
+            if "optimization option" not in str(e):
+                raise
+            raise UserError(f"train.compile_options: {str(e).split(', known')[0]} (the keys are "
+                            "torch._inductor.config settings, e.g. coordinate_descent_tuning).") from None
     return len(layers)
 
 
@@ -115,11 +123,12 @@ class Trainer(SFTTrainer):
     (+ each decoder layer compiled, with compile=True)."""
 
     _staging = None
+    _flops_per_token = None
 
-    def __init__(self, *args, compile: bool = False, **kwargs):
+    def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if compile:
-            n = compile_layers(self.model)
+            n = compile_layers(self.model, compile_options)
             if not n:
                 raise UserError("train.compile=true found no decoder layers to compile in this model; "
                                 "set train.compile=false.")
@@ -144,13 +153,24 @@ class Trainer(SFTTrainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate for `total_flos` (6 x tokens x parameters), with the parameters counted once: Trainer
+        counts them at every step, walking every module (several ms of host time per step, the GPU waiting)."""
+        if self._flops_per_token is None:
+            self._flops_per_token = super().floating_point_ops({"input_ids": torch.zeros(1, 1)})
+        ids = inputs.get("input_ids")
+        return self._flops_per_token * ids.numel() if ids is not None else 0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         targets = labels[:, 1:]
+        vocab = self.model.config.get_text_config().vocab_size
+        too_big = labels.size(0) * targets.size(1) * vocab * LOGITS_BYTES_PER_ELEMENT > LEAN_LOGITS_BYTES
+        if too_big and labels.is_cuda:  # decided on the row width: counting the trained positions stalls a GPU
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # sequence positions whose next token is trained, in any row of the batch
         keep = (targets != -100).any(0).nonzero().squeeze(-1)
-        vocab = self.model.config.get_text_config().vocab_size
         if labels.size(0) * keep.numel() * vocab * LOGITS_BYTES_PER_ELEMENT > LEAN_LOGITS_BYTES:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}

@@ -65,6 +65,7 @@ def test_every_combination_builds(preset, quant, lora, model):
     sc = build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
     assert sc.per_device_train_batch_size == batch and sc.num_train_epochs == epochs
     assert sc.learning_rate == 2e-4 and sc.gradient_accumulation_steps == cfg.train.grad_accum
+    assert sc.optim == "adamw_torch_fused"  # the library default (one fused kernel per step)
     assert sc.eval_strategy == "steps" and sc.save_steps == cfg.train.save_steps
 
 
@@ -93,6 +94,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("train.batch_size=0", "train.batch_size=0 must be positive"),
     ("quantization.bits=3", "use quantization=nf4|int8|none"),
     ("resume_from=/no/such/checkpoint", "use resume_from=auto"),
+    ("+train.compile_options.coordinate_descent_tuning=true", "compile_options only apply with train.compile=true"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("|", r"\|")):

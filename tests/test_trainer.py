@@ -8,6 +8,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from conftest import TRAIN
 from sft_recipes import build, data, prepare, templates, trainer as trainer_mod
+from sft_recipes.errors import UserError
 from test_config import make
 
 
@@ -38,6 +39,20 @@ def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
     assert torch.allclose(ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n), lean, rtol=1e-5)
     lean.backward()  # and it trains: LoRA weights get gradients
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in ours.model.named_parameters() if "lora_" in n_)
+
+
+def test_flop_count_is_trainers_counted_once(tiny_dir, tmp_path, rows):
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
+    for n in (2, 3):
+        batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:n])
+        assert ours.floating_point_ops(batch) == super(trainer_mod.Trainer, ours).floating_point_ops(batch) > 0
+
+
+def test_compile_options_reach_torch_compile(tiny_dir, tmp_path, rows):
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
+    with pytest.raises(UserError, match="compile_options: Unexpected optimization option no_such_setting"):
+        trainer_mod.compile_layers(ours.model, {"no_such_setting": True})
+    assert trainer_mod.compile_layers(ours.model, {"coordinate_descent_tuning": True}) == 2  # the tiny model's layers
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
