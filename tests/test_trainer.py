@@ -52,7 +52,15 @@ def test_compile_options_reach_torch_compile(tiny_dir, tmp_path, rows):
     ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
     with pytest.raises(UserError, match="compile_options: Unexpected optimization option no_such_setting"):
         trainer_mod.compile_layers(ours.model, {"no_such_setting": True})
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert trainer_mod.compile_layers(ours.model, {"coordinate_descent_tuning": True}) == 2  # the tiny model's layers
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
+    ours.compute_loss(ours.model, dict(batch)).backward()
+    # the layers still share one graph (equal options: the same backend for Dynamo's cache)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
