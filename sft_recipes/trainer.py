@@ -5,8 +5,9 @@ the (tokens x vocabulary) logits never exist at once; its backward recomputes ev
 quarter of a training step on the CPU (bench/throughput.py, py-spy). When the logits of the trained positions
 fit in LEAN_LOGITS_BYTES, the LM head here runs once, only at the positions that predict a trained token
 (`logits_to_keep`), followed by one cross-entropy; larger batches (a 7B model's 100k vocabulary) keep TRL's
-tiled kernel. The loss is the same sum over trained tokens divided by their count (tests/test_trainer.py
-compares the two); the logged metrics are loss, token accuracy and num_tokens.
+tiled kernel (on a GPU that is decided from the row width, since counting the trained positions would make the
+host wait for the device). The loss is the same sum over trained tokens divided by their count
+(tests/test_trainer.py compares the two); the logged metrics are loss, token accuracy and num_tokens.
 """
 from __future__ import annotations
 
@@ -166,12 +167,12 @@ class Trainer(SFTTrainer):
         labels = inputs["labels"]
         targets = labels[:, 1:]
         vocab = self.model.config.get_text_config().vocab_size
-        too_big = labels.size(0) * targets.size(1) * vocab * LOGITS_BYTES_PER_ELEMENT > LEAN_LOGITS_BYTES
-        if too_big and labels.is_cuda:  # decided on the row width: counting the trained positions stalls a GPU
+        fits = lambda positions: labels.size(0) * positions * vocab * LOGITS_BYTES_PER_ELEMENT <= LEAN_LOGITS_BYTES
+        if labels.is_cuda and not fits(targets.size(1)):  # counting the trained positions would stall the GPU
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # sequence positions whose next token is trained, in any row of the batch
         keep = (targets != -100).any(0).nonzero().squeeze(-1)
-        if labels.size(0) * keep.numel() * vocab * LOGITS_BYTES_PER_ELEMENT > LEAN_LOGITS_BYTES:
+        if not fits(keep.numel()):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
