@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then bench/throughput.py gpu (baselines and ours in one run).
-# Here, once: wheels in .whl/ (see BENCHMARKS.md), then run through the device tool with carry [".whl"].
+# Here, once: `bash bench/gpu_wheels.sh` (fills .whl/), then run this through the device tool with carry [".whl"].
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TOK_DIR=.whl/tok HF_HUB_OFFLINE=1 PROFILE=${PROFILE:-c_ours} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-240} TOKENS=${TOKENS:-100000} BUDGET=${BUDGET:-520}
