@@ -63,8 +63,8 @@ def test_compile_options_reach_torch_compile(tiny_dir, tmp_path, rows):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def checkpointed_peft_model(tiny_dir, quantization, dropout, compiled):
-    """The tiny model as training sets it up: LoRA on q,k,v,o, gradient checkpointing, (compiled) layers."""
+def compiled_checkpointed_model(tiny_dir, quantization, dropout):
+    """The tiny model as train.compile sets it up: LoRA on q,k,v,o, gradient checkpointing, compiled layers."""
     from sft_recipes import models
 
     cfg = make(f"quantization={quantization}", f"lora.dropout={dropout}")
@@ -74,8 +74,7 @@ def checkpointed_peft_model(tiny_dir, quantization, dropout, compiled):
     model.gradient_checkpointing_enable()  # what Trainer calls: non-reentrant
     model.enable_input_require_grads()
     model.train()
-    if compiled:
-        trainer_mod.compile_layers(model)
+    trainer_mod.compile_layers(model)
     return model
 
 
@@ -85,7 +84,7 @@ def test_compiled_checkpointed_layers_recompute_only_what_the_backward_needs(tin
     no gradient needs. Counted in 4-bit matmuls per step: 7 per layer in the forward, 6 in the recompute."""
     from torch.profiler import profile
 
-    model = checkpointed_peft_model(tiny_dir, "nf4", 0.0, compiled=True)
+    model = compiled_checkpointed_model(tiny_dir, "nf4", 0.0)
     batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     model(**inputs, use_cache=False).loss.backward()  # compiles
@@ -99,7 +98,7 @@ def test_compiled_checkpointed_layers_replay_the_same_dropout(tiny_dir, rows):
     """With LoRA dropout, the recompute inside the compiled backward draws the same dropout masks as the forward:
     the gradient's norm matches a finite difference of the loss along it (float32: within 0.1 % here; with
     other masks the difference is about 40 %)."""
-    model = checkpointed_peft_model(tiny_dir, "none", 0.3, compiled=True)
+    model = compiled_checkpointed_model(tiny_dir, "none", 0.3)
     batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
