@@ -12,9 +12,10 @@ Each runs until it has trained on the same number of (non-pad) tokens; figures a
 tokens/s, seconds per step, peak memory, padding share of computed tokens, and the validation loss at the end
 (the same held-out rows for every variant, so speed is never bought with a different objective).
 Writes bench/results/<device>.json and prints a table, then the ratios c/a and c/b.
-Environment: TOKENS (trained tokens per variant), VARIANTS=c_ours,b_trl (a subset, in that order),
-PROFILE=NAME (profile one step of that variant: a table, and with OUT set a timeline), VARIANT_TIMEOUT (s),
-BUDGET (s for the whole run: variants that would start too late are skipped, so the table still prints),
+Environment: TOKENS (trained tokens per variant), WARM (warm-up steps, not timed), VARIANTS=c_ours,b_trl (a
+subset, in that order), PROFILE=NAME (profile one step of that variant: a table, and with OUT set a timeline),
+VARIANT_TIMEOUT (s), BUDGET (s for the whole run: variants that would start with less than MIN_LEFT s of it
+are skipped, so the table still prints),
 SIM=1 (gpu mode with a tiny model on the CPU, to check this script), OUT (a folder for logs and profiles).
 """
 from __future__ import annotations
@@ -125,6 +126,7 @@ def run_variant(device, name, model_dir, out_json):
 
     setup, spec = dict(SETUPS[device]), VARIANTS[name]
     setup["tokens"] = int(os.environ.get("TOKENS", setup["tokens"]))
+    setup["warm"] = int(os.environ.get("WARM", setup["warm"]))
     max_length, batch = setup["max_length"], setup["batch"]
     cuda = device == "gpu" and torch.cuda.is_available()
     if device == "gpu":
@@ -295,7 +297,7 @@ def main(device):
             break
         tried_ours = tried_ours or ours
         left = deadline - time.time()  # BUDGET: the report is printed before a device call's limit
-        if left < 60:
+        if left < float(os.environ.get("MIN_LEFT", "60")):
             print(f"{name}: skipped, {left:.0f} s left of BUDGET", flush=True)
             continue
         out = work / f"{name}.json"

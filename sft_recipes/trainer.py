@@ -96,27 +96,62 @@ LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their
 LOGITS_BYTES_PER_ELEMENT = 16
 
 
-def compile_layers(model, options: Optional[dict] = None) -> int:
+# torch >= 2.12 recomputes the outputs of autograd Functions (bitsandbytes' 4-bit matmul) when torch.compile traces
+# through a checkpoint; torch 2.11 saves them instead, which defeats the checkpoint (measured on an H200: all of a
+# layer's matmul outputs kept, then copied to CPU memory and back by activation offloading, 0.8 s a step).
+TRACED_CHECKPOINT = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def compile_layers(model, options: Optional[dict] = None, traced_checkpoint: bool = TRACED_CHECKPOINT) -> int:
     """torch.compile each decoder layer in place; returns how many.
 
     The layers share one compiled graph (same code, parameters passed in as inputs), so the compile happens
-    once, on the first step. In place (`module.compile()`) rather than `torch.compile(model)` (what
-    TrainingArguments.torch_compile does): the module tree, the state-dict keys and each layer's gradient
-    checkpointing stay as they are, and the code between the layers (embedding, attention masks, the loss)
-    stays eager. `options` go to torch.compile (Inductor settings). Checked against eager on 4-bit QLoRA in
-    tests/test_train.py."""
+    once, on the first step. In place rather than `torch.compile(model)` (what TrainingArguments.torch_compile
+    does): the module tree, the state-dict keys and each layer's gradient checkpointing stay as they are, and the
+    code between the layers (embedding, attention masks, the loss) stays eager. `options` go to torch.compile
+    (Inductor settings). Checked against eager on 4-bit QLoRA in tests/test_train.py.
+
+    Where the layer checkpoints its `forward` (transformers >= 5.20) there are two ways to combine the two:
+    - traced_checkpoint (torch >= 2.12): compile the whole layer call; torch.compile traces through the
+      checkpoint and the backward recomputes only what it needs (not the MLP's down projection);
+    - otherwise: the checkpoint runs eagerly around the compiled `forward`, and the backward replays all of it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    compiled = {}  # one compiled forward per layer class: the layers share its graph
     for layer in layers:
+        raw = getattr(type(layer).forward, "__wrapped__", None)  # the forward under transformers' checkpointing
         try:
-            layer.compile(options=dict(options) if options else None)
+            if traced_checkpoint or raw is None:
+                layer.compile(options=dict(options) if options else None)
+            else:
+                if type(layer) not in compiled:
+                    compiled[type(layer)] = torch.compile(raw, options=dict(options) if options else None)
+                layer.forward = _checkpoint_around(layer, compiled[type(layer)])
         except RuntimeError as e:  # "Unexpected optimization option X, known options are [...300 names]"
             if "optimization option" not in str(e):
                 raise
             raise UserError(f"train.compile_options: {str(e).split(', known')[0]} (the keys are "
                             "torch._inductor.config settings, e.g. coordinate_descent_tuning).") from None
     return len(layers)
+
+
+def _checkpoint_around(layer, compiled_forward):
+    """The layer's forward: the compiled forward, inside the layer's own (eager) checkpoint when it checkpoints.
+    As transformers' wrapper does, no cache is read or written under the checkpoint (the recompute would write
+    it twice)."""
+    from functools import partial
+
+    def forward(*args, **kwargs):
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            kwargs.update({k: None for k in CACHE_KWARGS if k in kwargs})
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            return layer._gradient_checkpointing_func(partial(compiled_forward, layer, **kwargs), *args)
+        return compiled_forward(layer, *args, **kwargs)
+
+    return forward
 
 
 class Trainer(SFTTrainer):
