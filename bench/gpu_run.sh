@@ -4,18 +4,17 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TOK_DIR=.whl/tok HF_HUB_OFFLINE=1 PROFILE=${PROFILE:-c_ours} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-240} TOKENS=${TOKENS:-100000} BUDGET=${BUDGET:-520}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 drop_carried_transformers() {
   rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info /tmp/site/huggingface_hub /tmp/site/huggingface_hub-*.dist-info
 }
 versions="import torch, transformers, trl, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
-if ! python3 -c "$versions"; then  # the carried transformers (our declared >= 5.20) needs what this image lacks
+if ! python3 -c "$versions" > /dev/null; then  # the carried transformers (our declared >= 5.20) needs what this image lacks
   echo "WARNING: the carried transformers does not import on this image: falling back to the image's own"
   drop_carried_transformers
-  python3 -c "$versions" || exit 1
+  python3 -c "$versions" > /dev/null || exit 1
 fi
 log=${OUT:-$(mktemp -d)}/bench_gpu.txt
-: > "$log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "$versions"; } | tee "$log"
 bench() { python3 bench/throughput.py gpu 2>&1 | grep -v "it/s\]" | tee -a "$log" | grep -E "^(built|a_|b_|c_|d_|\||ratios|all|WARN)"; }
 start=$SECONDS
 bench
@@ -23,6 +22,6 @@ if grep -q "all of our variants failed" "$log" && [ -d /tmp/site/transformers ];
   # our variants failed with the carried transformers: the rest of the budget goes to the image's own
   echo "WARNING: rerunning with the image's transformers"
   drop_carried_transformers
-  python3 -c "$versions"
+  python3 -c "$versions" | tee -a "$log"
   BUDGET=$((BUDGET - (SECONDS - start))) VARIANTS=${RETRY_VARIANTS:-c_ours,a_padmax,b_trl,b_trl_packed_flex} bench
 fi

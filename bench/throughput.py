@@ -114,6 +114,21 @@ def build_gpu_model(path):
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
 
 
+def effective_setup(device):
+    """SETUPS[device] with the environment's TOKENS, WARM and VARIANTS."""
+    setup = dict(SETUPS[device])
+    setup["tokens"] = int(os.environ.get("TOKENS", setup["tokens"]))
+    setup["warm"] = int(os.environ.get("WARM", setup["warm"]))
+    setup["variants"] = os.environ.get("VARIANTS", ",".join(setup["variants"])).split(",")  # VARIANTS=a,b: a subset
+    return setup
+
+
+def versions():
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")}
+
+
 # ---- one variant ---------------------------------------------------------------------------------------------
 
 def run_variant(device, name, model_dir, out_json):
@@ -124,9 +139,7 @@ def run_variant(device, name, model_dir, out_json):
 
     from sft_recipes import build, config, models
 
-    setup, spec = dict(SETUPS[device]), VARIANTS[name]
-    setup["tokens"] = int(os.environ.get("TOKENS", setup["tokens"]))
-    setup["warm"] = int(os.environ.get("WARM", setup["warm"]))
+    setup, spec = effective_setup(device), VARIANTS[name]
     max_length, batch = setup["max_length"], setup["batch"]
     cuda = device == "gpu" and torch.cuda.is_available()
     if device == "gpu":
@@ -282,7 +295,7 @@ def validation_loss(model, val_ds, cuda):
 # ---- the driver -------------------------------------------------------------------------------------------------
 
 def main(device):
-    setup = SETUPS[device]
+    setup = effective_setup(device)
     work = Path(tempfile.mkdtemp())
     model_dir = str(work / "model")
     if device == "gpu":
@@ -290,7 +303,7 @@ def main(device):
         build_gpu_model(model_dir)
         print(f"built the random 6.9B model in {time.time() - t:.0f} s", flush=True)
     results, tried_ours, deadline = [], False, time.time() + float(os.environ.get("BUDGET", "1e9"))
-    for name in os.environ.get("VARIANTS", ",".join(setup["variants"])).split(","):  # VARIANTS=a,b: a subset
+    for name in setup["variants"]:
         ours = VARIANTS[name]["kind"] == "ours"
         if not ours and tried_ours and not results and device == "gpu":
             print("all of our variants failed: the baselines alone say nothing new", flush=True)
@@ -341,7 +354,8 @@ def report(device, results):
     out.mkdir(parents=True, exist_ok=True)
     name = device if device == "cpu" else results[0]["device"].replace(" ", "_") if results else device
     (out / f"throughput_{name}.json").write_text(json.dumps({"results": results, "ratios": ratios,
-                                                             "setup": SETUPS[device]}, indent=2) + "\n")
+                                                             "setup": effective_setup(device),
+                                                             "versions": versions()}, indent=2) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"throughput_{name}.json").write_text((out / f"throughput_{name}.json").read_text())
 
