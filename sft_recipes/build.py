@@ -81,3 +81,9 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         disable_tqdm=False,
         save_only_model=False,
     )
+
+
+def compile_kwargs(cfg) -> dict:
+    """Our Trainer's keyword arguments for train.compile (sft_recipes.trainer.compile_layers)."""
+    t = cfg.train
+    return dict(compile=t.compile, compile_options=t.compile_options, compile_checkpoint=t.compile_checkpoint)

@@ -101,6 +101,10 @@ class TrainConfig:
     compile: bool = False
     # passed to torch.compile(options=...): Inductor settings such as {coordinate_descent_tuning: true}
     compile_options: Dict[str, Any] = field(default_factory=dict)
+    # How gradient checkpointing meets the compiled layers: traced (torch.compile traces through the checkpoint and
+    # recomputes only what the backward needs) | around (the checkpoint replays the whole compiled layer) | auto
+    # (traced from torch 2.12, around before; sft_recipes/trainer.py)
+    compile_checkpoint: str = "auto"
     # Move what the backward pass keeps (with gradient checkpointing: each layer's input) to pinned CPU memory
     # during the forward and back during the backward, on a side stream that overlaps the compute (TRL's
     # activation offloading). Frees room for bigger batches on one GPU; CUDA only.
@@ -196,6 +200,8 @@ def check(cfg: Config) -> None:
             problems.append(f"train.{name}={getattr(t, name)} must be positive.")
     if t.compile_options and not t.compile:
         problems.append("train.compile_options only apply with train.compile=true.")
+    if t.compile_checkpoint not in ("auto", "traced", "around"):
+        problems.append(f"train.compile_checkpoint={t.compile_checkpoint} must be auto, traced or around.")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:

@@ -162,8 +162,7 @@ def run(cfg) -> Optional[Path]:
         processing_class=tokenizer,
         peft_config=build.lora_config(cfg.lora),
         callbacks=[report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)],
-        compile=cfg.train.compile,
-        compile_options=cfg.train.compile_options,
+        **build.compile_kwargs(cfg),
     )
     start = time.perf_counter()
     memory.start()

@@ -96,39 +96,56 @@ LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their
 LOGITS_BYTES_PER_ELEMENT = 16
 
 
-# torch >= 2.12 recomputes the outputs of autograd Functions (bitsandbytes' 4-bit matmul) when torch.compile traces
-# through a checkpoint; torch 2.11 saves them instead, which defeats the checkpoint (measured on an H200: all of a
-# layer's matmul outputs kept, then copied to CPU memory and back by activation offloading, 0.8 s a step).
-TRACED_CHECKPOINT = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+# How gradient checkpointing meets a compiled layer (train.compile_checkpoint). "traced": torch.compile traces
+# through the layer's checkpoint and the backward recomputes only what it needs (not the MLP's down projection):
+# 13 four-bit matmuls per layer and step. "around": the checkpoint runs eagerly around the compiled forward and
+# the backward replays all of it: 14. "auto" is traced from torch 2.12, around before: on the GPU image's torch
+# 2.11 the traced way is checked on the CPU only (BENCHMARKS.md: without the recompute policy below, torch 2.11
+# recomputed nothing there, and offloading copied every activation, 0.8 s a step on an H200).
+TORCH_2_12 = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def compile_layers(model, options: Optional[dict] = None, traced_checkpoint: bool = TRACED_CHECKPOINT) -> int:
+def recompute_all(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: recompute every op the backward needs, as a plain checkpoint does. Inside a
+    traced checkpoint it makes torch 2.11 recompute autograd Functions too (bitsandbytes' 4-bit matmul is one),
+    which it would otherwise save."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "auto") -> int:
     """torch.compile each decoder layer in place; returns how many.
 
     The layers share one compiled graph (same code, parameters passed in as inputs), so the compile happens
     once, on the first step. In place rather than `torch.compile(model)` (what TrainingArguments.torch_compile
     does): the module tree, the state-dict keys and each layer's gradient checkpointing stay as they are, and the
     code between the layers (embedding, attention masks, the loss) stays eager. `options` go to torch.compile
-    (Inductor settings). Checked against eager on 4-bit QLoRA in tests/test_train.py.
+    (Inductor settings); `checkpoint` is traced, around or auto (above). Checked against eager on 4-bit QLoRA in
+    tests/test_train.py."""
+    from functools import partial
 
-    Where the layer checkpoints its `forward` (transformers >= 5.20) there are two ways to combine the two:
-    - traced_checkpoint (torch >= 2.12): compile the whole layer call; torch.compile traces through the
-      checkpoint and the backward recomputes only what it needs (not the MLP's down projection);
-    - otherwise: the checkpoint runs eagerly around the compiled `forward`, and the backward replays all of it."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    traced = checkpoint == "traced" or (checkpoint == "auto" and TORCH_2_12)
+    options = dict(options) if options else None
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     compiled = {}  # one compiled forward per layer class: the layers share its graph
     for layer in layers:
         raw = getattr(type(layer).forward, "__wrapped__", None)  # the forward under transformers' checkpointing
         try:
-            if traced_checkpoint or raw is None:
-                layer.compile(options=dict(options) if options else None)
+            if raw is None:  # transformers < 5.20 checkpoints __call__, around the compiled layer
+                layer.compile(options=options)
+            elif traced:
+                layer.forward = checkpointed(layer, raw, context_fn=partial(create_selective_checkpoint_contexts,
+                                                                            recompute_all))
+                layer.compile(options=options)
             else:
                 if type(layer) not in compiled:
-                    compiled[type(layer)] = torch.compile(raw, options=dict(options) if options else None)
-                layer.forward = _checkpoint_around(layer, compiled[type(layer)])
+                    compiled[type(layer)] = torch.compile(raw, options=options)
+                layer.forward = checkpointed(layer, compiled[type(layer)])
         except RuntimeError as e:  # "Unexpected optimization option X, known options are [...300 names]"
             if "optimization option" not in str(e):
                 raise
@@ -137,21 +154,21 @@ def compile_layers(model, options: Optional[dict] = None, traced_checkpoint: boo
     return len(layers)
 
 
-def _checkpoint_around(layer, compiled_forward):
-    """The layer's forward: the compiled forward, inside the layer's own (eager) checkpoint when it checkpoints.
-    As transformers' wrapper does, no cache is read or written under the checkpoint (the recompute would write
-    it twice)."""
+def checkpointed(layer, forward, **checkpoint_kwargs):
+    """The layer's forward under its own checkpoint function (the one Trainer sets when it enables gradient
+    checkpointing, with checkpoint_kwargs added), as transformers' wrapper does: no cache is read or written
+    under the checkpoint (the recompute would write it twice)."""
     from functools import partial
 
-    def forward(*args, **kwargs):
+    def checkpointed_forward(*args, **kwargs):
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
             kwargs.update({k: None for k in CACHE_KWARGS if k in kwargs})
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
-            return layer._gradient_checkpointing_func(partial(compiled_forward, layer, **kwargs), *args)
-        return compiled_forward(layer, *args, **kwargs)
+            return layer._gradient_checkpointing_func(partial(forward, layer, **kwargs), *args, **checkpoint_kwargs)
+        return forward(layer, *args, **kwargs)
 
-    return forward
+    return checkpointed_forward
 
 
 class Trainer(SFTTrainer):
@@ -161,10 +178,11 @@ class Trainer(SFTTrainer):
     _staging = None
     _flops_per_token = None
 
-    def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None, **kwargs):
+    def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
+                 compile_checkpoint: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if compile:
-            n = compile_layers(self.model, compile_options)
+            n = compile_layers(self.model, compile_options, compile_checkpoint)
             if not n:
                 raise UserError("train.compile=true found no decoder layers to compile in this model; "
                                 "set train.compile=false.")

@@ -95,6 +95,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("quantization.bits=3", "use quantization=nf4|int8|none"),
     ("resume_from=/no/such/checkpoint", "use resume_from=auto"),
     ("+train.compile_options.coordinate_descent_tuning=true", "compile_options only apply with train.compile=true"),
+    ("train.compile_checkpoint=inside", "train.compile_checkpoint=inside must be auto, traced or around"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("|", r"\|")):
