@@ -157,7 +157,8 @@ def run_variant(device, name, model_dir, out_json):
 
     config.register()
     overrides = [f"output_dir={tempfile.mkdtemp()}", f"data.max_length={max_length}", "train.grad_accum=1",
-                 "train.lr=2e-4", "train.scheduler=constant", "train.warmup_ratio=0", "train.report_to=[]", "train.save_steps=100000", "train.logging_steps=1000",
+                 "train.lr=2e-4", "train.scheduler=constant", "train.warmup_ratio=0", "train.report_to=[]",
+                 "train.save_steps=100000", "train.logging_steps=1000",
                  f"train.gradient_checkpointing={'true' if cuda else 'false'}", "train.max_steps=100000"]
     if device == "gpu":  # our GPU recipe with its own batch size; the plain-TRL variants use `batch`
         overrides += ["preset=gpu_fast"]
@@ -337,10 +338,10 @@ def main(device):
             print(f"{name}: {results[-1]}", flush=True)
         else:
             print(f"{name}: FAILED\n{str(proc.stderr)[-2000:]}", flush=True)
-    report(device, results)
+    report(device, setup, results)
 
 
-def report(device, results):
+def report(device, setup, results):
     by = {r["variant"]: r for r in results}
     lines = ["| variant | trained tokens/s | s/step | peak GiB | padding | val loss | steps |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -358,7 +359,7 @@ def report(device, results):
     out.mkdir(parents=True, exist_ok=True)
     name = device if device == "cpu" else results[0]["device"].replace(" ", "_") if results else device
     (out / f"throughput_{name}.json").write_text(json.dumps({"results": results, "ratios": ratios,
-                                                             "setup": effective_setup(device),
+                                                             "setup": setup,
                                                              "versions": versions()}, indent=2) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], f"throughput_{name}.json").write_text((out / f"throughput_{name}.json").read_text())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -124,12 +125,11 @@ def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "aut
     code between the layers (embedding, attention masks, the loss) stays eager. `options` go to torch.compile
     (Inductor settings); `checkpoint` is traced, around or auto (above). Checked against eager on 4-bit QLoRA in
     tests/test_train.py."""
-    from functools import partial
-
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     traced = checkpoint == "traced" or (checkpoint == "auto" and TORCH_2_12)
+    recompute_policy = partial(create_selective_checkpoint_contexts, recompute_all)
     options = dict(options) if options else None
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     compiled = {}  # one compiled forward per layer class: the layers share its graph
@@ -139,8 +139,7 @@ def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "aut
             if raw is None:  # transformers < 5.20 checkpoints __call__, around the compiled layer
                 layer.compile(options=options)
             elif traced:
-                layer.forward = checkpointed(layer, raw, context_fn=partial(create_selective_checkpoint_contexts,
-                                                                            recompute_all))
+                layer.forward = checkpointed(layer, raw, context_fn=recompute_policy)
                 layer.compile(options=options)
             else:
                 if type(layer) not in compiled:
@@ -158,7 +157,6 @@ def checkpointed(layer, forward, **checkpoint_kwargs):
     """The layer's forward under its own checkpoint function (the one Trainer sets when it enables gradient
     checkpointing, with checkpoint_kwargs added), as transformers' wrapper does: no cache is read or written
     under the checkpoint (the recompute would write it twice)."""
-    from functools import partial
 
     def checkpointed_forward(*args, **kwargs):
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
