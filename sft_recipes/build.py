@@ -68,6 +68,11 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
+        # the best checkpoint (lowest validation loss) is tracked, kept from rotation, and loaded at the end for
+        # train.final_model=best
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False,
+        load_best_model_at_end=has_eval and t.final_model == "best",
         report_to=list(t.report_to),
         seed=cfg.seed,
         data_seed=cfg.seed,

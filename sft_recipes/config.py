@@ -114,6 +114,10 @@ class TrainConfig:
     save_steps: int = 50
     save_total_limit: Optional[int] = 3
     eval_steps: int = 0  # 0: evaluate at every save
+    # What final_model/ holds: the weights of the last step, or those of the checkpoint with the lowest validation
+    # loss (needs validation data, evaluated at every save). Either way the best checkpoint is never rotated away.
+    final_model: str = "last"  # last | best
+    early_stopping_patience: int = 0  # stop after this many validations in a row without a lower loss (0: never)
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
 
 
@@ -202,6 +206,19 @@ def check(cfg: Config) -> None:
         problems.append("train.compile_options only apply with train.compile=true.")
     if t.compile_checkpoint not in ("auto", "traced", "around"):
         problems.append(f"train.compile_checkpoint={t.compile_checkpoint} must be auto, traced or around.")
+    if t.final_model not in ("last", "best"):
+        problems.append(f"train.final_model={t.final_model} must be last or best.")
+    if t.early_stopping_patience < 0:
+        problems.append(f"train.early_stopping_patience={t.early_stopping_patience} must be 0 (off) or positive.")
+    wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
+                             (f"train.early_stopping_patience={t.early_stopping_patience}",
+                              t.early_stopping_patience > 0)) if on]
+    if wants and cfg.data.val_path is None and cfg.data.val_fraction <= 0:
+        problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
+                        "data.val_path=null data.val_fraction=0.1.")
+    if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
+        problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
+                        f"train.eval_steps=0 (or {t.save_steps}, train.save_steps).")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:

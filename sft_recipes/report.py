@@ -63,11 +63,17 @@ def plot_loss(log_history, path: Path) -> None:
 
 
 def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: int) -> dict:
-    history = trainer.state.log_history
+    state = trainer.state
+    history = state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
+    best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None  # checkpoint-N
     metrics = {
-        "global_step": trainer.state.global_step,
+        "global_step": state.global_step,
+        # whose weights final_model/ holds: the last step, or the best checkpoint's (train.final_model=best)
+        "final_model_step": int(best.split("-")[1]) if best and trainer.args.load_best_model_at_end
+        else state.global_step,
+        "best_checkpoint": best,
         "final_train_loss": losses[-1] if losses else None,
         "mean_train_loss": train_result.training_loss,
         "best_eval_loss": min(evals) if evals else None,

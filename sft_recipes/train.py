@@ -151,6 +151,11 @@ def run(cfg) -> Optional[Path]:
     from .estimate import PeakMemory
     from .trainer import Guard, Trainer
 
+    callbacks = [report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)]
+    if cfg.train.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience))
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
@@ -161,7 +166,7 @@ def run(cfg) -> Optional[Path]:
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=build.lora_config(cfg.lora),
-        callbacks=[report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)],
+        callbacks=callbacks,
         **build.compile_kwargs(cfg),
     )
     start = time.perf_counter()
@@ -180,10 +185,16 @@ def run(cfg) -> Optional[Path]:
         print(f"Stopped by Ctrl-C at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
               f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out} (and the same overrides)")
         raise SystemExit(130)
+    state = trainer.state
+    if cfg.train.early_stopping_patience and state.global_step < state.max_steps:
+        print(f"Early stopping at step {state.global_step}: no lower validation loss in "
+              f"{cfg.train.early_stopping_patience} validation(s) since step {state.best_global_step} "
+              f"({state.best_metric:.4f}).")
     if guard.skipped:
         print(f"warning: {guard.skipped} step(s) with a non-finite gradient were skipped (train.on_nonfinite=skip)")
-    if val_ds is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
-                                      for h in trainer.state.log_history):
+    best = cfg.train.final_model == "best" and state.best_model_checkpoint
+    if val_ds is not None and not best and not any(h.get("step") == state.global_step and "eval_loss" in h
+                                                   for h in state.log_history):
         trainer.evaluate()  # always end with a validation loss
     final = out / "final_model"
     staging = out / ".staging" / "final_model"
@@ -201,7 +212,9 @@ def run(cfg) -> Optional[Path]:
         metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
                                        memory.peak_bytes())
         print(f"Final train loss {metrics['final_train_loss']}, best validation loss {metrics['best_eval_loss']}")
-        print(f"Adapter saved to {final}")
+        weights = (f" (the weights of step {metrics['final_model_step']}, the lowest validation loss; "
+                   "train.final_model=best)" if best else "")
+        print(f"Adapter saved to {final}{weights}")
         if cfg.eval.after_train:
             from .evaluate import evaluate
 

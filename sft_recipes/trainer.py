@@ -198,6 +198,11 @@ class Trainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == run_dir / ".staging":  # Trainer found the best one where it was written
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            if self.args.should_save:  # what a resumed run reads: where the best checkpoint will be
+                self.state.save_to_json(str(run_dir / ".staging" / name / "trainer_state.json"))
         if self.args.should_save:
             from transformers.trainer_utils import rotate_checkpoints
 

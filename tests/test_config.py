@@ -96,10 +96,24 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("resume_from=/no/such/checkpoint", "use resume_from=auto"),
     ("+train.compile_options.coordinate_descent_tuning=true", "compile_options only apply with train.compile=true"),
     ("train.compile_checkpoint=inside", "train.compile_checkpoint=inside must be auto, traced or around"),
+    ("train.final_model=first", "train.final_model=first must be last or best"),
+    ("train.early_stopping_patience=-1", "must be 0 (off) or positive"),
+    ("data.val_path=null train.final_model=best train.early_stopping_patience=3",
+     "train.final_model=best and train.early_stopping_patience=3 need a validation loss: set data.val_path=FILE"),
+    ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (or 50"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("|", r"\|")):
-        config.check(make(override))
+    pattern = message.replace("[", r"\[").replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(UserError, match=pattern):
+        config.check(make(*override.split()))
+
+
+def test_best_checkpoint_settings_reach_the_trainer_config():
+    sc = build.sft_config(make("train.final_model=best"), "/tmp/x", has_eval=True, use_cpu=True)
+    assert (sc.metric_for_best_model, sc.greater_is_better, sc.load_best_model_at_end) == ("eval_loss", False, True)
+    sc = build.sft_config(make(), "/tmp/x", has_eval=True, use_cpu=True)  # tracked (kept from rotation), not loaded
+    assert (sc.metric_for_best_model, sc.load_best_model_at_end) == ("eval_loss", False)
+    config.check(make("data.val_path=null", "data.val_fraction=0.1", "train.early_stopping_patience=2"))
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml")))

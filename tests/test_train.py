@@ -96,3 +96,37 @@ def test_embedded_model_qlora_learns_and_adapter_loads(embedded_run, embedded_di
     text = tok.decode(new, skip_special_tokens=True)
     assert len(text.split()) >= 5
     assert new[-1].item() == tok.eos_token_id  # generation stops at the end-of-turn token
+
+
+def test_final_model_best_and_early_stopping(tmp_path, tiny_dir, capsys):
+    """A learning rate high enough that the validation loss rises after the first save. train.final_model=best:
+    final_model/ holds the best checkpoint's adapter, which rotation keeps, and every saved trainer state points at
+    its published folder (what a resumed run reads). train.early_stopping_patience stops the run that many
+    validations after the best one; final_model=last keeps the last step's weights."""
+    common = ["preset=fast_test", "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.lr=3e-2"]
+    adapter = lambda d: load_file(d / "adapter_model.safetensors")  # noqa: E731
+
+    best_run = tmp_path / "best"
+    run(best_run, tiny_dir, *common, "train.final_model=best", "train.save_total_limit=2")
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    state = json.loads((best_run / "checkpoint-12" / "trainer_state.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    best = min(evals, key=evals.get)
+    assert sorted(evals) == [2, 4, 6, 8, 10, 12] and best < 12, evals  # the setup this test needs
+    assert metrics["final_model_step"] == best and metrics["best_checkpoint"] == f"checkpoint-{best}"
+    assert state["best_model_checkpoint"] == str(best_run / f"checkpoint-{best}")  # not the .staging folder
+    kept = sorted(p.name for p in best_run.glob("checkpoint-*"))
+    assert kept == sorted([f"checkpoint-{best}", "checkpoint-12"]), kept  # save_total_limit=2: the best + newest
+    final, at_best = adapter(best_run / "final_model"), adapter(best_run / f"checkpoint-{best}")
+    assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
+    assert "the weights of step" in capsys.readouterr().out
+
+    stopped = tmp_path / "stopped"
+    run(stopped, tiny_dir, *common, "train.early_stopping_patience=2")
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["global_step"] == best + 2 * 2 < 12  # two validations without a lower loss, then stop
+    assert metrics["final_model_step"] == metrics["global_step"] and metrics["best_checkpoint"] == f"checkpoint-{best}"
+    last = adapter(stopped / f"checkpoint-{metrics['global_step']}")
+    assert all(torch.equal(adapter(stopped / "final_model")[k], last[k]) for k in last)
+    assert f"Early stopping at step {best + 4}: no lower validation loss in 2 validation(s) since step {best}" \
+        in capsys.readouterr().out
