@@ -4,7 +4,23 @@ They take the plain config values (a `Config` or DictConfig with the same fields
 """
 from __future__ import annotations
 
+import difflib
+from dataclasses import fields
 from typing import Optional
+
+from omegaconf import OmegaConf
+
+from .errors import UserError
+
+# the config keys behind the SFTConfig arguments users reach for most (named when train.sft_args repeats one)
+CONFIG_KEYS = {"num_train_epochs": "train.epochs", "max_steps": "train.max_steps", "learning_rate": "train.lr",
+               "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+               "lr_scheduler_type": "train.scheduler", "warmup_steps": "train.warmup_ratio",
+               "weight_decay": "train.weight_decay", "optim": "train.optim", "max_length": "data.max_length",
+               "save_steps": "train.save_steps", "eval_steps": "train.eval_steps", "seed": "seed",
+               "load_best_model_at_end": "train.final_model=best", "report_to": "train.report_to",
+               "gradient_checkpointing": "train.gradient_checkpointing",
+               "activation_checkpointing": "train.gradient_checkpointing"}
 
 
 def bnb_config(q):
@@ -32,15 +48,19 @@ def lora_config(lora):
 
 
 def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None):
-    """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop."""
+    """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop.
+    `train.sft_args` adds any other SFTConfig argument; one that the config sets already is refused."""
     import torch
     from trl import SFTConfig
 
+    # transformers 5.2x renamed gradient_checkpointing (the old name still works, with a FutureWarning)
+    names = {f.name for f in fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     t = cfg.train
     cuda = torch.cuda.is_available() if use_cpu is None else not use_cpu
     dtype = cfg.quantization.compute_dtype if cfg.quantization.bits == 4 else cfg.model.dtype
     eval_steps = t.eval_steps or t.save_steps
-    return SFTConfig(
+    ours = dict(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps > 0 else -1,
@@ -53,7 +73,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{checkpointing: t.gradient_checkpointing},
         activation_offloading=t.activation_offloading,
         bf16=dtype == "bfloat16" and cuda,
         fp16=dtype == "float16" and cuda,
@@ -86,6 +106,21 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         disable_tqdm=False,
         save_only_model=False,
     )
+    extra = OmegaConf.to_container(t.sft_args) if OmegaConf.is_config(t.sft_args) else dict(t.sft_args)
+    if clash := sorted(set(extra) & {*ours, "gradient_checkpointing", "activation_checkpointing"}):
+        raise UserError(f"train.sft_args.{clash[0]} is set from the config already; change it there"
+                        f"{' (' + CONFIG_KEYS[clash[0]] + ')' if clash[0] in CONFIG_KEYS else ''}, "
+                        "not through train.sft_args (sft_recipes/build.py maps the config to SFTConfig).")
+    if unknown := [k for k in extra if k not in names]:
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+        raise UserError(f"train.sft_args.{unknown[0]} is not a trl.SFTConfig argument"
+                        f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}.")
+    try:
+        return SFTConfig(**ours, **extra)
+    except (ValueError, TypeError) as e:  # TrainingArguments' own checks of the values
+        if not extra:
+            raise
+        raise UserError(f"train.sft_args {extra}: {e}") from None
 
 
 def compile_kwargs(cfg) -> dict:

@@ -119,6 +119,8 @@ class TrainConfig:
     final_model: str = "last"  # last | best
     early_stopping_patience: int = 0  # stop after this many validations in a row without a lower loss (0: never)
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    # any other trl.SFTConfig / TrainingArguments argument, passed as is: +train.sft_args.neftune_noise_alpha=5
+    sft_args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -130,6 +130,7 @@ def run(cfg) -> Optional[Path]:
     if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
         print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "
               "(data.dedup=false keeps them)")
+    args = build.sft_config(cfg, str(out), has_eval=val_ds is not None)  # train.sft_args fail here, before any model
     if cfg.dry_run:
         dry_run(cfg, model_path, tokenizer, data, out)
         return None
@@ -161,7 +162,7 @@ def run(cfg) -> Optional[Path]:
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
     trainer = Trainer(
         model=model,
-        args=build.sft_config(cfg, str(out), has_eval=val_ds is not None),
+        args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,

@@ -13,8 +13,12 @@ def state(ckpt):
 
 def test_overrides_train_and_save(tmp_path, tiny_dir):
     out = tmp_path / "run"
-    r = cli(*tiny_args(tiny_dir, out, "train.max_steps=3", "lora.r=4", "train.lr=1e-3", "data.max_length=128"))
+    r = cli(*tiny_args(tiny_dir, out, "train.max_steps=3", "lora.r=4", "train.lr=1e-3", "data.max_length=128",
+                       "+train.sft_args.neftune_noise_alpha=5"))
     assert r.returncode == 0, r.stderr[-3000:]
+    import torch
+
+    assert torch.load(out / "checkpoint-3" / "training_args.bin", weights_only=False).neftune_noise_alpha == 5
     assert f"Adapter saved to {out / 'final_model'}" in r.stdout
     assert json.loads((out / "final_model" / "adapter_config.json").read_text())["r"] == 4
     saved = (out / ".hydra" / "config.yaml").read_text()
@@ -82,6 +86,11 @@ def test_misspelled_key_fails_naming_it(tmp_path, tiny_dir):
     r = cli(*tiny_args(tiny_dir, tmp_path / "x", "train.lerning_rate=1e-4"))
     assert r.returncode != 0
     assert "lerning_rate" in r.stderr
+    out = tmp_path / "y"  # an SFTConfig argument that does not exist: refused before any model loads
+    r = cli(*tiny_args(tiny_dir, out, "+train.sft_args.neftun_noise_alpha=5"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert "train.sft_args.neftun_noise_alpha is not a trl.SFTConfig argument (did you mean neftune_noise_alpha?)" \
+        in r.stderr
 
 
 def test_bad_data_fails_before_training_and_writes_no_result(tmp_path, tiny_dir):

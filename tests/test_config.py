@@ -1,5 +1,6 @@
 """Compose every preset x quantization x lora x model and build the TRL/PEFT/bitsandbytes objects."""
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,23 @@ def test_memory_estimate_matches_peaks_measured_on_an_h100(rows, offloading, mea
         base = LlamaForCausalLM(shape)
     parts = estimate.estimate(base, trainable, 4, "bfloat16", rows, 1024, True, True, offloading)
     assert abs(parts["total"] / 2**30 - measured_gib) / measured_gib < 0.06, parts
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+train.sft_args.learning_rate=1e-3"], "train.sft_args.learning_rate is set from the config already; change it "
+                                              "there (train.lr)"),
+    (["+train.sft_args.gradient_checkpointing=false"], "change it there (train.gradient_checkpointing)"),
+    (["+train.sft_args.neftun_noise_alpha=5"], "not a trl.SFTConfig argument (did you mean neftune_noise_alpha?)"),
+    (["+train.sft_args.logging_strategy=sometimes"], "train.sft_args {'logging_strategy': 'sometimes'}: "),
+])
+def test_sft_args_refuse_what_the_config_sets_and_what_sftconfig_lacks(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build.sft_config(make(*overrides), "/tmp/x", has_eval=True, use_cpu=True)
+
+
+def test_sft_args_reach_sftconfig():
+    sc = build.sft_config(make("+train.sft_args.neftune_noise_alpha=5", "train.scheduler=cosine_with_min_lr",
+                               "+train.sft_args.lr_scheduler_kwargs.min_lr=1e-5"), "/tmp/x", has_eval=True,
+                          use_cpu=True)
+    assert sc.neftune_noise_alpha == 5 and sc.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert sc.gradient_checkpointing  # the config's value, under transformers' current name or the old one
