@@ -25,3 +25,5 @@ if grep -q "all of our variants failed" "$log" && [ -d /tmp/site/transformers ];
   python3 -c "$versions" | tee -a "$log"
   BUDGET=$((BUDGET - (SECONDS - start))) VARIANTS=${RETRY_VARIANTS:-c_ours,a_padmax,b_trl,b_trl_packed_flex} bench
 fi
+# where the profiled step's compute stream waits (host late, or on the offload copies): bench/trace_gaps.py
+for t in "${OUT:-/nonexistent}"/trace_*.json.gz; do [ -f "$t" ] && timeout 30 python3 bench/trace_gaps.py "$t"; done 2>&1 | tee -a "$log"

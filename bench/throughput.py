@@ -12,6 +12,7 @@ Each runs until it has trained on the same number of (non-pad) tokens; figures a
 tokens/s, seconds per step, peak memory, padding share of computed tokens, and the validation loss at the end
 (the same held-out rows for every variant, so speed is never bought with a different objective).
 Writes bench/results/<device>.json and prints a table, then the ratios c/a and c/b.
+Where the profiled step waits: python bench/trace_gaps.py OUT/trace_NAME.json.gz (gpu_run.sh runs it).
 Environment: TOKENS (trained tokens per variant), WARM (warm-up steps, not timed), VARIANTS=c_ours,b_trl (a
 subset, in that order), PROFILE=NAME (profile one step of that variant: a table, and with OUT set a timeline),
 VARIANT_TIMEOUT (s), BUDGET (s for the whole run: variants that would start with less than MIN_LEFT s of it

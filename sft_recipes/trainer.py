@@ -6,8 +6,9 @@ quarter of a training step on the CPU (bench/throughput.py, py-spy). When the lo
 fit in LEAN_LOGITS_BYTES, the LM head here runs once, only at the positions that predict a trained token
 (`logits_to_keep`), followed by one cross-entropy; larger batches (a 7B model's 100k vocabulary) keep TRL's
 tiled kernel (on a GPU that is decided from the row width, since counting the trained positions would make the
-host wait for the device). The loss is the same sum over trained tokens divided by their count
-(tests/test_trainer.py compares the two); the logged metrics are loss, token accuracy and num_tokens.
+host wait for the device), with the metrics left on the device until they are logged. The loss is the same sum
+over trained tokens divided by their count (tests/test_trainer.py compares the paths); the logged metrics are
+loss, token accuracy and num_tokens. Other losses TRL offers (train.sft_args.loss_type, ...) take TRL's path.
 """
 from __future__ import annotations
 
@@ -218,40 +219,78 @@ class Trainer(SFTTrainer):
         ids = inputs.get("input_ids")
         return self._flops_per_token * ids.numel() if ids is not None else 0
 
+    def plain_nll(self, inputs) -> bool:
+        """Whether this loss is the plain mean negative log-likelihood of the trained tokens, what the two paths
+        below compute. Anything else TRL offers (train.sft_args: loss_type, label_smoothing_factor, a custom loss;
+        an MoE router loss; sequence-parallel pre-shifted labels) takes TRL's own compute_loss."""
+        sp = getattr(self.accelerator, "parallelism_config", None)
+        return (self.args.loss_type == "nll" and self.compute_loss_func is None and self.label_smoother is None
+                and not self.aux_loss_enabled and "shift_labels" not in inputs and not getattr(sp, "sp_enabled", False))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.plain_nll(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         targets = labels[:, 1:]
         vocab = self.model.config.get_text_config().vocab_size
         fits = lambda positions: labels.size(0) * positions * vocab * LOGITS_BYTES_PER_ELEMENT <= LEAN_LOGITS_BYTES
-        if labels.is_cuda and not fits(targets.size(1)):  # counting the trained positions would stall the GPU
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # sequence positions whose next token is trained, in any row of the batch
-        keep = (targets != -100).any(0).nonzero().squeeze(-1)
-        if not fits(keep.numel()):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        keep = None
+        if not labels.is_cuda or fits(targets.size(1)):  # on a GPU, counting the trained positions would stall it
+            keep = (targets != -100).any(0).nonzero().squeeze(-1)  # positions whose next token is trained, any row
+        if keep is None or not fits(keep.numel()):
+            if return_outputs:  # the logits are wanted (compute_metrics): TRL's path builds them
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self.tiled_loss(model, inputs, num_items_in_batch)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**model_inputs, use_cache=False, logits_to_keep=keep)
         targets = targets[:, keep]
         logits = outputs.logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         trained = targets != -100
-        count = num_items_in_batch if num_items_in_batch is not None else trained.sum()
-        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-
         with torch.no_grad():
             correct = ((logits.argmax(-1) == targets) & trained).sum()
-            n = self.accelerator.gather_for_metrics(trained.sum()).sum()
-            correct = self.accelerator.gather_for_metrics(correct).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
-        if mode == "train":
-            if "attention_mask" in inputs:
-                tokens = inputs["attention_mask"].sum()
-            else:  # padding-free: one row, real tokens only (padding, if any, is counted like TRL does)
-                tokens = torch.tensor(inputs["position_ids"].size(1), device=labels.device)
-            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        loss = self.finish(mode, inputs, loss, trained.sum(), correct, num_items_in_batch)
         outputs.logits = None  # nothing downstream needs the partial logits
         return (loss, outputs) if return_outputs else loss
+
+    def tiled_loss(self, model, inputs, num_items_in_batch=None):
+        """TRL's tiled LM head and loss (the logits never exist whole), with the metrics kept on the device until
+        they are logged: TRL's compute_loss reads three of them back at every step, each time making the host
+        wait for the forward before it may queue the backward."""
+        mode = "train" if self.model.training else "eval"
+        outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+        return self.finish(mode, inputs, -outputs.log_probs.sum(), outputs.label_mask.sum(), outputs.is_top1.sum(),
+                           num_items_in_batch)
+
+    def finish(self, mode, inputs, loss_sum, trained, correct, num_items_in_batch):
+        """The loss from its sum over the trained tokens (divided by their count, or by Trainer's count over the
+        accumulated batches), and the metrics TRL logs: token accuracy as a device tensor, num_tokens."""
+        count = num_items_in_batch if num_items_in_batch is not None else trained
+        loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with torch.no_grad():
+            n = self.accelerator.gather_for_metrics(trained.detach()).sum()
+            correct = self.accelerator.gather_for_metrics(correct).sum()
+            self._metrics[mode]["mean_token_accuracy"].append(correct / n.clamp(min=1))  # read back by log()
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            else:  # padding-free: rows of real tokens only (padding, if any, is counted like TRL does)
+                tokens = inputs["position_ids"].size(1)
+                if self.accelerator.num_processes > 1:
+                    width = torch.tensor(tokens, device=inputs["position_ids"].device)
+                    tokens = self.accelerator.gather_for_metrics(width).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def log(self, logs, start_time=None):
+        """TRL's log, after reading back the metrics the loss step kept on the device (one sync per log)."""
+        for store in self._metrics.values():
+            for key, values in store.items():
+                if kept := [v.float() for v in values if torch.is_tensor(v)]:
+                    read = iter(torch.stack(kept).tolist())
+                    store[key] = [next(read) if torch.is_tensor(v) else v for v in values]
+        super().log(logs, start_time)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
-from trl import SFTConfig
+from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from conftest import TRAIN
@@ -29,12 +29,26 @@ def make_trainer(tiny_dir, tmp_path, cls, train_rows):
 
 
 def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
+    """Our two loss paths (lean; TRL's tiled LM head with the metrics kept on the device) against TRL's own
+    compute_loss: the same loss and token accuracy; the metrics are read back only when logged."""
     ours = make_trainer(tiny_dir, tmp_path / "a", trainer_mod.Trainer, rows)
     batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:3])
+    metrics = ours._metrics["train"]
     lean = ours.compute_loss(ours.model, dict(batch))
-    monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # force TRL's tiled path
-    trl_loss = ours.compute_loss(ours.model, dict(batch))
-    assert torch.allclose(lean, trl_loss, rtol=1e-5), (lean, trl_loss)
+    monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # force the tiled path
+    tiled = ours.compute_loss(ours.model, dict(batch))
+    assert all(torch.is_tensor(v) for v in metrics["mean_token_accuracy"])  # not read back yet
+    trl_loss = SFTTrainer.compute_loss(ours, ours.model, dict(batch))
+    assert torch.allclose(lean, trl_loss, rtol=1e-5) and torch.allclose(tiled, trl_loss, rtol=1e-5), (lean, trl_loss)
+    accuracy = [float(v) for v in metrics["mean_token_accuracy"]]
+    assert accuracy[0] == accuracy[1] == accuracy[2] and metrics["num_tokens"] == [3 * int(batch["attention_mask"].sum())]
+    ours.log({"loss": 1.0})
+    assert ours.state.log_history[-1]["mean_token_accuracy"] == pytest.approx(accuracy[0])
+    ours.args.loss_type = "dft"  # another TRL loss (train.sft_args.loss_type): TRL's own path
+    assert not ours.plain_nll(batch)
+    assert torch.allclose(ours.compute_loss(ours.model, dict(batch)), SFTTrainer.compute_loss(ours, ours.model,
+                                                                                            dict(batch)))
+    ours.args.loss_type = "nll"
     n = int((batch["labels"][:, 1:] != -100).sum())
     assert torch.allclose(ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n), lean, rtol=1e-5)
     lean.backward()  # and it trains: LoRA weights get gradients
