@@ -99,7 +99,8 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         # rows are already cut to data.max_length by sft_recipes.prepare (with counts); packing fills rows to it
         max_length=cfg.data.max_length if t.packing else None,
         packing=t.packing,
-        padding_free=t.padding_free or t.packing,
+        # one sample a batch has no padding to remove (and TRL warns at every run that padding-free is pointless)
+        padding_free=(t.padding_free and t.batch_size > 1) or t.packing,
         pad_to_multiple_of=t.pad_to_multiple_of,
         completion_only_loss=False,  # our rows carry their own labels
         dataloader_num_workers=0,

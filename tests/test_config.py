@@ -74,6 +74,8 @@ def test_overrides_reach_the_trainer_config():
     cfg = make("preset=low_memory", "lora.r=32", "train.lr=1e-4", "train.max_steps=7", "train.save_steps=3")
     sc = build.sft_config(cfg, "/tmp/x", has_eval=False, use_cpu=True)
     assert (sc.max_steps, sc.learning_rate, sc.save_steps, sc.eval_strategy) == (7, 1e-4, 3, "no")
+    assert not sc.padding_free  # batch 1: nothing to remove (TRL would warn at every run)
+    assert build.sft_config(make(), "/tmp/x", has_eval=False, use_cpu=True).padding_free
     assert build.lora_config(cfg.lora).r == 32
 
 
