@@ -93,6 +93,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False,
         load_best_model_at_end=has_eval and t.final_model == "best",
+        restore_callback_states_from_checkpoint=True,  # a resumed run keeps counting towards early stopping
         report_to=list(t.report_to),
         seed=cfg.seed,
         data_seed=cfg.seed,

@@ -1,6 +1,7 @@
 """End-to-end runs in-process: the tiny random model (fast) and the real embedded model with 4-bit QLoRA."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,25 @@ def test_final_model_best_and_early_stopping(tmp_path, tiny_dir, capsys):
     assert all(torch.equal(adapter(stopped / "final_model")[k], last[k]) for k in last)
     assert f"Early stopping at step {best + 4}: no lower validation loss in 2 validation(s) since step {best}" \
         in capsys.readouterr().out
+
+
+def test_resumed_run_keeps_the_best_checkpoint_and_the_early_stopping_count(tmp_path, tiny_dir):
+    """Cut a run with train.final_model=best and early stopping back to an earlier checkpoint and resume it: it
+    stops at the same step (the count of validations without improvement was restored) and saves the same best
+    adapter."""
+    common = ["preset=fast_test", "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1",
+              "train.lr=3e-2", "train.final_model=best", "train.early_stopping_patience=3", "train.save_total_limit=null"]
+    run(tmp_path, tiny_dir, *common)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    stop, best = metrics["global_step"], metrics["final_model_step"]
+    assert stop == best + 6 < 12, metrics  # the setup this test needs
+    final = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
+    for step in (stop, stop - 2):  # as if the run had been killed after checkpoint stop-4
+        shutil.rmtree(tmp_path / f"checkpoint-{step}")
+    for name in ("final_model", "metrics.json"):
+        shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).unlink()
+    run(tmp_path, tiny_dir, *common, "resume_from=auto")
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
+    assert (resumed["global_step"], resumed["final_model_step"]) == (stop, best)
+    again = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
