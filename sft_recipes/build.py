@@ -12,15 +12,29 @@ from omegaconf import OmegaConf
 
 from .errors import UserError
 
-# the config keys behind the SFTConfig arguments users reach for most (named when train.sft_args repeats one)
-CONFIG_KEYS = {"num_train_epochs": "train.epochs", "max_steps": "train.max_steps", "learning_rate": "train.lr",
-               "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-               "lr_scheduler_type": "train.scheduler", "warmup_steps": "train.warmup_ratio",
-               "weight_decay": "train.weight_decay", "optim": "train.optim", "max_length": "data.max_length",
-               "save_steps": "train.save_steps", "eval_steps": "train.eval_steps", "seed": "seed",
-               "load_best_model_at_end": "train.final_model=best", "report_to": "train.report_to",
-               "gradient_checkpointing": "train.gradient_checkpointing",
-               "activation_checkpointing": "train.gradient_checkpointing"}
+# where each SFTConfig argument that sft_config sets comes from (named when train.sft_args repeats one)
+CONFIG_KEYS = {
+    "output_dir": "hydra.run.dir", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.batch_size", "per_device_eval_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.lr",
+    "lr_scheduler_type": "train.scheduler", "warmup_steps": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "activation_checkpointing": "train.gradient_checkpointing",
+    "activation_offloading": "train.activation_offloading",
+    "bf16": "model.dtype / quantization.compute_dtype", "fp16": "model.dtype / quantization.compute_dtype",
+    "use_cpu": "CUDA_VISIBLE_DEVICES", "logging_steps": "train.logging_steps",
+    "logging_nan_inf_filter": "train.on_nonfinite",
+    "logging_first_step": "train.logging_steps", "save_strategy": "train.save_steps", "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit", "eval_strategy": "data.val_path / data.val_fraction",
+    "eval_steps": "train.eval_steps", "metric_for_best_model": "train.final_model",
+    "greater_is_better": "train.final_model",
+    "load_best_model_at_end": "train.final_model=best", "restore_callback_states_from_checkpoint": "resume_from",
+    "report_to": "train.report_to", "seed": "seed", "data_seed": "seed", "max_length": "data.max_length",
+    "packing": "train.packing", "padding_free": "train.padding_free", "pad_to_multiple_of": "train.pad_to_multiple_of",
+    "completion_only_loss": "the prepared rows' labels", "dataloader_num_workers": "sft_recipes/build.py",
+    "disable_tqdm": "sft_recipes/build.py", "save_only_model": "sft_recipes/build.py",
+}
 
 
 def bnb_config(q):
@@ -110,9 +124,9 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
     )
     extra = OmegaConf.to_container(t.sft_args) if OmegaConf.is_config(t.sft_args) else dict(t.sft_args)
     if clash := sorted(set(extra) & {*ours, "gradient_checkpointing", "activation_checkpointing"}):
-        raise UserError(f"train.sft_args.{clash[0]} is set from the config already; change it there"
-                        f"{' (' + CONFIG_KEYS[clash[0]] + ')' if clash[0] in CONFIG_KEYS else ''}, "
-                        "not through train.sft_args (sft_recipes/build.py maps the config to SFTConfig).")
+        raise UserError(f"train.sft_args.{clash[0]} is set from the config already "
+                        f"({CONFIG_KEYS.get(clash[0], 'sft_recipes/build.py')}); "
+                        "change it there, not through train.sft_args.")
     if unknown := [k for k in extra if k not in names]:
         close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
         raise UserError(f"train.sft_args.{unknown[0]} is not a trl.SFTConfig argument"

@@ -155,9 +155,9 @@ def test_memory_estimate_matches_peaks_measured_on_an_h100(rows, offloading, mea
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["+train.sft_args.learning_rate=1e-3"], "train.sft_args.learning_rate is set from the config already; change it "
-                                              "there (train.lr)"),
-    (["+train.sft_args.gradient_checkpointing=false"], "change it there (train.gradient_checkpointing)"),
+    (["+train.sft_args.learning_rate=1e-3"], "train.sft_args.learning_rate is set from the config already "
+                                              "(train.lr); change it there"),
+    (["+train.sft_args.gradient_checkpointing=false"], "(train.gradient_checkpointing); change it there"),
     (["+train.sft_args.neftun_noise_alpha=5"], "not a trl.SFTConfig argument (did you mean neftune_noise_alpha?)"),
     (["+train.sft_args.logging_strategy=sometimes"], "train.sft_args {'logging_strategy': 'sometimes'}: "),
 ])
@@ -172,3 +172,10 @@ def test_sft_args_reach_sftconfig():
                           use_cpu=True)
     assert sc.neftune_noise_alpha == 5 and sc.lr_scheduler_kwargs == {"min_lr": 1e-5}
     assert sc.gradient_checkpointing  # the config's value, under transformers' current name or the old one
+
+
+@pytest.mark.parametrize("key", sorted(build.CONFIG_KEYS))
+def test_sft_args_name_the_config_key_behind_each_argument_we_set(key):
+    with pytest.raises(UserError, match=re.escape(f"train.sft_args.{key} is set from the config already "
+                                                  f"({build.CONFIG_KEYS[key]})")):
+        build.sft_config(make(f"+train.sft_args.{key}=1"), "/tmp/x", has_eval=True, use_cpu=True)
