@@ -128,7 +128,7 @@ def test_recipes_compose(recipe, tmp_path):
     shutil.copy(CONF.parent / "recipes" / f"{recipe}.yaml", tmp_path / "conf")
     with initialize_config_dir(str(tmp_path / "conf"), version_base="1.3"):
         cfg = compose(recipe, overrides=["output_dir=/tmp/sft-test"])
-    assert cfg.model.name_or_path and cfg.train.lr == 2e-4 and cfg.train.max_steps != 0
+    assert cfg.model.name_or_path and cfg.train.lr > 0 and cfg.train.max_steps != 0  # the schema filled in
     build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
     header = (CONF.parent / "recipes" / f"{recipe}.yaml").read_text().splitlines()[:4]
     assert any(f"--config-name {recipe}" in line for line in header)  # the command that runs it
