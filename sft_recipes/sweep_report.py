@@ -16,7 +16,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 METRICS = ("best_eval_loss", "final_eval_loss", "final_train_loss", "trained_tokens_per_s", "peak_memory_gib",
-           "wall_s", "global_step")
+           "wall_s", "global_step", "final_model_step")
 
 
 def eval_curve(job: Path) -> List[tuple]:
