@@ -32,7 +32,7 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
 
 
 def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8) -> dict:
-    from . import runs
+    from . import card, runs
     from .errors import UserError
 
     run_dir = Path(run_dir)
@@ -65,6 +65,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
     write(run_dir / "eval", metrics, predictions)
+    card.write(run_dir, cfg)  # the adapter's card gains the base vs fine-tuned table
     return metrics
 
 

@@ -24,7 +24,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import runs
+    from . import card, runs
     from .errors import UserError
 
     if dtype not in ("bfloat16", "float32"):
@@ -60,6 +60,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
         report.update(adapter_loss=round(a, 5), merged_loss=round(m, 5),
                       relative_difference=round(abs(m - a) / a, 5), records=len(rows))
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    card.write(run_dir, cfg, merged=True)
     return report
 
 

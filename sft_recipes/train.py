@@ -9,7 +9,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from . import build, conf_dir, config, models, prepare, report, templates
+from . import build, card, conf_dir, config, models, prepare, report, templates
 from .errors import UserError
 from .trainer import COMPLETE, NonFiniteError, publish
 
@@ -212,6 +212,7 @@ def run(cfg) -> Optional[Path]:
         report.plot_loss(trainer.state.log_history, out / "loss.png")
         metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
                                        memory.peak_bytes())
+        card.write(out, cfg)
         print(f"Final train loss {metrics['final_train_loss']}, best validation loss {metrics['best_eval_loss']}")
         weights = (f" (the weights of step {metrics['final_model_step']}, the lowest validation loss; "
                    "train.final_model=best)" if best else "")

@@ -191,6 +191,10 @@ class Trainer(SFTTrainer):
     def _get_output_dir(self, trial):
         return self._staging or super()._get_output_dir(trial)
 
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes a draft card into the run dir at every save (naming the base `None` for a local folder);
+        the run's card is sft_recipes.card's, in final_model/."""
+
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"

@@ -79,6 +79,34 @@ def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     assert (a - m).abs().max() / a.abs().max() < 0.02  # bf16 compute in the 4-bit adapter vs float32 merged
 
 
+def card_code_runs(card: str) -> str:
+    """Run the card's Python example as written (fewer new tokens); returns what it printed."""
+    code = card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=256", "max_new_tokens=4")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, (code, r.stderr[-3000:])
+    return r.stdout
+
+
+def test_model_cards_describe_the_run_and_their_code_runs(tiny_run):
+    import yaml
+
+    assert not (tiny_run / "README.md").exists()  # TRL's draft card (base model "None") is not written
+    card = (tiny_run / "final_model" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and "qlora" in meta["tags"]
+    assert "base_model" not in meta  # a local folder is not a hub id
+    assert "| best validation loss |" in card and "| rouge l |" in card  # evaluate (after train) added its table
+    assert "r=16, alpha=32" in card and "4-bit NF4" in card and "load_in_4bit=True" in card
+    assert str(tiny_run / "final_model") in card and "batch 2 x 1 accumulation" in card
+    card_code_runs(card)
+
+    merge.merge(tiny_run, limit=2)
+    merged = (tiny_run / "merged" / "README.md").read_text()
+    assert yaml.safe_load(merged.split("---")[1])["library_name"] == "transformers"
+    assert "merged vs adapter validation loss" in merged and "PeftModel" not in merged
+    card_code_runs(merged)
+
+
 def test_cli_arguments_are_checked(tiny_run):
     with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
@@ -93,6 +121,8 @@ def test_embedded_adapter_beats_base_and_merges(embedded_run):
     assert m["fine_tuned"]["rouge_l"] > m["base"]["rouge_l"]
     report = merge.merge(embedded_run, dtype="float32", limit=8)
     assert report["relative_difference"] < 0.01
+    card = (embedded_run / "final_model" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "SmolLM2-135M-Instruct.Q4_1.gguf" in card
 
 
 @pytest.mark.slow
