@@ -11,6 +11,7 @@ from .errors import UserError
 
 config.register()
 _task_started = False
+_hydra_files = {}  # a resumed run's .hydra/ files before Hydra rewrites them, put back if the run is refused
 
 
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
@@ -31,6 +32,8 @@ def main(cfg):
         if cfg.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        for path, content in _hydra_files.items():
+            path.write_bytes(content)
         _remove_if_only_hydra(Path(cfg.output_dir))
         sys.exit(e.exit_code)
 
@@ -46,10 +49,14 @@ def precheck(argv) -> None:
     run unless resuming, and one that cannot be written."""
     from .train import refuse_finished
 
+    resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
+    if run_dir is None and "resume_from=auto" in argv:
+        run_dir = config.run_dir("outputs", "auto")  # what hydra.run.dir resolves to (conf/train.yaml)
     if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
         return  # (other processes of a multi-process launch leave this to the main one)
-    resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
+    if resuming:
+        _hydra_files.update({p: p.read_bytes() for p in (Path(run_dir) / ".hydra").glob("*.yaml")})
     if not resuming and "dry_run=true" not in argv:
         refuse_finished(Path(run_dir))
     try:

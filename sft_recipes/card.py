@@ -16,6 +16,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from . import config
+
 PACKAGES = ("sft-recipes", "trl", "transformers", "peft", "torch", "bitsandbytes", "datasets")
 
 
@@ -162,7 +164,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                  f"{m.get('peak_memory_gib')} GiB" if "wall_s" in m else None),
     ]) + [""]
     versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES if _version(p))
-    resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "output_dir"]))
+    resolved = config.recorded(cfg, resolve=False)
     lines += [f"Versions: {versions}.", "", "<details><summary>The run's full config</summary>", "",
               "```yaml", resolved.strip(), "```", "", "</details>", ""]
     return "\n".join(lines)

@@ -175,6 +175,11 @@ def register() -> None:
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def recorded(cfg, resolve: bool = True) -> str:
+    """The config as YAML without output_dir (where the run is, not what it is; a Hydra interpolation)."""
+    return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "output_dir"]), resolve=resolve)
+
+
 def check(cfg: Config) -> None:
     """Cross-field checks that need no model. Each message names the override that fixes it."""
     problems = []

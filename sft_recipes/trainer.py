@@ -27,6 +27,7 @@ from trl import SFTTrainer
 from .errors import UserError
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
 
 
 class NonFiniteError(RuntimeError):
@@ -178,8 +179,9 @@ class Trainer(SFTTrainer):
     _flops_per_token = None
 
     def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
-                 compile_checkpoint: str = "auto", **kwargs):
+                 compile_checkpoint: str = "auto", run_config: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_config = run_config  # saved in each checkpoint as RUN_CONFIG: what a resumed run keeps
         if compile:
             n = compile_layers(self.model, compile_options, compile_checkpoint)
             if not n:
@@ -211,6 +213,8 @@ class Trainer(SFTTrainer):
         if self.args.should_save:
             from transformers.trainer_utils import rotate_checkpoints
 
+            if self.run_config:
+                (run_dir / ".staging" / name / RUN_CONFIG).write_text(self.run_config)
             publish(run_dir / ".staging" / name, run_dir / name, f"step {self.state.global_step}")
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

@@ -47,8 +47,8 @@ def start_and_hit(tiny_dir, out, sig, at_step):
     return proc.returncode, stdout, stderr
 
 
-def assert_resumes_exactly(tiny_dir, out, reference):
-    r = cli(*args(tiny_dir, out, "resume_from=auto"))
+def assert_resumes_exactly(tiny_dir, out, reference, command=None):
+    r = cli(*(command or args(tiny_dir, out, "resume_from=auto")))
     assert r.returncode == 0, r.stderr[-3000:]
     resumed_from = int(r.stdout.split("Resuming from ")[1].split("checkpoint-")[1].split()[0])
     ours, ref = loss_history(out), loss_history(reference)
@@ -81,11 +81,28 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resumes(tmp_path, tiny
     out = tmp_path / "run"
     code, stdout, _ = start_and_hit(tiny_dir, out, signal.SIGINT, at)
     assert code == 130, stdout[-2000:]
-    assert "Continue with: python -m sft_recipes resume_from=auto" in stdout
+    command = stdout.split("Continue with: python -m sft_recipes ")[1].splitlines()[0].split()
+    assert command == ["resume_from=auto", f"hydra.run.dir={out}"]
     saved = [p for p in out.glob("checkpoint-*") if (p / COMPLETE).exists()]
     stopped_at = int(stdout.split("Stopped by Ctrl-C at step ")[1].split(";")[0])
     assert stopped_at >= at and (out / f"checkpoint-{stopped_at}" / COMPLETE).exists(), saved
-    assert_resumes_exactly(tiny_dir, out, reference)
+    # the printed command as it is, without the run's overrides: the run's own settings come from its checkpoint
+    r = assert_resumes_exactly(tiny_dir, out, reference, command)
+    assert "Resuming with the settings the run was trained with: model.name_or_path=" in r.stdout
+    assert f"name_or_path: {tiny_dir}" in (out / ".hydra" / "config.yaml").read_text()  # what evaluate/chat read
+
+
+def test_a_resumed_run_refuses_other_settings_and_changes_nothing(tmp_path, tiny_dir, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    listing = sorted(p.name for p in run.iterdir())
+    for extra, message in [("lora.r=8", "was trained with lora.r=16; this command sets lora.r=8"),
+                           ("train.lr=5e-4", "was trained with train.lr=0.001; this command sets train.lr=0.0005")]:
+        r = cli(*args(tiny_dir, run, "resume_from=auto", "train.max_steps=40", extra))
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+        assert sorted(p.name for p in run.iterdir()) == listing
+        for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            assert (run / ".hydra" / name).read_bytes() == (reference / ".hydra" / name).read_bytes(), name
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
