@@ -85,7 +85,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     folder = run_dir / ("merged" if merged else "final_model")
     m = read_json(run_dir / "metrics.json") or {}
     stats = read_json(run_dir / "data_stats.json") or {}
-    ev = read_json(run_dir / "eval" / "metrics.json")
+    evals = [read_json(p) for p in sorted(run_dir.glob("eval*/metrics.json"))]  # eval/ (validation), eval_<file>/
     merge = read_json(run_dir / "merged" / "merge_report.json") if merged else None
     adapter = read_json(run_dir / "final_model" / "adapter_config.json") or {}
     hub = hub_id(cfg.model.name_or_path)
@@ -135,10 +135,13 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("merged vs adapter validation loss", f"{merge['merged_loss']} vs {merge['adapter_loss']}"
          if merge and "merged_loss" in merge else None),
     ]) + [""]
-    if ev:
+    for ev in evals:
         keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
-        lines += [f"On {ev['records']} validation questions (`python -m sft_recipes.evaluate`, greedy answers of at "
-                  f"most {ev['max_new_tokens']} tokens):", "", "| metric | base | fine-tuned |", "| --- | --- | --- |",
+        data = ev.get("data", "validation split")
+        seen = f"; {ev['also_in_training']} of them also in the training data" if ev.get("also_in_training") else ""
+        lines += [f"On {ev['records']} questions " + ("of the validation split" if data == "validation split"
+                                                      else f"from `{data}`") + f"{seen} (`python -m sft_recipes.evaluate`, greedy answers of at most {ev['max_new_tokens']} "
+                  "tokens):", "", "| metric | base | fine-tuned |", "| --- | --- | --- |",
                   *(f"| {k.replace('_', ' ')} | {ev['base'][k]} | {ev['fine_tuned'][k]} |" for k in keys), ""]
 
     lines += ["## Use it", "", "```python", usage(cfg, base, folder, merged), "```", ""]

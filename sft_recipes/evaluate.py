@@ -1,9 +1,9 @@
-"""`python -m sft_recipes.evaluate run_dir=RUN`: is the adapter better than the base model?
+"""`python -m sft_recipes.evaluate run_dir=RUN [data=TEST_FILE]`: is the adapter better than the base model?
 
-On the run's validation split: loss and perplexity of the base model and of base + adapter, then greedy
+On the run's validation split (or on other question/answer files, e.g. a test set that chose nothing): loss and perplexity of the base model and of base + adapter, then greedy
 answers from both (the run's chat template, stopping at the end-of-turn token) scored against the references
-with ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/:
-metrics.json, report.md, predictions.jsonl, metrics.png.
+with ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/ (for
+data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl, metrics.png.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-USAGE = "python -m sft_recipes.evaluate run_dir=RUN [max_new_tokens=256] [limit=0] [batch_size=8]"
-DEFAULTS = {"run_dir": None, "max_new_tokens": 256, "limit": 0, "batch_size": 8}
+USAGE = "python -m sft_recipes.evaluate run_dir=RUN [data=FILE] [max_new_tokens=256] [limit=0] [batch_size=8]"
+DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8}
 
 
 def scores(prediction: str, reference: str) -> Dict[str, float]:
@@ -31,16 +31,36 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
 
 
-def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8) -> dict:
+def out_dir(run_dir: Path, data) -> Path:
+    """RUN/eval for the validation split, RUN/eval_<name of the first file> for data=FILE."""
+    if not data:
+        return run_dir / "eval"
+    from .data import expand
+
+    return run_dir / f"eval_{expand(data)[0].stem}"
+
+
+def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8, data=None) -> dict:
     from . import card, runs
     from .errors import UserError
 
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
     tok = runs.tokenizer(run_dir)
-    val_records, rows = runs.validation(cfg, tok, limit)
+    val_records, rows = runs.validation(cfg, tok, limit, data)
     if not val_records:
-        raise UserError(f"The run {run_dir} has no validation split (data.val_path or data.val_fraction).")
+        raise UserError(f"The run {run_dir} has no validation split (data.val_path or data.val_fraction); "
+                        "evaluate on a file with data=PATH.")
+    seen = 0
+    if data:  # questions the adapter was trained on make the scores optimistic: count them
+        from .data import overlap
+        from .prepare import load_and_split
+        from .train import data_options, data_paths
+
+        seen = len(overlap(load_and_split(data_paths(cfg)[0], None, data_options(cfg))[0], val_records))
+        if seen:
+            print(f"warning: {seen} of the {len(val_records)} questions in {data} also appear in the training data: "
+                  "their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.messages(cfg, r.question) for r in val_records]
     with model.disable_adapter():
@@ -61,10 +81,11 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
         **{k: round(mean(sc, k), 4) for k in ("rouge_l", "token_f1", "exact_match")},
         "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3)}
-    metrics = {"run_dir": str(run_dir), "records": len(val_records), "max_new_tokens": max_new_tokens,
+    metrics = {"run_dir": str(run_dir), "data": data or "validation split", "records": len(val_records),
+               "also_in_training": seen, "max_new_tokens": max_new_tokens,
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
-    write(run_dir / "eval", metrics, predictions)
+    write(out_dir(run_dir, data), metrics, predictions)
     card.write(run_dir, cfg)  # the adapter's card gains the base vs fine-tuned table
     return metrics
 
@@ -78,7 +99,9 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
     b, t = metrics["base"], metrics["fine_tuned"]
     lines = [f"# Evaluation of {metrics['run_dir']}", "",
-             f"{metrics['records']} validation records; greedy answers of at most {metrics['max_new_tokens']} tokens.",
+             f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
+             f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
+                                                       "in the training data." if metrics["also_in_training"] else ""),
              "", "| metric | base | fine-tuned |", "| --- | --- | --- |"]
     lines += [f"| {k.replace('_', ' ')} | {b[k]} | {t[k]} |" for k in keys]
     lines += ["", "## Sample answers", ""]
@@ -99,7 +122,7 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     ax.bar([i - 0.2 for i in x], [b[k] for k in shown], 0.4, label="base", color="#bbbbbb")
     ax.bar([i + 0.2 for i in x], [t[k] for k in shown], 0.4, label="fine-tuned", color="#4477aa")
     ax.set_xticks(list(x), [k.replace("_", " ") for k in shown])
-    ax.set_title("validation: base vs fine-tuned (loss: lower is better)")
+    ax.set_title(f"{metrics['data']}: base vs fine-tuned (loss: lower is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=100)
@@ -110,10 +133,10 @@ def _cli(argv):
     from .runs import parse_args
 
     args = parse_args(argv, DEFAULTS, USAGE)
-    m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"])
+    m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"], args["data"] or None)
     for name in ("base", "fine_tuned"):
         print(f"{name:>10}: " + ", ".join(f"{k} {v}" for k, v in m[name].items()))
-    print(f"Report: {Path(args['run_dir']) / 'eval' / 'report.md'}")
+    print(f"Report: {out_dir(Path(args['run_dir']), args['data']) / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -112,12 +112,18 @@ def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, b
     return out
 
 
-def validation(cfg, tok, limit: int = 0):
-    """(records, tokenized rows) of the run's validation split, rendered with the run's template."""
+def validation(cfg, tok, limit: int = 0, data=None):
+    """(records, tokenized rows) of the run's validation split, or of the records in `data` (files as
+    data.train_path takes them, read with the run's column names), rendered with the run's template."""
     from . import prepare
     from .train import data_options, data_paths, template_of
 
-    _, records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
+    if data:
+        from .data import load_many
+
+        records = load_many(data, dict(cfg.data.columns))
+    else:
+        _, records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
     records = records[:limit] if limit else records
     if not records:
         return [], None

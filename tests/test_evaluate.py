@@ -107,6 +107,26 @@ def test_model_cards_describe_the_run_and_their_code_runs(tiny_run):
     card_code_runs(merged)
 
 
+def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp_path, capsys):
+    trained = json.loads(TRAIN.read_text())[0]
+    test = tmp_path / "exam.jsonl"
+    test.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "What is the range of a data set?", "answer": "The largest value minus the smallest."},
+        {"question": trained["question"], "answer": trained["answer"]}]) + "\n")
+    evaluate._cli([f"run_dir={tiny_run}", f"data={test}", "max_new_tokens=4"])
+    out = capsys.readouterr().out
+    assert "warning: 1 of the 2 questions in" in out and f"Report: {tiny_run / 'eval_exam' / 'report.md'}" in out
+    m = json.loads((tiny_run / "eval_exam" / "metrics.json").read_text())
+    assert m["data"] == str(test) and m["records"] == 2 and m["also_in_training"] == 1
+    assert [json.loads(line)["question"] for line in (tiny_run / "eval_exam" / "predictions.jsonl").open()] == [
+        "What is the range of a data set?", trained["question"]]
+    card = (tiny_run / "final_model" / "README.md").read_text()
+    assert "questions of the validation split" in card  # eval/ (after train) stays,
+    assert f"On 2 questions from `{test}`; 1 of them also in the training data" in card  # and the file's is added
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.evaluate(tiny_run, data=str(tmp_path / "missing.json"))
+
+
 def test_cli_arguments_are_checked(tiny_run):
     with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
