@@ -43,7 +43,8 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     from .train import template_of
 
     template, q, dtype = template_of(cfg), cfg.quantization, f"torch.{cfg.model.dtype}"
-    user = "question" if template.user == "{question}" else f"{_s(template.user)}.format(question=question, source=source)"
+    user = ("question" if template.user == "{question}"
+            else f"{_s(template.user)}.format(question=question, source=source)")
     system = cfg.data.system_prompt if cfg.data.system_prompt is not None else template.system
     messages = ([f'{{"role": "system", "content": {_s(system)}}}'] if system else []) + [
         f'{{"role": "user", "content": {user}}}']
@@ -67,8 +68,10 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
                  f"base = AutoModelForCausalLM.from_pretrained(base_id, dtype={dtype}" + (",", ")")[not quant],
                  *(f"    {line}" for line in quant or []),
                  "model = PeftModel.from_pretrained(base, adapter).eval()"]
-    lines += ["", 'question = "Your question here"'] + (['source = ""  # the template puts it in the prompt'] if "{source}"
-                                                          in template.user else []) + [f"messages = [{', '.join(messages)}]",
+    lines += ["", 'question = "Your question here"']
+    if "{source}" in template.user:
+        lines += ['source = ""  # the template puts it in the prompt']
+    lines += [f"messages = [{', '.join(messages)}]",
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
               "                                       return_dict=True).to(model.device)",
               "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)",
@@ -139,9 +142,10 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
         data = ev.get("data", "validation split")
         seen = f"; {ev['also_in_training']} of them also in the training data" if ev.get("also_in_training") else ""
-        lines += [f"On {ev['records']} questions " + ("of the validation split" if data == "validation split"
-                                                      else f"from `{data}`") + f"{seen} (`python -m sft_recipes.evaluate`, greedy answers of at most {ev['max_new_tokens']} "
-                  "tokens):", "", "| metric | base | fine-tuned |", "| --- | --- | --- |",
+        where = "of the validation split" if data == "validation split" else f"from `{data}`"
+        lines += [f"On {ev['records']} questions {where}{seen} (`python -m sft_recipes.evaluate`, greedy answers of "
+                  f"at most {ev['max_new_tokens']} tokens):", "",
+                  "| metric | base | fine-tuned |", "| --- | --- | --- |",
                   *(f"| {k.replace('_', ' ')} | {ev['base'][k]} | {ev['fine_tuned'][k]} |" for k in keys), ""]
 
     lines += ["## Use it", "", "```python", usage(cfg, base, folder, merged), "```", ""]

@@ -1,9 +1,10 @@
 """`python -m sft_recipes.evaluate run_dir=RUN [data=TEST_FILE]`: is the adapter better than the base model?
 
-On the run's validation split (or on other question/answer files, e.g. a test set that chose nothing): loss and perplexity of the base model and of base + adapter, then greedy
-answers from both (the run's chat template, stopping at the end-of-turn token) scored against the references
-with ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/ (for
-data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl, metrics.png.
+On the run's validation split (or on other question/answer files: a test set that chose nothing), the loss and
+perplexity of the base model and of base + adapter, then greedy answers from both (the run's chat template,
+stopping at the end-of-turn token) scored against the references with ROUGE-L, token F1 and exact match
+(torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/ (for data=FILE: RUN/eval_<file name>/):
+metrics.json, report.md, predictions.jsonl, metrics.png.
 """
 from __future__ import annotations
 
