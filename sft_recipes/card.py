@@ -153,6 +153,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     targets = adapter.get("target_modules") or list(lora.target_modules)
     lines += ["## Training", ""] + table([
         ("base model", f"`{base}`" + (f" (revision {cfg.model.revision})" if cfg.model.revision else "")),
+        ("started from", f"the adapter `{cfg.model.adapter}`" if cfg.model.adapter else None),
         ("base weights", weights(cfg)),
         ("merged", f"into the {merge['merged_into']}, saved in {merge['dtype']}" if merge else None),
         ("LoRA", f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', lora.alpha)}, dropout "

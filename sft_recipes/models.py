@@ -154,3 +154,30 @@ def meta_model(path: str, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def adapter_lora(path: str) -> dict:
+    """The LoRA settings of a saved adapter (model.adapter), as the `lora` config group names them."""
+    import json
+
+    file = Path(path) / "adapter_config.json"
+    if not file.exists():
+        raise UserError(f"model.adapter={path}: no adapter_config.json there. Give a run's final_model/ folder or "
+                        "one of its checkpoint-N folders.")
+    a = json.loads(file.read_text())
+    if a.get("peft_type") != "LORA":
+        raise UserError(f"model.adapter={path} is a {a.get('peft_type')} adapter; only LoRA adapters train here.")
+    targets = a["target_modules"]
+    return {"r": a["r"], "alpha": a["lora_alpha"], "dropout": a.get("lora_dropout", 0.0), "bias": a.get("bias", "none"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else [targets]}
+
+
+def load_adapter(model, path: str):
+    """The base model with the saved adapter at `path`, trainable: training continues from its weights."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, path, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"model.adapter={path} does not fit this base model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}). Train on the base model the adapter was made for.") from None

@@ -87,7 +87,8 @@ def keep_trained_settings(cfg, checkpoint: Path):
         raise UserError(f"{checkpoint} was trained with " + ", ".join(f"{k}={_value(changed[k])}" for k in clash)
                         + "; this command sets " + ", ".join(f"{k}={_value(now[k])}" for k in clash) + ". A resumed "
                         "run keeps the settings it was trained with (it may change how long it runs, logging, saving, "
-                        "validation and compilation): drop the override, or start a new run without resume_from.")
+                        "validation and compilation): drop the override, or start a new run without resume_from (with "
+                        f"model.adapter={checkpoint} it starts from this checkpoint's adapter).")
     if kept := {k: v for k, v in changed.items() if not set_here(k)}:
         for k, v in kept.items():
             OmegaConf.update(cfg, k, v, merge=False)
@@ -168,6 +169,17 @@ def dry_run(cfg, model_path: str, tokenizer, data, out: Path) -> None:
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 
+def use_adapter_lora(cfg) -> None:
+    """With model.adapter, the adapter's own LoRA settings are the run's (so its config and card say what trains)."""
+    lora = models.adapter_lora(cfg.model.adapter)
+    now = {k: sorted(v) if k == "target_modules" else v for k, v in OmegaConf.to_container(cfg.lora).items()}
+    if differ := {k: v for k, v in lora.items() if now[k] != v}:
+        print(f"LoRA settings from the adapter {cfg.model.adapter}: "
+              + ", ".join(f"lora.{k}={_value(v)}" for k, v in differ.items()))
+        for k, v in differ.items():
+            cfg.lora[k] = v
+
+
 def resume_point(cfg, out: Path) -> Optional[Path]:
     """The checkpoint this run continues (resume_from), or None for a new run (refused in a folder holding one)."""
     if not cfg.resume_from:
@@ -197,6 +209,8 @@ def run(cfg) -> Optional[Path]:
     if checkpoint:
         cfg = keep_trained_settings(cfg, checkpoint)
         config.check(cfg)
+    if cfg.model.adapter:
+        use_adapter_lora(cfg)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     set_seed(cfg.seed)
@@ -232,13 +246,15 @@ def run(cfg) -> Optional[Path]:
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    if cfg.model.adapter:  # continue training that adapter instead of a new one
+        model = models.load_adapter(model, cfg.model.adapter)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        peft_config=build.lora_config(cfg.lora),
+        peft_config=None if cfg.model.adapter else build.lora_config(cfg.lora),
         callbacks=callbacks,
         run_config=config.recorded(cfg),
         **build.compile_kwargs(cfg),

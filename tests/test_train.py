@@ -153,3 +153,40 @@ def test_resumed_run_keeps_the_best_checkpoint_and_the_early_stopping_count(tmp_
     assert (resumed["global_step"], resumed["final_model_step"]) == (stop, best)
     again = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
+    """model.adapter: a new run (on other data, say) starts from a saved adapter's weights and LoRA settings. With a
+    learning rate of 1e-12 nothing moves, so its saved adapter equals the one it started from, key by key."""
+    first = tmp_path / "first"
+    run(first, tiny_dir, "preset=fast_test", "quantization=nf4", "lora=all_linear", "lora.r=8", "train.max_steps=4",
+        "train.lr=2e-3", "data.val_path=null")
+    start = load_file(first / "final_model" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in start.items() if "lora_B" in k)  # trained: B is no longer zero
+
+    second = tmp_path / "second"
+    run(second, tiny_dir, "preset=fast_test", "quantization=nf4", f"model.adapter={first / 'final_model'}",
+        "train.max_steps=2", "train.lr=1e-12", "data.val_path=null")
+    assert "LoRA settings from the adapter" in capsys.readouterr().out
+    config = json.loads((second / "final_model" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and any(m.endswith("gate_proj") for m in config["target_modules"])
+    after = load_file(second / "final_model" / "adapter_model.safetensors")
+    assert after.keys() == start.keys() and all(torch.allclose(after[k], start[k], atol=1e-9) for k in start)
+    card = (second / "final_model" / "README.md").read_text()
+    assert f"| started from | the adapter `{first / 'final_model'}` |" in card and "r=8" in card
+
+
+def test_an_adapter_for_another_model_is_refused(tmp_path, tiny_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_recipes.errors import UserError
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match="does not fit this base model"):
+        run(tmp_path / "run", tiny_dir, "preset=fast_test", "quantization=none", f"model.adapter={tmp_path / 'other'}",
+            "train.max_steps=1", "data.val_path=null")
+    with pytest.raises(UserError, match="no adapter_config.json there"):
+        run(tmp_path / "run2", tiny_dir, "preset=fast_test", f"model.adapter={tmp_path}", "data.val_path=null")
