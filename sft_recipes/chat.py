@@ -2,26 +2,32 @@
 
 Interactive: a prompt with history, tokens streamed as they are generated, `/reset` to forget the history,
 `/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. The run's
-chat template and system prompt are used, as in training.
+chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
+sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
 """
 from __future__ import annotations
 
 import sys
 import threading
 
-USAGE = 'python -m sft_recipes.chat run_dir=RUN [prompt="..."] [max_new_tokens=256]'
-DEFAULTS = {"run_dir": None, "prompt": "", "max_new_tokens": 256}
+USAGE = ('python -m sft_recipes.chat run_dir=RUN [prompt="..."] [max_new_tokens=256] [temperature=0] [top_p=1] '
+         '[seed=0] [base=false]')
+DEFAULTS = {"run_dir": None, "prompt": "", "max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0,
+            "base": False}
 
 
-def answer(model, tok, conversation, max_new_tokens: int, stream=None) -> str:
-    """Greedy answer to a conversation; with `stream`, each piece of text is passed to it as it comes."""
+def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperature: float = 0.0,
+           top_p: float = 1.0) -> str:
+    """The answer to a conversation: greedy, or sampled when temperature > 0; with `stream`, each piece of text is
+    passed to it as it comes."""
     import torch
     from transformers import TextIteratorStreamer
 
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **sampling, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, streamer=streamer)
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
     worker.start()
@@ -34,18 +40,15 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None) -> str:
     return "".join(pieces).strip()
 
 
-def _cli(argv):
+def converse(cfg, ask, prompt: str, who: str) -> None:
+    """One answer to `prompt`, or the interactive loop: history, /reset, /exit."""
     from . import runs
 
-    args = runs.parse_args(argv, DEFAULTS, USAGE)
-    cfg = runs.config(args["run_dir"])
-    tok = runs.tokenizer(args["run_dir"])
-    model = runs.adapter_model(cfg, args["run_dir"])
-    if args["prompt"]:
-        print(answer(model, tok, runs.messages(cfg, args["prompt"]), args["max_new_tokens"]))
+    if prompt:
+        print(ask(runs.messages(cfg, prompt)))
         return
     history = []
-    print("Chat with the fine-tuned model. /reset forgets the conversation, /exit leaves.")
+    print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves.")
     while True:
         try:
             line = input("you> ").strip()
@@ -61,10 +64,31 @@ def _cli(argv):
         if not line:
             continue
         print("model> ", end="", flush=True)
-        reply = answer(model, tok, runs.messages(cfg, line, history), args["max_new_tokens"],
-                       stream=lambda piece: print(piece, end="", flush=True))
+        reply = ask(runs.messages(cfg, line, history), stream=lambda piece: print(piece, end="", flush=True))
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+
+
+def _cli(argv):
+    import contextlib
+
+    from transformers import set_seed
+
+    from . import runs
+    from .errors import UserError
+
+    args = runs.parse_args(argv, DEFAULTS, USAGE)
+    if args["temperature"] < 0 or not 0 < args["top_p"] <= 1:
+        raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
+                        "greedy) and top_p in (0, 1].")
+    cfg = runs.config(args["run_dir"])
+    tok = runs.tokenizer(args["run_dir"])
+    model = runs.adapter_model(cfg, args["run_dir"])
+    set_seed(args["seed"])
+    ask = lambda conversation, stream=None: answer(  # noqa: E731
+        model, tok, conversation, args["max_new_tokens"], stream, args["temperature"], args["top_p"])
+    with model.disable_adapter() if args["base"] else contextlib.nullcontext():
+        converse(cfg, ask, args["prompt"], "base" if args["base"] else "fine-tuned")
 
 
 if __name__ == "__main__":

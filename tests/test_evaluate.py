@@ -61,6 +61,23 @@ def test_chat_one_shot_and_interactive(tiny_run):
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
 
 
+def test_chat_samples_with_a_seed_and_talks_to_the_base_model(tiny_run, capsys):
+    from sft_recipes import chat
+
+    sampled = []
+    for _ in range(2):
+        chat._cli([f"run_dir={tiny_run}", "prompt=What is a mean?", "max_new_tokens=12", "temperature=1.5", "seed=3"])
+        sampled.append(capsys.readouterr().out)
+    chat._cli([f"run_dir={tiny_run}", "prompt=What is a mean?", "max_new_tokens=12"])
+    greedy = capsys.readouterr().out
+    assert sampled[0] == sampled[1] != greedy  # the same seed, the same sample; not the greedy answer
+    with pytest.raises(UserError, match="temperature must be >= 0"):
+        chat._cli([f"run_dir={tiny_run}", "temperature=-1"])
+    base = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "base=true",
+                           "max_new_tokens=4"], input="/exit\n", capture_output=True, text=True, cwd=ROOT)
+    assert base.returncode == 0 and "Chat with the base model" in base.stdout, base.stderr[-2000:]
+
+
 def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
