@@ -58,7 +58,7 @@ def lora_config(lora):
     targets = list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules="all-linear" if targets == ["all-linear"] else targets,
-                      task_type="CAUSAL_LM")
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
 
 
 def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None):

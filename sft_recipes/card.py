@@ -156,7 +156,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("started from", f"the adapter `{cfg.model.adapter}`" if cfg.model.adapter else None),
         ("base weights", weights(cfg)),
         ("merged", f"into the {merge['merged_into']}, saved in {merge['dtype']}" if merge else None),
-        ("LoRA", f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', lora.alpha)}, dropout "
+        ("LoRA", ("DoRA, " if lora.use_dora else "") + ("rsLoRA scaling, " if lora.use_rslora else "")
+                 + f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', lora.alpha)}, dropout "
                  f"{lora.dropout} on {', '.join(sorted(targets))}"
                  + (f"; {trainable:,} trainable parameters" if trainable else "")),
         ("data", (f"{train.get('kept')} training pairs ({train.get('truncated', 0)} answers cut at "

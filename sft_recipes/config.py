@@ -38,6 +38,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: str = "none"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (steadier at large r)
+    use_dora: bool = False  # DoRA: weight-decomposed LoRA (a learned magnitude per output; slower steps)
 
 
 @dataclass

@@ -169,7 +169,8 @@ def adapter_lora(path: str) -> dict:
         raise UserError(f"model.adapter={path} is a {a.get('peft_type')} adapter; only LoRA adapters train here.")
     targets = a["target_modules"]
     return {"r": a["r"], "alpha": a["lora_alpha"], "dropout": a.get("lora_dropout", 0.0), "bias": a.get("bias", "none"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else [targets]}
+            "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+            "use_rslora": a.get("use_rslora", False), "use_dora": a.get("use_dora", False)}
 
 
 def load_adapter(model, path: str):

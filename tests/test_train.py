@@ -190,3 +190,25 @@ def test_an_adapter_for_another_model_is_refused(tmp_path, tiny_dir):
             "train.max_steps=1", "data.val_path=null")
     with pytest.raises(UserError, match="no adapter_config.json there"):
         run(tmp_path / "run2", tiny_dir, "preset=fast_test", f"model.adapter={tmp_path}", "data.val_path=null")
+
+
+def test_dora_and_rslora_train_and_load(tmp_path, tiny_dir):
+    """lora.use_dora on 4-bit weights: it trains, saves its magnitude vectors and loads back with PEFT as the
+    same model; lora.use_rslora scales by alpha/sqrt(r)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_recipes import build, models
+
+    final = run(tmp_path, tiny_dir, "preset=fast_test", "quantization=nf4", "lora.use_dora=true", "lora.use_rslora=true",
+                "lora.r=4", "train.max_steps=4", "train.lr=2e-3", "train.logging_steps=1", "data.val_path=null")
+    saved = json.loads((final / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"]
+    assert any("lora_magnitude_vector" in k for k in load_file(final / "adapter_model.safetensors"))
+    losses = loss_history(tmp_path)
+    assert losses[4] < losses[1]
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, final)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(32 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r), not alpha/r = 8
+    assert models.adapter_lora(str(final))["use_dora"] and build.lora_config(make("lora.use_dora=true").lora).use_dora
