@@ -62,7 +62,9 @@ class ColumnsConfig:
 class DataConfig:
     # a file (JSON, JSONL, CSV, Parquet), a folder, a glob, or a list of these: [a.json,more/*.jsonl]
     train_path: Any = "data/training_data/sft_sample.json"
-    val_path: Any = "data/training_data/sft_sample_val.json"  # null: split off val_fraction instead
+    # auto: the file beside a single training file named <name>_val<suffix> (sft_sample_val.json here), if there is
+    # one; null (or auto without one): split off val_fraction of the training data (0: no validation)
+    val_path: Any = "auto"
     val_fraction: float = 0.0
     split_by: str = "record"  # record | source (every record of a source on the same side)
     dedup: bool = True  # drop exact and normalized (case, whitespace, punctuation) duplicates
@@ -223,9 +225,13 @@ def check(cfg: Config) -> None:
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
                              (f"train.early_stopping_patience={t.early_stopping_patience}",
                               t.early_stopping_patience > 0)) if on]
-    if wants and cfg.data.val_path is None and cfg.data.val_fraction <= 0:
+    from .data import expand, validation_spec
+
+    plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
+    val_spec = validation_spec(plain(cfg.data.train_path), plain(cfg.data.val_path))
+    if wants and val_spec is None and cfg.data.val_fraction <= 0:
         problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
-                        "data.val_path=null data.val_fraction=0.1.")
+                        "data.val_fraction=0.1 (a share of the training data).")
     if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
         problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
                         f"train.eval_steps=0 (or {t.save_steps}, train.save_steps).")
@@ -244,9 +250,7 @@ def check(cfg: Config) -> None:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1).")
     if d.split_by not in ("record", "source"):
         problems.append(f"data.split_by={d.split_by} must be record or source.")
-    from .data import expand
-
-    for key, spec in (("train_path", d.train_path), ("val_path", d.val_path)):
+    for key, spec in (("train_path", d.train_path), ("val_path", val_spec)):
         if spec is None and key == "val_path":
             continue
         if not isinstance(spec, str) and not (OmegaConf.is_list(spec) or isinstance(spec, list)):

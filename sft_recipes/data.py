@@ -160,6 +160,19 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
     return files
 
 
+def validation_spec(train_spec, val_spec):
+    """The validation files: `val_spec` as given, but for "auto" the file beside a single training file named
+    <name>_val<suffix> (sft_sample.json -> sft_sample_val.json) if there is one, else None (then a share of the
+    training data is split off, if any: data.val_fraction)."""
+    if val_spec != "auto":
+        return val_spec
+    if isinstance(train_spec, (str, Path)) and Path(train_spec).is_file():
+        beside = Path(train_spec).with_name(f"{Path(train_spec).stem}_val{Path(train_spec).suffix}")
+        if beside.is_file():
+            return str(beside)
+    return None
+
+
 def load_many(spec, columns: Optional[Dict[str, str]] = None,
               reports: Optional[List[FileReport]] = None) -> List[Record]:
     """All records of all files in `spec`; every file is validated before the first error is raised."""

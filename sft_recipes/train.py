@@ -133,9 +133,11 @@ def data_options(cfg) -> prepare.Options:
 
 
 def data_paths(cfg):
-    """(train spec, validation spec) as plain strings or lists."""
+    """(train spec, validation spec) as plain strings or lists; data.val_path=auto resolved (data.validation_spec)."""
+    from .data import validation_spec
+
     plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
-    return plain(cfg.data.train_path), plain(cfg.data.val_path)
+    return plain(cfg.data.train_path), validation_spec(plain(cfg.data.train_path), plain(cfg.data.val_path))
 
 
 def prepare_data(cfg, tokenizer) -> prepare.Prepared:
@@ -218,6 +220,12 @@ def run(cfg) -> Optional[Path]:
     # Data first: bad records fail here, before any model weights are loaded.
     model_path = models.resolve_config(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    if cfg.data.val_path == "auto":
+        val_spec = data_paths(cfg)[1]
+        print(f"Validation data: {val_spec} (beside the training file; data.val_path=FILE names another)" if val_spec
+              else f"Validation data: {cfg.data.val_fraction:.0%} of the training data (data.val_fraction)"
+              if cfg.data.val_fraction > 0 else "No validation data: no <name>_val file beside the training data; "
+              "data.val_fraction=0.1 splits a share off, data.val_path=FILE names a file.")
     data = prepare_data(cfg, tokenizer)
     train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
     print(report.data_summary("Training data", train_stats))

@@ -114,3 +114,24 @@ def test_split_is_seeded_and_disjoint():
     assert len(val) == round(len(records) * 0.1) and len(train) + len(val) == len(records)
     assert not {r.question for r in train} & {r.question for r in val}
     assert [r.question for r in data.split(records, 0.1, seed=1)[1]] == [r.question for r in val]
+
+
+def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
+    """data.val_path=auto (the default): <name>_val<suffix> beside a single training file, else no file (then
+    data.val_fraction). Your own training file is never validated against the sample's validation file."""
+    from test_config import make
+    from sft_recipes import train
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in json.loads(TRAIN.read_text())[:40]))
+    assert data.validation_spec(str(TRAIN), "auto") == str(VAL)  # the sample data's pair
+    assert data.validation_spec(str(mine), "auto") is None
+    assert data.validation_spec([str(mine)], "auto") is None and data.validation_spec(str(mine), "x.json") == "x.json"
+
+    train.run(make(f"output_dir={tmp_path / 'a'}", f"data.train_path={mine}", "dry_run=true"))
+    assert "No validation data: no <name>_val file beside the training data" in capsys.readouterr().out
+    (tmp_path / "mine_val.jsonl").write_text(json.dumps(json.loads(VAL.read_text())[0]) + "\n")
+    train.run(make(f"output_dir={tmp_path / 'b'}", f"data.train_path={mine}", "dry_run=true"))
+    out = capsys.readouterr().out
+    assert f"Validation data: {tmp_path / 'mine_val.jsonl'} (beside the training file" in out
+    assert "Validation data: 1 records" in out
