@@ -1,7 +1,9 @@
 """`python -m sft_recipes.chat run_dir=RUN`: talk to the fine-tuned model.
 
 Interactive: a prompt with history, tokens streamed as they are generated, `/reset` to forget the history,
-`/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. The run's
+`/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. A file of
+questions: `questions=FILE` (JSON, JSONL, CSV or Parquet; only the question field is needed) writes
+`{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
 sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
 """
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import sys
 import threading
+from pathlib import Path
+from typing import Optional
 
-USAGE = ('python -m sft_recipes.chat run_dir=RUN [prompt="..."] [max_new_tokens=256] [temperature=0] [top_p=1] '
-         '[seed=0] [base=false]')
-DEFAULTS = {"run_dir": None, "prompt": "", "max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0,
-            "base": False}
+USAGE = ('python -m sft_recipes.chat run_dir=RUN [prompt="..." | questions=FILE [out=FILE.jsonl]] '
+         '[max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
+DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
+            "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8}
 
 
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperature: float = 0.0,
@@ -69,6 +73,25 @@ def converse(cfg, ask, prompt: str, who: str) -> None:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
+def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
+                sampling: Optional[dict]) -> None:
+    """Answer every record's question; JSON lines into `out`, written whole at the end (a file that is there
+    already is replaced only then)."""
+    import json
+    import os
+
+    from . import runs
+
+    answers = runs.generate(model, tok, [runs.messages(cfg, r.question, source=r.source) for r in records],
+                            max_new_tokens, batch_size, sampling)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:
+        for r, (text, stopped) in zip(records, answers):
+            f.write(json.dumps({"question": r.question, "answer": text, "source": r.source,
+                                "stopped_at_end_of_turn": stopped}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+
+
 def _cli(argv):
     import contextlib
 
@@ -82,13 +105,29 @@ def _cli(argv):
         raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
                         "greedy) and top_p in (0, 1].")
     cfg = runs.config(args["run_dir"])
+    if args["questions"]:  # read and check them before any model loads
+        from .data import expand, load_many
+
+        records = load_many(args["questions"], dict(cfg.data.columns), required=("question",))
+        files = expand(args["questions"])
+        out = Path(args["out"] or Path(args["run_dir"]) / f"answers_{files[0].stem}.jsonl")
+        if out.resolve() in {f.resolve() for f in files}:
+            raise UserError(f"out={out} is one of the question files; the answers go to another file.")
+        if not out.parent.is_dir():
+            raise UserError(f"out={out}: the folder {out.parent} does not exist.")
     tok = runs.tokenizer(args["run_dir"])
     model = runs.adapter_model(cfg, args["run_dir"])
     set_seed(args["seed"])
     ask = lambda conversation, stream=None: answer(  # noqa: E731
         model, tok, conversation, args["max_new_tokens"], stream, args["temperature"], args["top_p"])
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
-        converse(cfg, ask, args["prompt"], "base" if args["base"] else "fine-tuned")
+        if args["questions"]:
+            sampling = (dict(do_sample=True, temperature=args["temperature"], top_p=args["top_p"])
+                        if args["temperature"] > 0 else None)
+            answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"], sampling)
+            print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
+        else:
+            converse(cfg, ask, args["prompt"], "base" if args["base"] else "fine-tuned")
 
 
 if __name__ == "__main__":

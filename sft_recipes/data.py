@@ -95,8 +95,9 @@ def _read_table(path: Path) -> List[dict]:
 
 
 def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
-                 report: Optional[FileReport] = None) -> List[Record]:
-    """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt)."""
+                 report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
+    """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt);
+    `required` (question and answer) must be non-empty strings, the other fields strings if present."""
     p = Path(path)
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
     unit, rows = _parse(p)
@@ -106,31 +107,34 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
-            problems.append(f"{at}: expected an object with '{cols['question']}' and '{cols['answer']}', "
-                            f"found {type(raw).__name__}")
+            problems.append(f"{at}: expected an object with " + " and ".join(f"'{cols[k]}'" for k in required)
+                            + f", found {type(raw).__name__}")
             continue
         extra.update(k for k in raw if k not in cols.values())
         bad = False
         for key in FIELDS:
             name, value = cols[key], raw.get(cols[key])
             if value is None:
-                if key in REQUIRED:
+                if key in required:
                     problems.append(f"{at}: field '{name}' is missing")
                     bad = True
             elif not isinstance(value, str):
                 problems.append(f"{at}: field '{name}' must be a string, found {type(value).__name__}")
                 bad = True
-            elif key in REQUIRED and not value.strip():
+            elif key in required and not value.strip():
                 problems.append(f"{at}: field '{name}' is {'empty' if not value else 'only whitespace'}")
                 bad = True
         if not bad:
-            records.append(Record(raw[cols["question"]], raw[cols["answer"]], raw.get(cols["source"]) or "", where))
+            records.append(Record(raw[cols["question"]], raw.get(cols["answer"]) or "", raw.get(cols["source"]) or "",
+                                  where))
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        optional = " and ".join(f"'{cols[k]}'" for k in FIELDS if k not in required)
         raise UserError(f"{len(problems)} invalid record(s) in {p}: {shown}{more}. Each record needs non-empty "
-                        f"string fields '{cols['question']}' and '{cols['answer']}' ('{cols['source']}' is an "
-                        "optional string); map other column names with data.columns.question=NAME etc.")
+                        "string fields " + " and ".join(f"'{cols[k]}'" for k in required) + f" ({optional} "
+                        f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'});"
+                        " map other column names with data.columns.question=NAME etc.")
     if report is not None:
         report.records = len(records)
         if extra:
@@ -174,13 +178,13 @@ def validation_spec(train_spec, val_spec):
 
 
 def load_many(spec, columns: Optional[Dict[str, str]] = None,
-              reports: Optional[List[FileReport]] = None) -> List[Record]:
+              reports: Optional[List[FileReport]] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """All records of all files in `spec`; every file is validated before the first error is raised."""
     records, errors = [], []
     for path in expand(spec):
         rep = FileReport(str(path))
         try:
-            records += load_records(path, columns, rep)
+            records += load_records(path, columns, rep, required)
         except UserError as e:
             errors.append(str(e))
         if reports is not None:

@@ -63,7 +63,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
             print(f"warning: {seen} of the {len(val_records)} questions in {data} also appear in the training data: "
                   "their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
-    conversations = [runs.messages(cfg, r.question) for r in val_records]
+    conversations = [runs.messages(cfg, r.question, source=r.source) for r in val_records]  # as in training
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -81,17 +81,19 @@ def adapter_model(cfg, run_dir, base=None):
                                      Path(run_dir) / "final_model").eval()
 
 
-def messages(cfg, question: str, history: List[dict] = ()) -> List[dict]:
-    """The prompt messages for a question, with the run's template and system prompt (and chat history)."""
+def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> List[dict]:
+    """The prompt messages for a question (and its source, for templates that show it), with the run's template
+    and system prompt (and chat history)."""
     from .train import template_of
 
-    prompt = template_of(cfg).messages({"question": question}, cfg.data.system_prompt)
+    prompt = template_of(cfg).messages({"question": question, "source": source}, cfg.data.system_prompt)
     return prompt[:-1] + list(history) + prompt[-1:]
 
 
-def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8):
-    """Greedy answers for prompt conversations, batched with left padding; stops at the end-of-turn token.
-    Returns [(text, stopped at end-of-turn)]."""
+def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
+             sampling: Optional[dict] = None):
+    """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
+    with left padding; stops at the end-of-turn token. Returns [(text, stopped at end-of-turn)]."""
     import torch
 
     tok.padding_side = "left"
@@ -101,7 +103,7 @@ def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, b
         batch = tok.apply_chat_template(conversations[i:i + batch_size], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True, padding=True).to(device)
         with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}),
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for row in ids[:, batch["input_ids"].shape[1]:]:
             row = row.tolist()

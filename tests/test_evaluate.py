@@ -144,6 +144,36 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
         evaluate.evaluate(tiny_run, data=str(tmp_path / "missing.json"))
 
 
+def test_prompts_at_inference_show_the_source_as_training_did():
+    from test_config import make
+    from sft_recipes import runs
+
+    cfg = make("data.template=chat_with_source", "data.system_prompt=Be brief.")
+    assert runs.messages(cfg, "What is a mean?", source="Ch. 2") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Source: Ch. 2\n\nWhat is a mean?"}]
+
+
+def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
+    from sft_recipes import chat
+
+    questions = tmp_path / "exam.jsonl"
+    questions.write_text('{"question": "What is a mean?"}\n{"question": "What is a median?", "source": "Ch. 2"}\n')
+    chat._cli([f"run_dir={tiny_run}", f"questions={questions}", "max_new_tokens=4"])
+    assert f"2 answers (fine-tuned model): {tiny_run / 'answers_exam.jsonl'}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tiny_run / "answers_exam.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["source"]) for r in rows] == [("What is a mean?", ""), ("What is a median?", "Ch. 2")]
+    assert all(isinstance(r["answer"], str) and isinstance(r["stopped_at_end_of_turn"], bool) for r in rows)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is a mean?"}\n{"prompt": "x"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl: line 2: field 'question' is missing.*'answer' and 'source' "
+                                        "are optional strings"):
+        chat._cli([f"run_dir={tiny_run}", f"questions={bad}"])
+    with pytest.raises(UserError, match="is one of the question files"):
+        chat._cli([f"run_dir={tiny_run}", f"questions={questions}", f"out={questions}"])
+    assert questions.read_text().startswith('{"question": "What is a mean?"}')  # untouched
+
+
 def test_cli_arguments_are_checked(tiny_run):
     with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
