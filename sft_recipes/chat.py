@@ -73,6 +73,23 @@ def converse(cfg, ask, prompt: str, who: str) -> None:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
+def load_questions(spec, columns: dict):
+    """The records of question files, read with the run's column names, or else with the plain ones."""
+    from .data import DEFAULT_COLUMNS, load_many
+    from .errors import UserError
+
+    try:
+        return load_many(spec, columns, required=("question",))
+    except UserError as e:
+        if columns == DEFAULT_COLUMNS:
+            raise
+        try:
+            return load_many(spec, DEFAULT_COLUMNS, required=("question",))
+        except UserError:
+            raise UserError(f"{str(e).split('; map other column names')[0]}. (The questions are read from the "
+                            f"run's question column, '{columns['question']}', or from 'question'.)") from None
+
+
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
                 sampling: Optional[dict]) -> None:
     """Answer every record's question; JSON lines into `out`, written whole at the end (a file that is there
@@ -106,9 +123,9 @@ def _cli(argv):
                         "greedy) and top_p in (0, 1].")
     cfg = runs.config(args["run_dir"])
     if args["questions"]:  # read and check them before any model loads
-        from .data import expand, load_many
+        from .data import expand
 
-        records = load_many(args["questions"], dict(cfg.data.columns), required=("question",))
+        records = load_questions(args["questions"], dict(cfg.data.columns))
         files = expand(args["questions"])
         out = Path(args["out"] or Path(args["run_dir"]) / f"answers_{files[0].stem}.jsonl")
         if out.resolve() in {f.resolve() for f in files}:

@@ -169,6 +169,10 @@ def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
     with pytest.raises(UserError, match=r"bad.jsonl: line 2: field 'question' is missing.*'answer' and 'source' "
                                         "are optional strings"):
         chat._cli([f"run_dir={tiny_run}", f"questions={bad}"])
+    renamed = {"question": "Q", "answer": "A", "source": "S"}  # a run trained on a file with other column names
+    assert [r.question for r in chat.load_questions(str(questions), renamed)] == ["What is a mean?", "What is a median?"]
+    with pytest.raises(UserError, match="read from the run's question column, 'Q', or from 'question'"):
+        chat.load_questions(str(bad), renamed)
     with pytest.raises(UserError, match="is one of the question files"):
         chat._cli([f"run_dir={tiny_run}", f"questions={questions}", f"out={questions}"])
     assert questions.read_text().startswith('{"question": "What is a mean?"}')  # untouched
