@@ -133,6 +133,7 @@ class EvalConfig:
     after_train: bool = False  # run `python -m sft_recipes.evaluate` on the run when training ends
     max_new_tokens: int = 256
     limit: int = 0  # evaluate only the first N validation records (0: all)
+    samples: int = 0  # after each validation, greedy answers to the first N validation questions (RUN/samples.md)
 
 
 @dataclass
@@ -232,6 +233,14 @@ def check(cfg: Config) -> None:
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
         problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
                         "data.val_fraction=0.1 (a share of the training data).")
+    if cfg.eval.samples < 0:
+        problems.append(f"eval.samples={cfg.eval.samples} must be 0 (off) or positive.")
+    elif cfg.eval.samples and t.compile:
+        problems.append("eval.samples generates answers during training, which would recompile the compiled "
+                        "layers for every new length: set train.compile=false, or eval.samples=0.")
+    elif cfg.eval.samples and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("eval.samples generates in one process only; set eval.samples=0 for a multi-process run "
+                        "(python -m sft_recipes.evaluate runs after it).")
     if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
         problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
                         f"train.eval_steps=0 (or {t.save_steps}, train.save_steps).")

@@ -40,6 +40,38 @@ class TrainingLog(TrainerCallback):
                 f.write(" ".join(parts) + speed + "\n")
 
 
+class SampleAnswers(TrainerCallback):
+    """eval.samples=N: after each validation, greedy answers to the first N validation questions (prompted as in
+    training), appended to RUN/samples.md with the references. Generation reads no random state and leaves the model
+    in training mode, so the run trains the same with or without it (tested)."""
+
+    def __init__(self, records, conversations, tokenizer, max_new_tokens: int, path: Path):
+        import copy
+
+        self.records, self.conversations, self.max_new_tokens = records, conversations, max_new_tokens
+        self.tok, self.path = copy.deepcopy(tokenizer), Path(path)  # generation pads on the left: its own copy
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        from .runs import generate
+
+        training = model.training
+        model.eval()
+        try:
+            answers = generate(model, self.tok, self.conversations, self.max_new_tokens, use_cache=True)
+        finally:
+            model.train(training)
+        cell = lambda text: text.replace("\n", " ")  # noqa: E731
+        loss = (kwargs.get("metrics") or {}).get("eval_loss")
+        lines = [f"## step {state.global_step}" + (f" (validation loss {loss:.4f})" if loss is not None else ""), ""]
+        for r, (answer, stopped) in zip(self.records, answers):
+            lines += [f"**Q:** {cell(r.question)}", "", f"- reference: {cell(r.answer)}",
+                      f"- answer{'' if stopped else ' (cut at eval.max_new_tokens)'}: {cell(answer)}", ""]
+        with self.path.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def plot_loss(log_history, path: Path) -> None:
     import matplotlib
 

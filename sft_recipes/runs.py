@@ -91,7 +91,7 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> 
 
 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
-             sampling: Optional[dict] = None):
+             sampling: Optional[dict] = None, use_cache: Optional[bool] = None):
     """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
     with left padding; stops at the end-of-turn token. Returns [(text, stopped at end-of-turn)]."""
     import torch
@@ -104,7 +104,8 @@ def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, b
                                         return_tensors="pt", return_dict=True, padding=True).to(device)
         with torch.no_grad():
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}),
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 **({} if use_cache is None else {"use_cache": use_cache}))
         for row in ids[:, batch["input_ids"].shape[1]:]:
             row = row.tolist()
             stopped = tok.eos_token_id in row

@@ -247,6 +247,12 @@ def run(cfg) -> Optional[Path]:
     from .trainer import Guard, Trainer
 
     callbacks = [report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)]
+    if cfg.eval.samples and val_ds is not None:
+        from .runs import messages
+
+        records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
+        callbacks.append(report.SampleAnswers(records, [messages(cfg, r.question, source=r.source) for r in records],
+                                              tokenizer, cfg.eval.max_new_tokens, out / "samples.md"))
     if cfg.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 

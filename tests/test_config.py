@@ -104,6 +104,8 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("data.val_path=null train.final_model=best train.early_stopping_patience=3",
      "train.final_model=best and train.early_stopping_patience=3 need a validation loss: set data.val_path=FILE"),
     ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (or 50"),
+    ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
+    ("eval.samples=2 train.compile=true", "would recompile the compiled layers"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
     pattern = message.replace("[", r"\[").replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")

@@ -212,3 +212,18 @@ def test_dora_and_rslora_train_and_load(tmp_path, tiny_dir):
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.scaling["default"] == pytest.approx(32 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r), not alpha/r = 8
     assert models.adapter_lora(str(final))["use_dora"] and build.lora_config(make("lora.use_dora=true").lora).use_dora
+
+
+def test_sample_answers_during_training_do_not_change_the_run(tmp_path, tiny_dir):
+    """eval.samples=2 writes two answers per validation to samples.md; the loss curve is the one of the same run
+    without them (generation must not touch the random state, the model's mode or the tokenizer)."""
+    common = ["preset=fast_test", "quantization=nf4", "train.gradient_checkpointing=true", "train.max_steps=4",
+              "train.save_steps=2", "train.logging_steps=1", "train.lr=2e-3", "eval.max_new_tokens=6"]
+    run(tmp_path / "plain", tiny_dir, *common)
+    run(tmp_path / "samples", tiny_dir, *common, "eval.samples=2")
+    assert loss_history(tmp_path / "plain") == loss_history(tmp_path / "samples")
+    text = (tmp_path / "samples" / "samples.md").read_text()
+    first_val = json.loads(VAL.read_text())[0]
+    assert [line.split(" (")[0] for line in text.splitlines() if line.startswith("## ")] == ["## step 2", "## step 4"]
+    assert text.count("**Q:**") == 4 and f"**Q:** {first_val['question']}" in text
+    assert not (tmp_path / "plain" / "samples.md").exists()
