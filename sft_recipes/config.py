@@ -228,8 +228,7 @@ def check(cfg: Config) -> None:
                               t.early_stopping_patience > 0)) if on]
     from .data import expand, validation_spec
 
-    plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
-    val_spec = validation_spec(plain(cfg.data.train_path), plain(cfg.data.val_path))
+    val_spec = validation_spec(cfg.data.train_path, cfg.data.val_path)
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
         problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
                         "data.val_fraction=0.1 (a share of the training data).")
