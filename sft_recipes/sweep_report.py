@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 
 METRICS = ("best_eval_loss", "final_eval_loss", "final_train_loss", "trained_tokens_per_s", "peak_memory_gib",
            "wall_s", "global_step", "final_model_step")
+ANSWERS = ("rouge_l", "token_f1", "stopped_at_end_of_turn")  # the fine-tuned model's, where eval.after_train ran
 
 
 def eval_curve(job: Path) -> List[tuple]:
@@ -37,9 +38,12 @@ def collect(sweep_dir: Path) -> List[dict]:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        answers = job / "eval" / "metrics.json"
+        answers = json.loads(answers.read_text())["fine_tuned"] if answers.exists() else {}
         rows.append({"job": job.name, "status": "done" if metrics else "failed or unfinished",
                      "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
-                     **{k: metrics.get(k) for k in METRICS}, "curve": eval_curve(job)})
+                     **{k: metrics.get(k) for k in METRICS}, **{k: answers.get(k) for k in ANSWERS},
+                     "curve": eval_curve(job)})
     if len(rows) > 1:  # show what differs between jobs, not the overrides they share
         common = set.intersection(*(set(r["overrides"].split()) for r in rows))
         for r in rows:
@@ -50,7 +54,8 @@ def collect(sweep_dir: Path) -> List[dict]:
 
 def write(sweep_dir, rows: List[dict]) -> None:
     sweep_dir = Path(sweep_dir)
-    columns = ["job", "status", "overrides", *METRICS]
+    answers = ANSWERS if any(r["rouge_l"] is not None for r in rows) else ()
+    columns = ["job", "status", "overrides", *METRICS, *answers]
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
