@@ -47,7 +47,7 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
 def precheck(argv) -> None:
     """Before Hydra writes into the run dir (it rewrites .hydra/ there): refuse a folder that already holds a
     run unless resuming, and one that cannot be written."""
-    from .train import refuse_finished
+    from .resume import refuse_finished
 
     resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
     run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)

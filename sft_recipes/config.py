@@ -159,7 +159,7 @@ def run_dir(root: str, resume_from) -> str:
     that has a checkpoint (so the same command continues the stopped run in place)."""
     key = (root, resume_from)
     if key not in _run_dirs:
-        from .train import last_checkpoint
+        from .resume import last_checkpoint
 
         runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)] if resume_from == "auto" else []
         newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)

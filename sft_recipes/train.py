@@ -1,109 +1,16 @@
 """One fine-tuning run, top to bottom: check, data, tokenizer, model, trainer, train, save, report."""
 from __future__ import annotations
 
-import json
-import os
-import re
 import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates
 from .errors import UserError
-from .trainer import COMPLETE, RUN_CONFIG, NonFiniteError, publish
-
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def last_checkpoint(run_dir: Path, warn: bool = False) -> Optional[Path]:
-    """The newest complete checkpoint-N folder of a run dir (one with its completion marker)."""
-    found = []
-    for p in Path(run_dir).glob("checkpoint-*"):
-        if not (m := CHECKPOINT.match(p.name)):
-            continue
-        if (p / COMPLETE).exists():
-            found.append((int(m.group(1)), p))
-        elif warn:
-            print(f"warning: ignoring {p}: it has no {COMPLETE} marker (a save that was cut short)")
-    return max(found)[1] if found else None
-
-
-def holds_run(run_dir: Path) -> bool:
-    """Whether a folder already holds a training run's results."""
-    d = Path(run_dir)
-    return any((d / n).exists() for n in ("final_model", "training_log.txt")) or any(d.glob("checkpoint-*"))
-
-
-def refuse_finished(run_dir: Path) -> None:
-    """A new run never writes into a folder that already holds one."""
-    if holds_run(run_dir):
-        raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
-                        "or start a new one in another folder (hydra.run.dir=...).")
-
-
-# What a resumed run may set to new values: how long it runs, what it logs and saves, how it computes (not what).
-MAY_CHANGE_ON_RESUME = {
-    "train.epochs", "train.max_steps", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-    "train.eval_steps", "train.report_to", "train.on_nonfinite", "train.early_stopping_patience", "train.final_model",
-    "train.compile", "train.compile_options", "train.compile_checkpoint", "train.activation_offloading",
-    "train.gradient_checkpointing", "model.attn_implementation", "data.cache", "eval"}
-NOT_KEPT = ("resume_from", "dry_run", "debug")  # about this command, not about the run
-
-
-def settings(plain: dict) -> dict:
-    """A config (as plain YAML data) as {"group.key": value}."""
-    flat = {}
-    for group, value in plain.items():
-        if group not in NOT_KEPT:
-            flat.update({f"{group}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {group: value})
-    return flat
-
-
-def keep_trained_settings(cfg, checkpoint: Path):
-    """A resumed run continues with the settings its checkpoint was trained with (RUN_CONFIG): `resume_from=auto`
-    alone continues a run made with any overrides. On the command line it may set what MAY_CHANGE_ON_RESUME names
-    (e.g. train.max_steps to train longer); another value for anything else is refused, since the checkpoint's
-    adapter, optimizer state and data order belong to the old one. Called without Hydra's command line (the compose
-    API), it keeps only what may not change."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not (checkpoint / RUN_CONFIG).exists():  # a checkpoint from before this file: resumed as configured
-        return cfg
-    saved = settings(yaml.safe_load((checkpoint / RUN_CONFIG).read_text()))
-    now = settings(yaml.safe_load(config.recorded(cfg)))
-    changed = {k: v for k, v in saved.items() if k in now and now[k] != v}
-    may_change = lambda k: k in MAY_CHANGE_ON_RESUME or k.split(".")[0] in MAY_CHANGE_ON_RESUME  # noqa: E731
-    if HydraConfig.initialized():
-        given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-        groups = {k for k in given if "." not in k}  # model=, lora=, quantization=, preset= (train.*, data.*)
-        set_here = lambda k: (k in given or k.split(".")[0] in groups  # noqa: E731
-                              or ("preset" in groups and k.split(".")[0] in ("train", "data")))
-    else:
-        set_here = may_change
-    if clash := [k for k in changed if set_here(k) and not may_change(k)]:
-        raise UserError(f"{checkpoint} was trained with " + ", ".join(f"{k}={_value(changed[k])}" for k in clash)
-                        + "; this command sets " + ", ".join(f"{k}={_value(now[k])}" for k in clash) + ". A resumed "
-                        "run keeps the settings it was trained with (it may change how long it runs, logging, saving, "
-                        "validation and compilation): drop the override, or start a new run without resume_from (with "
-                        f"model.adapter={checkpoint} it starts from this checkpoint's adapter).")
-    if kept := {k: v for k, v in changed.items() if not set_here(k)}:
-        for k, v in kept.items():
-            OmegaConf.update(cfg, k, v, merge=False)
-        print("Resuming with the settings the run was trained with: "
-              + ", ".join(f"{k}={_value(v)}" for k, v in kept.items()))
-        if HydraConfig.initialized() and os.environ.get("RANK", "0") == "0":
-            hydra = HydraConfig.get()  # Hydra rewrote the run's config.yaml, which evaluate/chat/merge read
-            if hydra.output_subdir:
-                OmegaConf.save(cfg, Path(hydra.runtime.output_dir) / hydra.output_subdir / "config.yaml")
-    return cfg
-
-
-def _value(v) -> str:
-    """A value as an override writes it (null, true, [a,b])."""
-    return v if isinstance(v, str) else json.dumps(v)
+from .resume import keep_trained_settings, last_checkpoint, resume_point, value
+from .trainer import NonFiniteError, publish
 
 
 def oom_advice(cfg) -> str:
@@ -177,26 +84,9 @@ def use_adapter_lora(cfg) -> None:
     now = {k: sorted(v) if k == "target_modules" else v for k, v in OmegaConf.to_container(cfg.lora).items()}
     if differ := {k: v for k, v in lora.items() if now[k] != v}:
         print(f"LoRA settings from the adapter {cfg.model.adapter}: "
-              + ", ".join(f"lora.{k}={_value(v)}" for k, v in differ.items()))
+              + ", ".join(f"lora.{k}={value(v)}" for k, v in differ.items()))
         for k, v in differ.items():
             cfg.lora[k] = v
-
-
-def resume_point(cfg, out: Path) -> Optional[Path]:
-    """The checkpoint this run continues (resume_from), or None for a new run (refused in a folder holding one)."""
-    if not cfg.resume_from:
-        if os.environ.get("RANK", "0") == "0":
-            refuse_finished(out)
-        return None
-    if cfg.resume_from == "auto":
-        checkpoint = last_checkpoint(out, warn=True)
-        print(f"Resuming from {checkpoint}" if checkpoint else f"resume_from=auto: no checkpoint in {out}, "
-              "starting from step 0")
-        return checkpoint
-    checkpoint = Path(cfg.resume_from)
-    if not (checkpoint / COMPLETE).exists():
-        raise UserError(f"resume_from={checkpoint} has no {COMPLETE} marker: it is not a complete checkpoint.")
-    return checkpoint
 
 
 def run(cfg) -> Optional[Path]:
