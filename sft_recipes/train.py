@@ -78,6 +78,26 @@ def dry_run(cfg, model_path: str, tokenizer, data, out: Path) -> None:
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 
+def validation_choice(cfg) -> str:
+    """What data.val_path=auto found, in one line."""
+    val_spec = data_paths(cfg)[1]
+    if val_spec:
+        return f"Validation data: {val_spec} (beside the training file; data.val_path=FILE names another)"
+    if cfg.data.val_fraction > 0:
+        return f"Validation data: {cfg.data.val_fraction:.0%} of the training data (data.val_fraction)"
+    return ("No validation data: no <name>_val file beside the training data; data.val_fraction=0.1 splits a share "
+            "off, data.val_path=FILE names a file.")
+
+
+def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
+    """eval.samples: the callback that answers the first validation questions after each validation."""
+    from .runs import messages
+
+    records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
+    return report.SampleAnswers(records, [messages(cfg, r.question, source=r.source) for r in records], tokenizer,
+                                cfg.eval.max_new_tokens, path)
+
+
 def use_adapter_lora(cfg) -> None:
     """With model.adapter, the adapter's own LoRA settings are the run's (so its config and card say what trains)."""
     lora = models.adapter_lora(cfg.model.adapter)
@@ -111,11 +131,7 @@ def run(cfg) -> Optional[Path]:
     model_path = models.resolve_config(cfg.model)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     if cfg.data.val_path == "auto":
-        val_spec = data_paths(cfg)[1]
-        print(f"Validation data: {val_spec} (beside the training file; data.val_path=FILE names another)" if val_spec
-              else f"Validation data: {cfg.data.val_fraction:.0%} of the training data (data.val_fraction)"
-              if cfg.data.val_fraction > 0 else "No validation data: no <name>_val file beside the training data; "
-              "data.val_fraction=0.1 splits a share off, data.val_path=FILE names a file.")
+        print(validation_choice(cfg))
     data = prepare_data(cfg, tokenizer)
     train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
     print(report.data_summary("Training data", train_stats))
@@ -138,11 +154,7 @@ def run(cfg) -> Optional[Path]:
 
     callbacks = [report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)]
     if cfg.eval.samples and val_ds is not None:
-        from .runs import messages
-
-        records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
-        callbacks.append(report.SampleAnswers(records, [messages(cfg, r.question, source=r.source) for r in records],
-                                              tokenizer, cfg.eval.max_new_tokens, out / "samples.md"))
+        callbacks.append(sample_answers(cfg, tokenizer, out / "samples.md"))
     if cfg.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
