@@ -121,7 +121,7 @@ def run(cfg) -> Optional[Path]:
     if checkpoint:
         cfg = keep_trained_settings(cfg, checkpoint)
         config.check(cfg)
-    if cfg.model.adapter:
+    if cfg.model.adapter and not checkpoint:  # (a resumed run kept the LoRA settings it was trained with)
         use_adapter_lora(cfg)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -162,7 +162,8 @@ def run(cfg) -> Optional[Path]:
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    if cfg.model.adapter:  # continue training that adapter instead of a new one
+    adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
+    if adapter:  # continue training that adapter instead of a new one
         model = models.load_adapter(model, cfg.model.adapter)
     trainer = Trainer(
         model=model,
@@ -170,7 +171,7 @@ def run(cfg) -> Optional[Path]:
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        peft_config=None if cfg.model.adapter else build.lora_config(cfg.lora),
+        peft_config=None if adapter else build.lora_config(cfg.lora),
         callbacks=callbacks,
         run_config=config.recorded(cfg),
         **build.compile_kwargs(cfg),

@@ -175,6 +175,14 @@ def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     card = (second / "final_model" / "README.md").read_text()
     assert f"| started from | the adapter `{first / 'final_model'}` |" in card and "r=8" in card
 
+    # resumed later, the run reads the adapter's weights from its own checkpoint: the first run may be gone
+    shutil.rmtree(first)
+    run(second, tiny_dir, "preset=fast_test", "quantization=nf4", f"model.adapter={first / 'final_model'}",
+        "train.max_steps=3", "train.lr=1e-12", "data.val_path=null", "resume_from=auto")
+    assert json.loads((second / "metrics.json").read_text())["global_step"] == 3
+    again = load_file(second / "final_model" / "adapter_model.safetensors")
+    assert all(torch.allclose(again[k], start[k], atol=1e-9) for k in start)
+
 
 def test_an_adapter_for_another_model_is_refused(tmp_path, tiny_dir):
     from peft import LoraConfig, get_peft_model
@@ -227,3 +235,24 @@ def test_sample_answers_during_training_do_not_change_the_run(tmp_path, tiny_dir
     assert [line.split(" (")[0] for line in text.splitlines() if line.startswith("## ")] == ["## step 2", "## step 4"]
     assert text.count("**Q:**") == 4 and f"**Q:** {first_val['question']}" in text
     assert not (tmp_path / "plain" / "samples.md").exists()
+
+
+def test_a_resumed_qlora_run_trains_as_the_uninterrupted_one(tmp_path, tiny_dir):
+    """4-bit QLoRA keeps its adapter in bfloat16 (TRL, after the QLoRA paper), but Trainer's resume reloads it
+    through peft, which upcasts it to float32: our Trainer puts the dtype back. The resumed run then has the
+    uninterrupted run's losses and saves the same bfloat16 adapter."""
+    common = ["preset=fast_test", "quantization=nf4", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
+              "train.lr=2e-3", "data.val_path=null", "train.save_total_limit=null"]
+    run(tmp_path / "whole", tiny_dir, *common)
+    cut = tmp_path / "cut"
+    run(cut, tiny_dir, *common)
+    shutil.rmtree(cut / "checkpoint-6")
+    shutil.rmtree(cut / "final_model")
+    (cut / "metrics.json").unlink()
+    run(cut, tiny_dir, *common, "resume_from=auto")
+    whole, resumed = loss_history(tmp_path / "whole"), loss_history(cut)
+    assert all(abs(whole[s] - resumed[s]) < 1e-4 * whole[s] for s in (4, 5, 6)), (whole, resumed)
+    a = load_file(tmp_path / "whole" / "final_model" / "adapter_model.safetensors")
+    b = load_file(cut / "final_model" / "adapter_model.safetensors")
+    assert {v.dtype for v in b.values()} == {v.dtype for v in a.values()} == {torch.bfloat16}
+    assert all(torch.equal(a[k], b[k]) for k in a)
