@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -197,17 +198,27 @@ class Trainer(SFTTrainer):
         """TRL writes a draft card into the run dir at every save (naming the base `None` for a local folder);
         the run's card is sft_recipes.card's, in final_model/."""
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Trainer reloads a PEFT adapter with peft's load_adapter, which upcasts it to float32, while TRL keeps a
-        QLoRA adapter in bfloat16 (as the QLoRA paper does). Each trainable parameter goes back to the dtype it had,
-        so a resumed run computes (and saves) as the uninterrupted one. (FSDP and DeepSpeed load after wrapping:
-        left as they are.)"""
+    @contextmanager
+    def _same_dtypes(self):
+        """Trainer reloads a PEFT adapter (on resume, and for the best checkpoint at the end) with peft's
+        load_adapter, which upcasts it to float32, while TRL keeps a QLoRA adapter in bfloat16 (as the QLoRA paper
+        does). Each trainable parameter goes back to the dtype it had: a resumed run computes as the uninterrupted
+        one, and final_model/ is saved in the dtype that trained."""
         dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if model is None:
-            for name, param in self.model.named_parameters():
-                if name in dtypes and param.dtype != dtypes[name]:
-                    param.data = param.data.to(dtypes[name])
+        yield
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is not None:  # FSDP and DeepSpeed load after wrapping: left as they are
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self._same_dtypes():
+            super()._load_from_checkpoint(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        with self._same_dtypes():
+            super()._load_best_model()
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial))

@@ -120,6 +120,7 @@ def test_final_model_best_and_early_stopping(tmp_path, tiny_dir, capsys):
     assert kept == sorted([f"checkpoint-{best}", "checkpoint-12"]), kept  # save_total_limit=2: the best + newest
     final, at_best = adapter(best_run / "final_model"), adapter(best_run / f"checkpoint-{best}")
     assert final.keys() == at_best.keys() and all(torch.equal(final[k], at_best[k]) for k in final)
+    assert {v.dtype for v in final.values()} == {torch.bfloat16}  # as trained (QLoRA), not upcast by the reload
     assert "the weights of step" in capsys.readouterr().out
 
     stopped = tmp_path / "stopped"
