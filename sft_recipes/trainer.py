@@ -217,6 +217,8 @@ class Trainer(SFTTrainer):
             super()._load_from_checkpoint(resume_from_checkpoint)
 
     def _load_best_model(self):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # sharded parameters: left as they are
+            return super()._load_best_model()
         with self._same_dtypes():
             super()._load_best_model()
 
