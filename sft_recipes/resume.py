@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 
 from . import config
 from .errors import UserError
-from .trainer import COMPLETE, RUN_CONFIG
 
+# Light on imports (no torch): the CLI checks a run dir with these before Hydra starts.
+COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -26,9 +26,8 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .errors import UserError
+from .resume import COMPLETE, RUN_CONFIG
 
-COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
-RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
 
 
 class NonFiniteError(RuntimeError):
