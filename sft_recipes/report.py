@@ -46,10 +46,8 @@ class SampleAnswers(TrainerCallback):
     in training mode, so the run trains the same with or without it (tested)."""
 
     def __init__(self, records, conversations, tokenizer, max_new_tokens: int, path: Path):
-        import copy
-
         self.records, self.conversations, self.max_new_tokens = records, conversations, max_new_tokens
-        self.tok, self.path = copy.deepcopy(tokenizer), Path(path)  # generation pads on the left: its own copy
+        self.tok, self.path = tokenizer, Path(path)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:

@@ -93,15 +93,19 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
              sampling: Optional[dict] = None, use_cache: Optional[bool] = None):
     """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
-    with left padding; stops at the end-of-turn token. Returns [(text, stopped at end-of-turn)]."""
+    with left padding (the tokenizer's own padding side is left as it was); stops at the end-of-turn token.
+    Returns [(text, stopped at end-of-turn)]."""
     import torch
 
-    tok.padding_side = "left"
     out = []
     device = next(model.parameters()).device
     for i in range(0, len(conversations), batch_size):
-        batch = tok.apply_chat_template(conversations[i:i + batch_size], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True, padding=True).to(device)
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            batch = tok.apply_chat_template(conversations[i:i + batch_size], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True, padding=True).to(device)
+        finally:
+            tok.padding_side = side
         with torch.no_grad():
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}),
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -144,6 +144,18 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
         evaluate.evaluate(tiny_run, data=str(tmp_path / "missing.json"))
 
 
+def test_generate_leaves_the_tokenizer_as_it_was(tiny_run):
+    """Batched generation pads on the left; the tokenizer it is given (the trainer's, for eval.samples) keeps its
+    own padding side."""
+    from sft_recipes import runs
+
+    cfg, tok = runs.config(tiny_run), runs.tokenizer(tiny_run)
+    tok.padding_side = "right"
+    answers = runs.generate(runs.adapter_model(cfg, tiny_run), tok, [runs.messages(cfg, "What is a mean?"),
+                                                                     runs.messages(cfg, "And a median?")], 2)
+    assert len(answers) == 2 and tok.padding_side == "right"
+
+
 def test_prompts_at_inference_show_the_source_as_training_did():
     from test_config import make
     from sft_recipes import runs
