@@ -172,7 +172,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("time", f"{m['wall_s']:g} s, {m.get('trained_tokens_per_s')} trained tokens/s, peak memory "
                  f"{m.get('peak_memory_gib')} GiB" if "wall_s" in m else None),
     ]) + [""]
-    versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES if _version(p))
+    versions = ", ".join(f"{p} {v}" for p in PACKAGES if (v := _version(p)))
     resolved = config.recorded(cfg, resolve=False)
     lines += [f"Versions: {versions}.", "", "<details><summary>The run's full config</summary>", "",
               "```yaml", resolved.strip(), "```", "", "</details>", ""]
