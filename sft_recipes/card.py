@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shlex
 import os
 import re
 from pathlib import Path
@@ -79,6 +80,20 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     return "\n".join(lines)
 
 
+def gguf_usage(cfg, gguf: str) -> list:
+    """How to run the GGUF file: it holds the tokenizer and the chat template, not the system prompt."""
+    from .train import template_of
+
+    template = template_of(cfg)
+    system = cfg.data.system_prompt if cfg.data.system_prompt is not None else template.system
+    fmt = f" Questions were asked as `{template.user}`." if template.user != "{question}" else ""
+    return [f"`{gguf}` is this model for llama.cpp, Ollama or LM Studio: the tokenizer and settings of the base "
+            f"model's GGUF file, this run's chat template and the merged weights.{fmt} With llama.cpp:", "",
+            "```sh", f"llama-cli -m {gguf} -cnv" + (f" -sys {shlex.quote(system)}" if system else ""), "```", "",
+            "With Ollama, a `Modelfile` beside it, then `ollama create my-model -f Modelfile`:", "", "```",
+            f"FROM ./{gguf}", *([f'SYSTEM """{system}"""'] if system else []), "```", ""]
+
+
 def table(rows) -> list:
     return ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows if v is not None)]
 
@@ -95,8 +110,9 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     base = hub or cfg.model.name_or_path
     t, lora = cfg.train, cfg.lora
 
+    gguf = merge.get("gguf_file") if merge else None
     tags = (["lora"] + (["qlora"] if cfg.quantization.bits == 4 else []) if not merged else []) + [
-        "sft", "trl", "sft-recipes"]
+        "sft", "trl", "sft-recipes"] + (["gguf"] if gguf else [])
     meta = {"library_name": "transformers" if merged else "peft", "pipeline_tag": "text-generation", "tags": tags}
     if hub:
         meta = {"base_model": hub, **({"base_model_relation": "finetune"} if merged else {}), **meta}
@@ -137,6 +153,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
          if "final_model_step" in m else None),
         ("merged vs adapter validation loss", f"{merge['merged_loss']} vs {merge['adapter_loss']}"
          if merge and "merged_loss" in merge else None),
+        (f"`{gguf}` validation loss", merge.get("gguf_loss") if gguf else None),
     ]) + [""]
     for ev in evals:
         keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
@@ -149,6 +166,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                   *(f"| {k.replace('_', ' ')} | {ev['base'][k]} | {ev['fine_tuned'][k]} |" for k in keys), ""]
 
     lines += ["## Use it", "", "```python", usage(cfg, base, folder, merged), "```", ""]
+    if gguf:
+        lines += gguf_usage(cfg, gguf)
 
     targets = adapter.get("target_modules") or list(lora.target_modules)
     lines += ["## Training", ""] + table([

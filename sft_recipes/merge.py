@@ -6,31 +6,44 @@ float32, then saved in `dtype` (bfloat16 or float32). Merging into the original 
 add the quantization error back; re-quantizing after the merge would add a new one. The loss of the adapter
 (4-bit base + LoRA) and of the merged model are compared on the validation split and saved in
 merged/merge_report.json.
+
+`gguf=q8_0` (or q4_1, q4_0, f16, bf16, f32) also writes merged/model.Q8_0.gguf for llama.cpp, Ollama and
+LM Studio, from the float32 merge, when the base came as a GGUF file (the embedded model): that file gives
+the tokenizer and settings (sft_recipes.gguf_export). The GGUF file, read back with transformers, is
+validated like the merged model.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
-USAGE = "python -m sft_recipes.merge run_dir=RUN [dtype=bfloat16|float32] [limit=0]"
-DEFAULTS = {"run_dir": None, "dtype": "bfloat16", "limit": 0}
+USAGE = "python -m sft_recipes.merge run_dir=RUN [dtype=bfloat16|float32] [limit=0] [gguf=q8_0|q4_1|q4_0|f16|bf16|f32]"
+DEFAULTS = {"run_dir": None, "dtype": "bfloat16", "limit": 0, "gguf": None}
 
 
-def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
+def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] = None) -> dict:
     import shutil
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import card, runs
+    from . import card, gguf_export, models, runs
     from .errors import UserError
 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
+    if gguf and gguf not in gguf_export.TYPES:
+        raise UserError(f"gguf={gguf}: use one of {', '.join(gguf_export.TYPES)}.")
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
+    source = models.source_gguf(cfg.model) if gguf else None
+    if gguf and source is None:
+        raise UserError(f"gguf={gguf} takes the tokenizer and settings from the GGUF file the base model came as, "
+                        f"and this run's base ({cfg.model.name_or_path}) did not come as one. Merge without gguf= "
+                        "and run llama.cpp's convert_hf_to_gguf.py on RUN/merged.")
     tok = runs.tokenizer(run_dir)
     adapted = runs.adapter_model(cfg, run_dir)  # as trained: quantized base + adapter
     quantized = cfg.quantization.bits in (4, 8)
@@ -42,7 +55,10 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
     merged = runs.adapter_model(cfg, run_dir, base.to(torch.float32)).merge_and_unload()
     out = run_dir / "merged"
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
+    gguf_name = f"model.{gguf_export.TYPES[gguf][0]}.gguf" if gguf else None
     try:
+        if gguf:  # from the float32 merge, before it is cast to dtype
+            gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf)
         merged.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if out.exists():
@@ -59,6 +75,13 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0) -> dict:
         a, m = runs.mean_loss(adapted, rows), runs.mean_loss(plain, rows)
         report.update(adapter_loss=round(a, 5), merged_loss=round(m, 5),
                       relative_difference=round(abs(m - a) / a, 5), records=len(rows))
+        if gguf:
+            del plain
+            g = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32).eval()
+            loss = runs.mean_loss(g, rows)
+            report.update(gguf_loss=round(loss, 5), gguf_relative_difference=round(abs(loss - a) / a, 5))
+    if gguf:
+        report.update(gguf_file=gguf_name, gguf_type=gguf)
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     card.write(run_dir, cfg, merged=True)
     return report
@@ -68,9 +91,12 @@ def _cli(argv):
     from .runs import parse_args
 
     args = parse_args(argv, DEFAULTS, USAGE)
-    report = merge(args["run_dir"], args["dtype"], args["limit"])
+    report = merge(args["run_dir"], args["dtype"], args["limit"], args["gguf"])
     print(json.dumps(report, indent=2))
-    print(f"Merged model: {Path(args['run_dir']) / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
+    out = Path(args["run_dir"]) / "merged"
+    print(f"Merged model: {out} (AutoModelForCausalLM.from_pretrained loads it)")
+    if args["gguf"]:
+        print(f"GGUF: {out / report['gguf_file']} (llama.cpp, Ollama, LM Studio)")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,13 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
 
 
+def source_gguf(model) -> Optional[Path]:
+    """The GGUF file the base weights were converted from (the embedded model), or None."""
+    if Path(model.name_or_path).is_dir() or not (model.embedded and model.gguf_file):
+        return None
+    return embedded_gguf(model.embedded, model.gguf_file)
+
+
 def resolve_config(model) -> str:
     """resolve() for a `model` config node (name_or_path, embedded, gguf_file, revision)."""
     return resolve(model.name_or_path, model.embedded, model.gguf_file, model.revision)

@@ -190,6 +190,13 @@ def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
     assert questions.read_text().startswith('{"question": "What is a mean?"}')  # untouched
 
 
+def test_gguf_needs_a_base_that_came_as_gguf(tiny_run):
+    with pytest.raises(UserError, match="gguf=q5_k: use one of f32, f16, bf16, q8_0, q4_1, q4_0"):
+        merge.merge(tiny_run, gguf="q5_k")
+    with pytest.raises(UserError, match="did not come as one.*convert_hf_to_gguf.py"):
+        merge.merge(tiny_run, gguf="q8_0")
+
+
 def test_cli_arguments_are_checked(tiny_run):
     with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
@@ -202,8 +209,10 @@ def test_embedded_adapter_beats_base_and_merges(embedded_run):
     m = evaluate.evaluate(embedded_run, max_new_tokens=96, limit=8)
     assert m["fine_tuned"]["loss"] < m["base"]["loss"] - 0.2
     assert m["fine_tuned"]["rouge_l"] > m["base"]["rouge_l"]
-    report = merge.merge(embedded_run, dtype="float32", limit=8)
+    report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q8_0")
     assert report["relative_difference"] < 0.01
+    assert report["gguf_file"] == "model.Q8_0.gguf" and report["gguf_relative_difference"] < 0.01
+    assert "llama-cli -m model.Q8_0.gguf" in (embedded_run / "merged" / "README.md").read_text()
     card = (embedded_run / "final_model" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "SmolLM2-135M-Instruct.Q4_1.gguf" in card
 
