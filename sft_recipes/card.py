@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import shlex
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
 from . import config
+from .models import resolve_config
 
 PACKAGES = ("sft-recipes", "trl", "transformers", "peft", "torch", "bitsandbytes", "datasets")
 
@@ -107,7 +108,9 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     merge = read_json(run_dir / "merged" / "merge_report.json") if merged else None
     adapter = read_json(run_dir / "final_model" / "adapter_config.json") or {}
     hub = hub_id(cfg.model.name_or_path)
+    gguf_base = cfg.model.name_or_path.endswith(".gguf")
     base = hub or cfg.model.name_or_path
+    base_id = resolve_config(cfg.model) if gguf_base else base  # the converted folder loads, the GGUF file not
     t, lora = cfg.train, cfg.lora
 
     gguf = merge.get("gguf_file") if merge else None
@@ -137,9 +140,10 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                                              if files else "") + ".")
               + (" The LoRA adapter is merged into the base weights: load it with plain `transformers`."
                  if merged else ""), ""]
-    if cfg.model.embedded and not merged and not Path(cfg.model.name_or_path).is_dir():
-        from .models import resolve_config
-
+    if gguf_base and not merged:
+        lines += [f"The base weights in training were the GGUF file `{cfg.model.name_or_path}`, converted to "
+                  f"safetensors in `{base_id}`: the folder that `base_id` names.", ""]
+    elif cfg.model.embedded and not merged and not Path(cfg.model.name_or_path).is_dir():
         lines += [f"The base weights in training were `{cfg.model.gguf_file}` from the `{cfg.model.embedded}` pip "
                   f"package, converted to safetensors (here `{resolve_config(cfg.model)}`; `python -m "
                   "sft_recipes.check` prints it): use that folder as `base_id` to load exactly the weights the "
@@ -165,7 +169,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                   "| metric | base | fine-tuned |", "| --- | --- | --- |",
                   *(f"| {k.replace('_', ' ')} | {ev['base'][k]} | {ev['fine_tuned'][k]} |" for k in keys), ""]
 
-    lines += ["## Use it", "", "```python", usage(cfg, base, folder, merged), "```", ""]
+    lines += ["## Use it", "", "```python", usage(cfg, base_id, folder, merged), "```", ""]
     if gguf:
         lines += gguf_usage(cfg, gguf)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -21,7 +22,7 @@ EMBEDDINGS = ("token_embd.weight", "output.weight")
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's rotary layout of q/k rows (the inverse of what transformers' GGUF loader undoes)."""
+    """llama.cpp's rotary layout of the q and k rows (transformers' GGUF loader undoes it)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -48,18 +49,31 @@ def gguf_tensors(model, n_blocks: int) -> dict:
     return out
 
 
-def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_0") -> Path:
-    """Write `model` (a merged, plain transformers model) to dest in the GGUF type `qtype`, taking every
-    setting but the weights and the chat template from the base's GGUF file `source`."""
+def check(source: Optional[Path], qtype: str, base: str = "the base model"):
+    """The source file's reader, once the type and the architecture are known to be ones written here."""
     import gguf
 
     if qtype not in TYPES:
         raise UserError(f"gguf={qtype}: use one of {', '.join(TYPES)}.")
+    if source is None:
+        raise UserError(f"gguf={qtype} takes the tokenizer and settings from the GGUF file the base model came as, "
+                        f"and this run's base ({base}) did not come as one. Merge without gguf= and run llama.cpp's "
+                        "convert_hf_to_gguf.py on RUN/merged.")
     reader = gguf.GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
         raise UserError(f"GGUF export: {source.name} is a '{arch}' model; only llama-architecture models are "
                         "written here. Run llama.cpp's convert_hf_to_gguf.py on the merged/ folder instead.")
+    return reader
+
+
+def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_0") -> Path:
+    """Write `model` (a merged, plain transformers model) to dest in the GGUF type `qtype`, taking every
+    setting but the weights and the chat template from the base's GGUF file `source`."""
+    import gguf
+
+    reader = check(source, qtype)
+    arch = "llama"
     n_blocks = reader.fields[f"{arch}.block_count"].contents()
     tensors = gguf_tensors(model, n_blocks)
     expected = [t.name for t in reader.tensors]

@@ -35,15 +35,11 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
-    if gguf and gguf not in gguf_export.TYPES:
-        raise UserError(f"gguf={gguf}: use one of {', '.join(gguf_export.TYPES)}.")
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
     source = models.source_gguf(cfg.model) if gguf else None
-    if gguf and source is None:
-        raise UserError(f"gguf={gguf} takes the tokenizer and settings from the GGUF file the base model came as, "
-                        f"and this run's base ({cfg.model.name_or_path}) did not come as one. Merge without gguf= "
-                        "and run llama.cpp's convert_hf_to_gguf.py on RUN/merged.")
+    if gguf:
+        gguf_export.check(source, gguf, cfg.model.name_or_path)
     tok = runs.tokenizer(run_dir)
     adapted = runs.adapter_model(cfg, run_dir)  # as trained: quantized base + adapter
     quantized = cfg.quantization.bits in (4, 8)

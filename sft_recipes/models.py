@@ -1,11 +1,12 @@
 """Finding and loading the base model.
 
-`resolve()` turns `model.name_or_path` into a local folder, in this order: an existing folder; the model
-embedded in a pip package as GGUF (converted once to a cached safetensors folder, written atomically);
-the Hugging Face cache; the hub. With no network it fails fast, naming the id and the way out.
+`resolve()` turns `model.name_or_path` into a local folder, in this order: an existing folder; a GGUF file
+(llama.cpp's format) or the model embedded in a pip package as GGUF (either converted once to a cached
+safetensors folder, written atomically); the Hugging Face cache; the hub. With no network it fails fast, naming the id and the way out.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -43,7 +44,7 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        print(f"Converting the embedded model {gguf.name} to {dest} (once, ~20 s) ...", flush=True)
+        print(f"Converting {gguf.name} to safetensors in {dest} (once) ...", flush=True)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -90,6 +91,8 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
     """A local folder holding the model (see the module docstring for the order)."""
     if Path(name_or_path).is_dir():
         return name_or_path
+    if name_or_path.endswith(".gguf"):
+        return str(_converted(Path(name_or_path)))
     if embedded and gguf_file:
         gguf = embedded_gguf(embedded, gguf_file)
         if gguf is not None:
@@ -118,8 +121,26 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
 
 
+def _converted(gguf: Path) -> Path:
+    """The cached safetensors copy of a GGUF file, keyed by its path, size and modification time."""
+    if not gguf.is_file():
+        raise UserError(f"model.name_or_path={gguf}: no such GGUF file. Relative paths start from {os.getcwd()}.")
+    st = gguf.resolve().stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache_root() / f"gguf-{gguf.stem}-{key}"
+    if (dest / "config.json").exists():
+        return dest
+    try:
+        return convert_gguf(gguf, dest)
+    except (ValueError, KeyError, OSError) as e:  # transformers reads only some architectures from GGUF
+        raise UserError(f"model.name_or_path={gguf}: transformers could not read this GGUF file "
+                        f"({type(e).__name__}: {e}).") from None
+
+
 def source_gguf(model) -> Optional[Path]:
-    """The GGUF file the base weights were converted from (the embedded model), or None."""
+    """The GGUF file the base weights were converted from (a GGUF file or the embedded model), or None."""
+    if model.name_or_path.endswith(".gguf") and Path(model.name_or_path).is_file():
+        return Path(model.name_or_path)
     if Path(model.name_or_path).is_dir() or not (model.embedded and model.gguf_file):
         return None
     return embedded_gguf(model.embedded, model.gguf_file)

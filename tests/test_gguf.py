@@ -98,3 +98,25 @@ def test_llama_cpp_runs_the_fine_tuned_gguf(embedded_run, llama_cpp):
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     ours = tok.decode(out[0, len(ids):], skip_special_tokens=True)
     assert answer.split()[:4] == ours.split()[:4], (answer, ours)
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_a_base_model(tmp_path, monkeypatch):
+    """model.name_or_path=FILE.gguf: converted once (cached by path, size and time), trained, exported back."""
+    from conftest import TRAIN, VAL
+    from sft_recipes import merge, models
+    from sft_recipes.errors import UserError
+
+    with pytest.raises(UserError, match=r"model.name_or_path=.*nope.gguf: no such GGUF file"):
+        models.resolve(str(tmp_path / "nope.gguf"))
+    monkeypatch.setenv("SFT_RECIPES_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", f"model.name_or_path={SOURCE}", "model.embedded=null",
+                        "preset=fast_test", "train.max_steps=2", f"data.train_path={TRAIN}", f"data.val_path={VAL}",
+                        f"hydra.run.dir={run}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    converted = next((tmp_path / "cache").glob("gguf-SmolLM2-135M-Instruct.Q4_1-*"))
+    assert f"Converting {SOURCE.name} to safetensors in {converted}" in r.stdout
+    assert f'base_id = "{converted}"' in (run / "final_model" / "README.md").read_text()
+    report = merge.merge(run, limit=2, gguf="q8_0")
+    assert (run / "merged" / report["gguf_file"]).is_file() and report["gguf_relative_difference"] < 0.01
