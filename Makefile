@@ -42,7 +42,7 @@ eval: $(STAMP) ## evaluate a run against its base model: make eval RUN=outputs/<
 chat: $(STAMP) ## chat with a run's fine-tuned model: make chat RUN=outputs/<time>
 	$(PY) -m sft_recipes.chat run_dir=$(RUN) $(ARGS)
 
-merge: $(STAMP) ## merge a run's adapter into a plain model folder RUN/merged: make merge RUN=outputs/<time>
+merge: $(STAMP) ## merge a run's adapter into RUN/merged: make merge RUN=outputs/<time> [ARGS=gguf=q8_0]
 	$(PY) -m sft_recipes.merge run_dir=$(RUN) $(ARGS)
 
 validate: $(STAMP) ## check the sample data files (or FILES=...) without loading a model

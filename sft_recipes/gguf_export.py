@@ -18,7 +18,26 @@ from .errors import UserError
 # name: (tensor type, file type); the 4-bit types keep the embedding in 8 bits, as llama.cpp's quantizer does
 TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
          "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+# llama.cpp's k-quants (a mix of types chosen per tensor), made from an f16 export by its llama-quantize
+K_QUANTS = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 EMBEDDINGS = ("token_embd.weight", "output.weight")
+
+
+def file_name(qtype: str) -> str:
+    return f"model.{K_QUANTS[qtype] if qtype in K_QUANTS else TYPES[qtype][0]}.gguf"
+
+
+def llama_quantize() -> Optional[str]:
+    """llama.cpp's llama-quantize: in $LLAMA_CPP_BIN, on the PATH, or built by tools/llama_cpp.sh."""
+    import shutil
+
+    from .models import cache_root
+
+    if os.environ.get("LLAMA_CPP_BIN"):
+        path = Path(os.environ["LLAMA_CPP_BIN"]) / "llama-quantize"
+        return str(path) if path.exists() else None
+    built = sorted(cache_root().glob("llama.cpp-*/build/bin/llama-quantize"))
+    return shutil.which("llama-quantize") or (str(built[-1]) if built else None)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,8 +72,12 @@ def check(source: Optional[Path], qtype: str, base: str = "the base model"):
     """The source file's reader, once the type and the architecture are known to be ones written here."""
     import gguf
 
-    if qtype not in TYPES:
-        raise UserError(f"gguf={qtype}: use one of {', '.join(TYPES)}.")
+    if qtype not in TYPES and qtype not in K_QUANTS:
+        raise UserError(f"gguf={qtype}: use one of {', '.join([*TYPES, *K_QUANTS])}.")
+    if qtype in K_QUANTS and llama_quantize() is None:
+        raise UserError(f"gguf={qtype} is made by llama.cpp's llama-quantize, which is not on the PATH (or in "
+                        "$LLAMA_CPP_BIN): build it once with `bash tools/llama_cpp.sh` (a few minutes), or use "
+                        "gguf=q8_0.")
     if source is None:
         raise UserError(f"gguf={qtype} takes the tokenizer and settings from the GGUF file the base model came as, "
                         f"and this run's base ({base}) did not come as one. Merge without gguf= and run llama.cpp's "
@@ -73,6 +96,8 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
     import gguf
 
     reader = check(source, qtype)
+    if qtype in K_QUANTS:
+        return _k_quant(model, chat_template, source, dest, qtype)
     arch = "llama"
     n_blocks = reader.fields[f"{arch}.block_count"].contents()
     tensors = gguf_tensors(model, n_blocks)
@@ -113,4 +138,21 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return dest
+
+
+def _k_quant(model, chat_template: str, source: Path, dest: Path, qtype: str) -> Path:
+    import subprocess
+
+    f16 = write(model, chat_template, source, dest.with_name(f".{dest.name}.f16-{os.getpid()}"), "f16")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        r = subprocess.run([llama_quantize(), str(f16), str(tmp), K_QUANTS[qtype]], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UserError(f"llama-quantize {K_QUANTS[qtype]} failed (exit {r.returncode}): {r.stderr[-1500:]}")
+        os.replace(tmp, dest)
+    finally:
+        for path in (f16, tmp):
+            if os.path.exists(path):
+                os.unlink(path)
     return dest

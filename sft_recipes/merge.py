@@ -7,10 +7,10 @@ add the quantization error back; re-quantizing after the merge would add a new o
 (4-bit base + LoRA) and of the merged model are compared on the validation split and saved in
 merged/merge_report.json.
 
-`gguf=q8_0` (or q4_1, q4_0, f16, bf16, f32) also writes merged/model.Q8_0.gguf for llama.cpp, Ollama and
-LM Studio, from the float32 merge, when the base came as a GGUF file (the embedded model): that file gives
-the tokenizer and settings (sft_recipes.gguf_export). The GGUF file, read back with transformers, is
-validated like the merged model.
+`gguf=q8_0` (or q4_k_m, q5_k_m, q6_k: llama.cpp's k-quants, made by its llama-quantize; q4_1, q4_0, f16,
+bf16, f32) also writes merged/model.Q8_0.gguf for llama.cpp, Ollama and LM Studio, from the float32 merge,
+when the base came as a GGUF file: that file gives the tokenizer and settings (sft_recipes.gguf_export). The
+GGUF file, read back with transformers, is validated like the merged model.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-USAGE = "python -m sft_recipes.merge run_dir=RUN [dtype=bfloat16|float32] [limit=0] [gguf=q8_0|q4_1|q4_0|f16|bf16|f32]"
+USAGE = "python -m sft_recipes.merge run_dir=RUN [dtype=bfloat16|float32] [limit=0] [gguf=q8_0|q4_k_m|...]"
 DEFAULTS = {"run_dir": None, "dtype": "bfloat16", "limit": 0, "gguf": None}
 
 
@@ -51,7 +51,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     merged = runs.adapter_model(cfg, run_dir, base.to(torch.float32)).merge_and_unload()
     out = run_dir / "merged"
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
-    gguf_name = f"model.{gguf_export.TYPES[gguf][0]}.gguf" if gguf else None
+    gguf_name = gguf_export.file_name(gguf) if gguf else None
     try:
         if gguf:  # from the float32 merge, before it is cast to dtype
             gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf)

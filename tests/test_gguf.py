@@ -56,6 +56,14 @@ def test_float32_export_reads_back_as_the_same_model(base, tokenizer, tmp_path):
 
 
 
+def test_k_quants_need_llama_quantize(tmp_path, monkeypatch):
+    from sft_recipes.errors import UserError
+
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(tmp_path))  # a folder without it
+    with pytest.raises(UserError, match=r"gguf=q4_k_m is made by llama.cpp's llama-quantize.*tools/llama_cpp.sh"):
+        gguf_export.check(SOURCE, "q4_k_m")
+    with pytest.raises(UserError, match="use one of f32, f16, bf16, q8_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k"):
+        gguf_export.check(SOURCE, "q2_k")
 @pytest.fixture(scope="module")
 def llama_cpp() -> Path:
     """llama.cpp's llama-completion and llama-tokenize, built once by tools/llama_cpp.sh (about 5 minutes)."""
@@ -98,6 +106,12 @@ def test_llama_cpp_runs_the_fine_tuned_gguf(embedded_run, llama_cpp):
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     ours = tok.decode(out[0, len(ids):], skip_special_tokens=True)
     assert answer.split()[:4] == ours.split()[:4], (answer, ours)
+
+    # llama.cpp's k-quants, through its llama-quantize: 4 bits that keep the loss, unlike q4_1 on this model
+    report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q4_k_m")
+    assert report["gguf_file"] == "model.Q4_K_M.gguf" and report["gguf_relative_difference"] < 0.03
+    types = {t.tensor_type.name for t in gguf.GGUFReader(embedded_run / "merged" / "model.Q4_K_M.gguf").tensors}
+    assert "Q4_K" in types
 
 
 @pytest.mark.slow

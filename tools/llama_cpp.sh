@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-completion and llama-tokenize (CPU) from the source that the llama-cpp-python sdist
-# vendors, once, into a cache folder; print the folder that holds them. Needs cmake and a C++ compiler
-# (about 5 minutes on 2 cores). Used by tests/test_gguf.py to run our GGUF files in llama.cpp itself.
+# Build llama.cpp's llama-completion, llama-tokenize and llama-quantize (CPU) from the source that the
+# llama-cpp-python sdist vendors, once, into a cache folder; print the folder that holds them. Needs cmake and
+# a C++ compiler (about 3 minutes on 2 cores). tests/test_gguf.py runs our GGUF files in llama.cpp with them;
+# `python -m sft_recipes.merge gguf=q4_k_m` (llama.cpp's k-quants) finds llama-quantize there.
 #   bin=$(bash tools/llama_cpp.sh) && "$bin/llama-completion" -m RUN/merged/model.Q8_0.gguf -cnv
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PY="${PYTHON:-python3}"
 ROOT="${SFT_RECIPES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sft_recipes}/llama.cpp-$VERSION"
 BIN="$ROOT/build/bin"
-if [[ -x "$BIN/llama-completion" && -x "$BIN/llama-tokenize" ]]; then echo "$BIN"; exit 0; fi
+if [[ -x "$BIN/llama-completion" && -x "$BIN/llama-tokenize" && -x "$BIN/llama-quantize" ]]; then echo "$BIN"; exit 0; fi
 
 mkdir -p "$ROOT"
 work=$(mktemp -d "$ROOT.tmp-XXXXXX")
@@ -20,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   cmake -S "$src" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF
-  cmake --build "$work/build" -j "$(nproc)" --target llama-completion llama-tokenize
+  cmake --build "$work/build" -j "$(nproc)" --target llama-completion llama-tokenize llama-quantize
 } >&2
 rm -rf "$ROOT/build"
 mv "$work/build" "$ROOT/build"
