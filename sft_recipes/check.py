@@ -65,12 +65,21 @@ def _default_model() -> Tuple[bool, str]:
     return True, f"SmolLM2-135M-Instruct embedded in {gguf.parent} ({state})"
 
 
+def _gguf_export() -> Tuple[bool, str]:
+    from .gguf_export import llama_quantize
+
+    quantize = llama_quantize()
+    return True, (f"gguf {importlib.metadata.version('gguf')}; llama.cpp's llama-quantize for gguf=q4_k_m: "
+                  + (quantize or "not found (optional: bash tools/llama_cpp.sh builds it)"))
+
+
 def main() -> int:
     checks: List[Tuple[str, Callable[[], Tuple[bool, str]]]] = [
         (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 10), "need >= 3.10")),
     ]
     checks += [(name, (lambda n=name: _version_ok(n))) for name in PACKAGES]
-    checks += [("device", _device), ("4-bit quantization", _four_bit), ("default model", _default_model)]
+    checks += [("device", _device), ("4-bit quantization", _four_bit), ("default model", _default_model),
+               ("GGUF export", _gguf_export)]
     failed = 0
     for name, fn in checks:
         try:

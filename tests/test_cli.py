@@ -1,10 +1,13 @@
 """The command line, in real subprocesses: overrides, -m sweeps, dry runs, resume, bad keys and bad data."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from conftest import cli, tiny_args
+from conftest import ROOT, cli, tiny_args
 
 
 def state(ckpt):
@@ -110,3 +113,15 @@ def test_unreachable_hub_model_fails_fast_naming_the_way_out(tmp_path):
     r = cli("model=deepseek_math_7b", "dry_run=true", f"hydra.run.dir={tmp_path / 'x'}", timeout=60)
     assert r.returncode == 2
     assert "deepseek-ai/deepseek-math-7b-instruct" in r.stderr and "model.name_or_path=DIR" in r.stderr
+
+
+def test_setup_check_passes_here(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sft_recipes.check"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "LLAMA_CPP_BIN": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.strip().endswith("All checks passed."), r.stdout + r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()[:-1]
+    assert all(line.startswith("PASS") for line in lines), r.stdout
+    items = {line[6:26].strip(): line[26:].strip() for line in lines}
+    assert items["4-bit quantization"].startswith("NF4 linear layer on cpu: relative error")
+    assert "SmolLM2-135M-Instruct embedded in" in items["default model"]
+    assert items["GGUF export"].endswith("not found (optional: bash tools/llama_cpp.sh builds it)")
