@@ -80,8 +80,8 @@ def check(source: Optional[Path], qtype: str, base: str = "the base model"):
                         "gguf=q8_0.")
     if source is None:
         raise UserError(f"gguf={qtype} takes the tokenizer and settings from the GGUF file the base model came as, "
-                        f"and this run's base ({base}) did not come as one. Merge without gguf= and run llama.cpp's "
-                        "convert_hf_to_gguf.py on RUN/merged.")
+                        f"and this run's base ({base}) did not come as one (or that file is gone). Merge without "
+                        "gguf= and run llama.cpp's convert_hf_to_gguf.py on RUN/merged.")
     reader = gguf.GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":

@@ -2,7 +2,8 @@
 
 `resolve()` turns `model.name_or_path` into a local folder, in this order: an existing folder; a GGUF file
 (llama.cpp's format) or the model embedded in a pip package as GGUF (either converted once to a cached
-safetensors folder, written atomically); the Hugging Face cache; the hub. With no network it fails fast, naming the id and the way out.
+safetensors folder, written atomically); the Hugging Face cache; the hub. With no network it fails fast,
+naming the id and the way out.
 """
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def _converted(gguf: Path) -> Path:
 
 def source_gguf(model) -> Optional[Path]:
     """The GGUF file the base weights were converted from (a GGUF file or the embedded model), or None."""
-    if model.name_or_path.endswith(".gguf") and Path(model.name_or_path).is_file():
-        return Path(model.name_or_path)
+    if model.name_or_path.endswith(".gguf"):
+        return Path(model.name_or_path) if Path(model.name_or_path).is_file() else None
     if Path(model.name_or_path).is_dir() or not (model.embedded and model.gguf_file):
         return None
     return embedded_gguf(model.embedded, model.gguf_file)
