@@ -1,6 +1,8 @@
 """One fine-tuning run, top to bottom: check, data, tokenizer, model, trainer, train, save, report."""
 from __future__ import annotations
 
+import os
+import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -223,6 +225,15 @@ def run(cfg) -> Optional[Path]:
         weights = (f" (the weights of step {metrics['final_model_step']}, the lowest validation loss; "
                    "train.final_model=best)" if best else "")
         print(f"Adapter saved to {final}{weights}")
+        rel = os.path.relpath(out)
+        run = shlex.quote(str(out) if rel.startswith("..") else rel)
+        gguf = models.source_gguf(cfg.model) is not None
+        steps = [(f"chat run_dir={run}", "ask it questions"),
+                 (f"evaluate run_dir={run}", "base vs fine-tuned, with answers"),
+                 (f"merge run_dir={run}" + (" gguf=q8_0" if gguf else ""),
+                  "a plain model" + (", and a GGUF file for llama.cpp" if gguf else ""))]
+        width = max(len(c) for c, _ in steps)
+        print("Next:\n" + "\n".join(f"  python -m sft_recipes.{c.ljust(width)}  # {what}" for c, what in steps))
         if cfg.eval.after_train:
             from .evaluate import evaluate
 

@@ -131,6 +131,7 @@ def test_a_gguf_file_is_a_base_model(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-3000:]
     converted = next((tmp_path / "cache").glob("gguf-SmolLM2-135M-Instruct.Q4_1-*"))
     assert f"Converting {SOURCE.name} to safetensors in {converted}" in r.stdout
+    assert f"python -m sft_recipes.merge run_dir={run} gguf=q8_0" in r.stdout
     assert f'base_id = "{converted}"' in (run / "final_model" / "README.md").read_text()
     report = merge.merge(run, limit=2, gguf="q8_0")
     assert (run / "merged" / report["gguf_file"]).is_file() and report["gguf_relative_difference"] < 0.01
