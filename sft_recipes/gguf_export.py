@@ -21,6 +21,8 @@ TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16
 # llama.cpp's k-quants (a mix of types chosen per tensor), made from an f16 export by its llama-quantize
 K_QUANTS = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 EMBEDDINGS = ("token_embd.weight", "output.weight")
+# tensors that llama.cpp's converter computes from the config (Llama 3.1's rope scaling): copied from the source
+CONSTANTS = ("rope_freqs.weight",)
 
 
 def file_name(qtype: str) -> str:
@@ -102,8 +104,9 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
     n_blocks = reader.fields[f"{arch}.block_count"].contents()
     tensors = gguf_tensors(model, n_blocks)
     expected = [t.name for t in reader.tensors]
-    if set(tensors) != set(expected):
-        diff = sorted(set(tensors) ^ set(expected))
+    constants = {t.name: t for t in reader.tensors if t.name in CONSTANTS}
+    if set(tensors) | set(constants) != set(expected):
+        diff = sorted((set(tensors) | set(constants)) ^ set(expected))
         raise UserError(f"GGUF export: the merged model's tensors differ from {source.name}'s: {diff[:5]}.")
 
     tensor_type, file_type = (getattr(gguf.GGMLQuantizationType, TYPES[qtype][0]),
@@ -121,6 +124,10 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
         w.add_chat_template(chat_template)
         block = gguf.GGML_QUANT_SIZES
         for name in expected:  # the source's order
+            if name in constants:
+                c = constants[name]
+                w.add_tensor(name, c.data, raw_dtype=c.tensor_type)
+                continue
             a = tensors[name]
             t = tensor_type
             if a.ndim == 1:

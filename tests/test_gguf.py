@@ -40,6 +40,24 @@ def test_the_unchanged_base_in_its_own_type_is_the_original_file(base, tokenizer
     assert ours.fields["tokenizer.chat_template"].contents() == "{{ messages }}"  # the run's, not the base's
 
 
+def test_tensors_computed_from_the_config_are_copied(base, tmp_path):
+    """Llama 3.1-style files carry rope_freqs.weight, which has no transformers counterpart: it is kept."""
+    source = tmp_path / "with_rope_freqs.gguf"
+    src = gguf.GGUFReader(SOURCE)
+    w = gguf.GGUFWriter(source, "llama")
+    for key, field in src.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+    freqs = np.linspace(1, 8, 32, dtype=np.float32)
+    w.add_tensor("rope_freqs.weight", freqs)
+    for t in src.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    out = gguf_export.write(base, "{{ messages }}", source, tmp_path / "model.Q8_0.gguf", "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(tensors["rope_freqs.weight"].data, freqs) and len(tensors) == len(src.tensors) + 1
 def test_float32_export_reads_back_as_the_same_model(base, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
