@@ -127,7 +127,7 @@ def test_llama_cpp_runs_the_fine_tuned_gguf(embedded_run, llama_cpp):
 
     # llama.cpp's k-quants, through its llama-quantize: 4 bits that keep the loss, unlike q4_1 on this model
     report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q4_k_m")
-    assert report["gguf_file"] == "model.Q4_K_M.gguf" and report["gguf_relative_difference"] < 0.03
+    assert report["gguf_file"] == "model.Q4_K_M.gguf" and report["gguf_relative_difference"] < 0.05
     types = {t.tensor_type.name for t in gguf.GGUFReader(embedded_run / "merged" / "model.Q4_K_M.gguf").tensors}
     assert "Q4_K" in types
 
