@@ -63,6 +63,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    del merged, base  # the copies below are read back from the files
 
     # how much did merging change the model? loss on the validation split, adapter vs merged (reloaded plain)
     report = {"dtype": dtype, "merged_into": "de-quantized 4-bit weights" if quantized else "base weights"}
