@@ -47,26 +47,23 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model, n_blocks: int) -> dict:
-    """GGUF name -> float32 array for a llama-architecture transformers model."""
+def gguf_names(model, n_blocks: int) -> dict:
+    """GGUF name -> (state_dict key, heads whose rows llama.cpp permutes, or None) for a llama-architecture
+    transformers model. The arrays are made one at a time while writing: a 7B model is never held twice."""
     import gguf
-    import torch
 
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
     out = {}
-    for hf, t in model.state_dict().items():
-        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+    for key in model.state_dict():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # the tied head is the embedding
-        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UserError(f"GGUF export: the merged model's tensor {hf} has no llama.cpp name.")
-        a = t.detach().to(torch.float32).cpu().numpy()
-        if ".attn_q." in name:
-            a = _permute(a, cfg.num_attention_heads)
-        elif ".attn_k." in name:
-            a = _permute(a, cfg.num_key_value_heads)
-        out[name] = a
+            raise UserError(f"GGUF export: the merged model's tensor {key} has no llama.cpp name.")
+        heads = (cfg.num_attention_heads if ".attn_q." in name else
+                 cfg.num_key_value_heads if ".attn_k." in name else None)
+        out[name] = (key, heads)
     return out
 
 
@@ -96,13 +93,15 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
     """Write `model` (a merged, plain transformers model) to dest in the GGUF type `qtype`, taking every
     setting but the weights and the chat template from the base's GGUF file `source`."""
     import gguf
+    import torch
 
     reader = check(source, qtype)
     if qtype in K_QUANTS:
         return _k_quant(model, chat_template, source, dest, qtype)
     arch = "llama"
     n_blocks = reader.fields[f"{arch}.block_count"].contents()
-    tensors = gguf_tensors(model, n_blocks)
+    tensors = gguf_names(model, n_blocks)
+    state = model.state_dict()
     expected = [t.name for t in reader.tensors]
     constants = {t.name: t for t in reader.tensors if t.name in CONSTANTS}
     if set(tensors) | set(constants) != set(expected):
@@ -128,7 +127,10 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
                 c = constants[name]
                 w.add_tensor(name, c.data, raw_dtype=c.tensor_type)
                 continue
-            a = tensors[name]
+            hf_key, heads = tensors[name]
+            a = state[hf_key].detach().to(torch.float32).cpu().numpy()
+            if heads:
+                a = _permute(a, heads)
             t = tensor_type
             if a.ndim == 1:
                 t = gguf.GGMLQuantizationType.F32
