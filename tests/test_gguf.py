@@ -26,7 +26,7 @@ def base(embedded_dir):
     return AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
 
 
-def test_the_unchanged_base_in_its_own_type_is_the_original_file(base, tokenizer, tmp_path):
+def test_the_unchanged_base_in_its_own_type_is_the_original_file(base, tmp_path):
     # names, order, shapes, the q/k row permutation and the 8-bit embedding all as llama.cpp wrote them
     out = gguf_export.write(base, "{{ messages }}", SOURCE, tmp_path / "base.Q4_1.gguf", "q4_1")
     src, ours = gguf.GGUFReader(SOURCE), gguf.GGUFReader(out)
@@ -53,7 +53,10 @@ def test_tensors_computed_from_the_config_are_copied(base, tmp_path):
     w.add_tensor("rope_freqs.weight", freqs)
     for t in src.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
     out = gguf_export.write(base, "{{ messages }}", source, tmp_path / "model.Q8_0.gguf", "q8_0")
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
