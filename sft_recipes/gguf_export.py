@@ -89,15 +89,16 @@ def check(source: Optional[Path], qtype: str, base: str = "the base model"):
     return reader
 
 
-def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_0") -> Path:
+def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_0", reader=None) -> Path:
     """Write `model` (a merged, plain transformers model) to dest in the GGUF type `qtype`, taking every
-    setting but the weights and the chat template from the base's GGUF file `source`."""
+    setting but the weights and the chat template from the base's GGUF file `source` (`reader`: check()'s
+    reader of it, if already made; reading the file takes a second or two)."""
     import gguf
     import torch
 
-    reader = check(source, qtype)
+    reader = reader or check(source, qtype)
     if qtype in K_QUANTS:
-        return _k_quant(model, chat_template, source, dest, qtype)
+        return _k_quant(model, chat_template, source, dest, qtype, reader)
     arch = "llama"
     n_blocks = reader.fields[f"{arch}.block_count"].contents()
     tensors = gguf_names(model, n_blocks)
@@ -150,10 +151,10 @@ def write(model, chat_template: str, source: Path, dest: Path, qtype: str = "q8_
     return dest
 
 
-def _k_quant(model, chat_template: str, source: Path, dest: Path, qtype: str) -> Path:
+def _k_quant(model, chat_template: str, source: Path, dest: Path, qtype: str, reader) -> Path:
     import subprocess
 
-    f16 = write(model, chat_template, source, dest.with_name(f".{dest.name}.f16-{os.getpid()}"), "f16")
+    f16 = write(model, chat_template, source, dest.with_name(f".{dest.name}.f16-{os.getpid()}"), "f16", reader)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         r = subprocess.run([llama_quantize(), str(f16), str(tmp), K_QUANTS[qtype]], capture_output=True, text=True)

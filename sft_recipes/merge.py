@@ -39,8 +39,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
     source = models.source_gguf(cfg.model) if gguf else None
-    if gguf:
-        gguf_export.check(source, gguf, cfg.model.name_or_path)
+    reader = gguf_export.check(source, gguf, cfg.model.name_or_path) if gguf else None  # before any model loads
     tok = runs.tokenizer(run_dir)
     adapted = runs.adapter_model(cfg, run_dir)  # as trained: quantized base + adapter
     quantized = cfg.quantization.bits in (4, 8)
@@ -55,7 +54,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     gguf_name = gguf_export.file_name(gguf) if gguf else None
     try:
         if gguf:  # from the float32 merge, before it is cast to dtype
-            gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf)
+            gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf, reader)
         merged.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if out.exists():

@@ -37,7 +37,10 @@ def embedded_gguf(package: str, gguf_file: str) -> Optional[Path]:
 
 
 def convert_gguf(gguf: Path, dest: Path) -> Path:
-    """De-quantize a GGUF model into a plain safetensors folder (fp32) plus tokenizer, atomically."""
+    """De-quantize a GGUF model into a plain safetensors folder (fp32) plus tokenizer, atomically; once: a
+    folder already at dest is used as it is."""
+    if (dest / "config.json").exists():
+        return dest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -98,10 +101,7 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
         gguf = embedded_gguf(embedded, gguf_file)
         if gguf is not None:
             version = importlib.metadata.version(embedded.replace("_", "-"))
-            dest = cache_root() / f"{embedded}-{version}-{Path(gguf_file).stem}"
-            if (dest / "config.json").exists():
-                return str(dest)
-            return str(convert_gguf(gguf, dest))
+            return str(convert_gguf(gguf, cache_root() / f"{embedded}-{version}-{Path(gguf_file).stem}"))
     from huggingface_hub import snapshot_download
 
     try:
@@ -128,11 +128,8 @@ def _converted(gguf: Path) -> Path:
         raise UserError(f"model.name_or_path={gguf}: no such GGUF file. Relative paths start from {os.getcwd()}.")
     st = gguf.resolve().stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = cache_root() / f"gguf-{gguf.stem}-{key}"
-    if (dest / "config.json").exists():
-        return dest
     try:
-        return convert_gguf(gguf, dest)
+        return convert_gguf(gguf, cache_root() / f"gguf-{gguf.stem}-{key}")
     except (ValueError, KeyError, OSError) as e:  # transformers reads only some architectures from GGUF
         raise UserError(f"model.name_or_path={gguf}: transformers could not read this GGUF file "
                         f"({type(e).__name__}: {e}).") from None
