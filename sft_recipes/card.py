@@ -40,6 +40,11 @@ def weights(cfg) -> str:
     return "8-bit (bitsandbytes LLM.int8)" if q.bits == 8 else f"{cfg.model.dtype}, not quantized"
 
 
+def system_prompt(cfg, template) -> Optional[str]:
+    """The system prompt the run trained with: data.system_prompt, else the template's own (None: none)."""
+    return cfg.data.system_prompt if cfg.data.system_prompt is not None else template.system
+
+
 def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     """Python that loads the model as it was trained and answers one question with the run's prompt format."""
     from .train import template_of
@@ -47,7 +52,7 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     template, q, dtype = template_of(cfg), cfg.quantization, f"torch.{cfg.model.dtype}"
     user = ("question" if template.user == "{question}"
             else f"{_s(template.user)}.format(question=question, source=source)")
-    system = cfg.data.system_prompt if cfg.data.system_prompt is not None else template.system
+    system = system_prompt(cfg, template)
     messages = ([f'{{"role": "system", "content": {_s(system)}}}'] if system else []) + [
         f'{{"role": "user", "content": {user}}}']
     folder = _s(str(folder.resolve()))
@@ -86,7 +91,7 @@ def gguf_usage(cfg, gguf: str) -> list:
     from .train import template_of
 
     template = template_of(cfg)
-    system = cfg.data.system_prompt if cfg.data.system_prompt is not None else template.system
+    system = system_prompt(cfg, template)
     fmt = f" Questions were asked as `{template.user}`." if template.user != "{question}" else ""
     return [f"`{gguf}` is this model for llama.cpp, Ollama or LM Studio: the tokenizer and settings of the base "
             f"model's GGUF file, this run's chat template and the merged weights.{fmt} With llama.cpp:", "",

@@ -12,12 +12,16 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN [prompt="..." | questions=FILE [out=FILE.jsonl]] '
          '[max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
             "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8}
+
+
+def sampling_args(temperature: float, top_p: float) -> dict:
+    """generate's arguments: greedy at temperature 0, else sampled with temperature and top_p."""
+    return dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
 
 
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperature: float = 0.0,
@@ -30,8 +34,7 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperatu
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **sampling, eos_token_id=tok.eos_token_id,
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **sampling_args(temperature, top_p), eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, streamer=streamer)
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
     worker.start()
@@ -91,7 +94,7 @@ def load_questions(spec, columns: dict):
 
 
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
-                sampling: Optional[dict]) -> None:
+                sampling: dict) -> None:
     """Answer every record's question; JSON lines into `out`, written whole at the end (a file that is there
     already is replaced only then)."""
     import json
@@ -139,9 +142,8 @@ def _cli(argv):
         model, tok, conversation, args["max_new_tokens"], stream, args["temperature"], args["top_p"])
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
         if args["questions"]:
-            sampling = (dict(do_sample=True, temperature=args["temperature"], top_p=args["top_p"])
-                        if args["temperature"] > 0 else None)
-            answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"], sampling)
+            answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],
+                        sampling_args(args["temperature"], args["top_p"]))
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
             converse(cfg, ask, args["prompt"], "base" if args["base"] else "fine-tuned")
