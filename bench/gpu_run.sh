@@ -3,7 +3,7 @@
 # Here, once: `bash bench/gpu_wheels.sh` (fills .whl/), then run this through the device tool with carry [".whl"].
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TOK_DIR=.whl/tok HF_HUB_OFFLINE=1 PROFILE=${PROFILE:-d_ours_traced} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-180} TOKENS=${TOKENS:-100000} BUDGET=${BUDGET:-520}
+export PYTHONUNBUFFERED=1 TOK_DIR=.whl/tok HF_HUB_OFFLINE=1 PROFILE=${PROFILE:-c_ours} VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-180} TOKENS=${TOKENS:-100000} BUDGET=${BUDGET:-520}
 drop_carried_transformers() {
   rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info /tmp/site/huggingface_hub /tmp/site/huggingface_hub-*.dist-info
 }

@@ -1,6 +1,6 @@
 """Where a profiled GPU step waits: the compute stream's busy and idle time, and its largest gaps with their cause.
 
-    python bench/trace_gaps.py trace_d_ours_traced.json.gz      # the timeline bench/throughput.py writes (PROFILE)
+    python bench/trace_gaps.py trace_c_ours.json.gz             # the timeline bench/throughput.py writes (PROFILE)
 
 A gap on the compute stream is either the host being late (the next kernel was launched after the gap began:
 the host op that launched it and the host ops running in the gap are named) or a wait on another stream (the

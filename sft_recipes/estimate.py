@@ -14,7 +14,7 @@ from typing import Dict
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-OFFLOAD_STASH = 5  # trl.models.activation_offloading: max_fwd_stash_size
+OFFLOAD_STASH = 5  # layer inputs offloading keeps on the GPU: trainer.OFFLOAD_STASH_SAVES is about 3 layers' saves
 
 
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
@@ -44,7 +44,7 @@ def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int,
     tokens = batch_size * seq_len
     per_layer = tokens * (11 * h + 2 * kv + 5 * inter) * b  # norms, q/k/v/o inputs and outputs, MLP, LoRA inputs
     activations = tokens * h * b * layers + per_layer if gradient_checkpointing else per_layer * layers
-    if offloading:  # what is kept goes to CPU memory; TRL keeps the last OFFLOAD_STASH saved tensors on the GPU
+    if offloading:  # what is kept goes to CPU memory; the GPU keeps the last few layer inputs (OFFLOAD_STASH)
         kept = tokens * h * b * min(layers, OFFLOAD_STASH) + per_layer if gradient_checkpointing else \
             per_layer * min(layers, 2)
         activations = min(activations, kept)

@@ -108,6 +108,14 @@ LOGITS_BYTES_PER_ELEMENT = 16
 TORCH_2_12 = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
+# Activation offloading (train.activation_offloading, TRL's OffloadActivations) copies each saved activation to
+# CPU memory on a side stream, and the forward waits for the copy of the tensor saved `max_fwd_stash_size` saves
+# earlier before letting its GPU memory go. TRL's 5 is the same layer here (a checkpointed QLoRA layer saves about
+# 22 tensors, parameters included, its 64 MiB input among them), so the forward stalled for each layer's copy: 30
+# waits of 1.3 ms a step on an H200 (bench/trace_gaps.py). 64 saves is about three layers later, by when the copy
+# is done; it keeps at most a few more layer inputs on the GPU (estimate.OFFLOAD_STASH).
+OFFLOAD_STASH_SAVES = 64
+
 
 def recompute_all(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy: recompute every op the backward needs, as a plain checkpoint does. Inside a
@@ -182,6 +190,8 @@ class Trainer(SFTTrainer):
                  compile_checkpoint: str = "auto", run_config: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_config = run_config  # saved in each checkpoint as RUN_CONFIG: what a resumed run keeps
+        if self.args.activation_offloading:
+            self.maybe_activation_offload_context.max_fwd_stash_size = OFFLOAD_STASH_SAVES
         if compile:
             n = compile_layers(self.model, compile_options, compile_checkpoint)
             if not n:

@@ -45,12 +45,12 @@ def test_trace_gaps_splits_idle_time_into_host_late_and_waiting(tmp_path):
 
 def test_gpu_bench_runs_its_variants_on_the_cpu():
     """SIM=1: bench/throughput.py gpu on a tiny model of the same kind, so a change cannot break the one GPU call
-    unseen: our traced-checkpoint variant and the best plain-TRL baseline both run and end at the same loss."""
-    env = {**os.environ, "SIM": "1", "TOKENS": "2000", "WARM": "1", "VARIANTS": "d_ours_traced,b_trl_packed_flex"}
+    unseen: our preset (gpu_fast: traced checkpoints) and the best plain-TRL baseline run and end at the same loss."""
+    env = {**os.environ, "SIM": "1", "TOKENS": "2000", "WARM": "1", "VARIANTS": "c_ours,b_trl_packed_flex"}
     r = subprocess.run([sys.executable, "bench/throughput.py", "gpu"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    results = {line.split(":")[0]: line for line in r.stdout.splitlines() if line.startswith(("d_ours", "b_trl"))}
-    assert set(results) == {"d_ours_traced", "b_trl_packed_flex"}, r.stdout[-3000:]
+    results = {line.split(":")[0]: line for line in r.stdout.splitlines() if line.startswith(("c_ours", "b_trl"))}
+    assert set(results) == {"c_ours", "b_trl_packed_flex"}, r.stdout[-3000:]
     losses = {name: float(line.split("'val_loss': ")[1].split("}")[0]) for name, line in results.items()}
-    assert abs(losses["d_ours_traced"] - losses["b_trl_packed_flex"]) < 0.01, losses
+    assert abs(losses["c_ours"] - losses["b_trl_packed_flex"]) < 0.01, losses
