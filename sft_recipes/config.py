@@ -275,15 +275,19 @@ def check(cfg: Config) -> None:
                         "for the latest checkpoint of the run dir.")
     import torch
 
+    machine = []  # what this machine cannot run: a dry run (planning a GPU run elsewhere) only warns
     if cfg.train.activation_offloading and not torch.cuda.is_available():
-        problems.append("train.activation_offloading=true needs a CUDA GPU (it copies activations to pinned CPU "
-                        "memory on a CUDA stream): set train.activation_offloading=false "
-                        "(or a preset other than gpu_fast).")
+        machine.append("train.activation_offloading=true needs a CUDA GPU (it copies activations to pinned CPU "
+                       "memory on a CUDA stream): set train.activation_offloading=false "
+                       "(or a preset other than gpu_fast).")
     if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        problems.append("flex attention has no backward pass on the CPU: use model.attn_implementation=sdpa "
-                        "(or a preset other than gpu_fast).")
+        machine.append("flex attention has no backward pass on the CPU: use model.attn_implementation=sdpa "
+                       "(or a preset other than gpu_fast).")
     if torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
-        problems.append(f"{torch.cuda.device_count()} GPUs are visible but this is a single-process run: "
-                        "launch with `accelerate launch -m sft_recipes ...`, or pick one GPU with CUDA_VISIBLE_DEVICES=0.")
-    if problems:
-        raise UserError("Invalid configuration: " + " ".join(problems))
+        machine.append(f"{torch.cuda.device_count()} GPUs are visible but this is a single-process run: "
+                       "launch with `accelerate launch -m sft_recipes ...`, or pick one GPU with CUDA_VISIBLE_DEVICES=0.")
+    if cfg.dry_run and not problems:
+        for line in machine:
+            print(f"warning: not on this machine: {line}")
+    elif problems or machine:
+        raise UserError("Invalid configuration: " + " ".join(problems + machine))

@@ -56,25 +56,33 @@ def prepare_data(cfg, tokenizer) -> prepare.Prepared:
     return prepare.prepare(*data_paths(cfg), tokenizer, template, data_options(cfg))
 
 
-def dry_run(cfg, model_path: str, tokenizer, data, out: Path) -> None:
+def dry_run(cfg, model_path: str, tokenizer, data, out: Path, packing_strategy: str = "bfd") -> None:
     """Report what a run would do, write data_report.md and token_lengths.png, train nothing."""
     import math
 
     t = cfg.train
-    steps_per_epoch = math.ceil(len(data.train) / (t.batch_size * t.grad_accum))
+    rows, longest = len(data.train), min(cfg.data.max_length, data.train_stats.summary()["tokens_max"])
+    per_step = f"{t.batch_size} x {t.grad_accum} samples per step"
+    if t.packing:  # TRL packs the samples into rows of data.max_length before batching: steps count rows
+        from trl.data_utils import pack_dataset
+
+        rows, longest = len(pack_dataset(data.train, cfg.data.max_length, packing_strategy)), cfg.data.max_length
+        per_step = (f"{t.batch_size} x {t.grad_accum} rows per step; {len(data.train)} samples packed into {rows} "
+                    f"rows of up to {longest} tokens")
+    steps_per_epoch = math.ceil(rows / (t.batch_size * t.grad_accum))
     steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
-    longest = min(cfg.data.max_length, data.train_stats.summary()["tokens_max"])
     trainable, total, parts = report.memory_estimate(cfg, model_path, longest)
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
-    print(f"Optimizer steps: {steps} ({steps_per_epoch} per epoch, {t.batch_size * t.grad_accum} samples per step)")
+    print(f"Optimizer steps: {steps} ({steps_per_epoch} per epoch, {per_step})")
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{t.batch_size} x {longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
-    report.data_report(cfg, data, steps_per_epoch, steps, (trainable, total), parts, out / "data_report.md")
+    report.data_report(cfg, data, f"{steps} ({steps_per_epoch} per epoch, {per_step})", (trainable, total), parts,
+                       out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
@@ -146,7 +154,7 @@ def run(cfg) -> Optional[Path]:
               "(data.dedup=false keeps them)")
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None)  # train.sft_args fail here, before any model
     if cfg.dry_run:
-        dry_run(cfg, model_path, tokenizer, data, out)
+        dry_run(cfg, model_path, tokenizer, data, out, args.packing_strategy)
         return None
 
     import torch

@@ -1,10 +1,13 @@
 """The command line, in real subprocesses: overrides, -m sweeps, dry runs, resume, bad keys and bad data."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli, tiny_args
@@ -57,6 +60,24 @@ def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
     report = (out / "data_report.md").read_text()
     assert "| train | 112 | 112 |" in report and "Estimated peak memory" in report and "optimizer steps: 56" in report
     assert (out / "token_lengths.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_gpu_preset_dry_run_plans_on_a_cpu(tmp_path, tiny_dir):
+    """preset=gpu_fast on a machine without CUDA: the dry run warns what would not run here and still reports,
+    counting the packed rows its steps are made of; the run itself stops at once with the same reasons."""
+    out = tmp_path / "dry"
+    args = [a for a in tiny_args(tiny_dir, out, "dry_run=true") if a != "preset=fast_test"] + ["preset=gpu_fast"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: not on this machine: train.activation_offloading=true needs a CUDA GPU" in r.stdout
+    assert "warning: not on this machine: flex attention" in r.stdout
+    rows = int(r.stdout.split(" samples packed into ")[1].split()[0])  # 112 samples of at most 162 tokens
+    assert 1 < rows < 112 and f"Optimizer steps: {3 * math.ceil(rows / 8)} (" in r.stdout, r.stdout[-2000:]
+    assert "batch of 8 x 1024 tokens" in r.stdout
+    assert f"packed into {rows} rows" in (out / "data_report.md").read_text()
+    r = cli(*[a for a in args if a != "dry_run=true"])
+    assert r.returncode != 0 and "train.activation_offloading=false" in r.stderr and not (out / "final_model").exists()
 
 
 def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
