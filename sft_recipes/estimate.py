@@ -14,7 +14,9 @@ from typing import Dict
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-OFFLOAD_STASH = 5  # layer inputs offloading keeps on the GPU: trainer.OFFLOAD_STASH_SAVES is about 3 layers' saves
+# Layer inputs that stay on the GPU with activation offloading: TRL's stash of the last trainer.OFFLOAD_STASH_SAVES
+# saves (about 3 layers' worth) and the one being copied back. 5 is a bound from above.
+OFFLOAD_STASH = 5
 
 
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
