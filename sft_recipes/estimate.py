@@ -14,8 +14,8 @@ from typing import Dict
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# Layer inputs that stay on the GPU with activation offloading: TRL's stash of the last trainer.OFFLOAD_STASH_SAVES
-# saves (about 3 layers' worth) and the one being copied back. 5 is a bound from above.
+# Layer inputs that stay on the GPU with activation offloading: TRL's stash, which our Trainer sizes to
+# trainer.OFFLOAD_STASH_LAYERS layers, and the one being copied back. 5 is a bound from above.
 OFFLOAD_STASH = 5
 
 

@@ -110,11 +110,18 @@ CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 # Activation offloading (train.activation_offloading, TRL's OffloadActivations) copies each saved activation to
 # CPU memory on a side stream, and the forward waits for the copy of the tensor saved `max_fwd_stash_size` saves
-# earlier before letting its GPU memory go. TRL's 5 is the same layer here (a checkpointed QLoRA layer saves about
-# 22 tensors, parameters included, its 64 MiB input among them), so the forward stalled for each layer's copy: 30
-# waits of 1.3 ms a step on an H200 (bench/trace_gaps.py). 64 saves is about three layers later, by when the copy
-# is done; it keeps at most a few more layer inputs on the GPU (estimate.OFFLOAD_STASH).
-OFFLOAD_STASH_SAVES = 64
+# earlier before letting its GPU memory go. TRL's 5 saves are five layers where a layer saves only its input (an
+# eager checkpoint), but the same layer where torch.compile traces the checkpoint (about 22 saves a QLoRA layer,
+# parameters included): there the forward stalled on each layer's own copy, 30 waits of 1.3 ms a step on an H200
+# (BENCHMARKS.md). So the stash spans OFFLOAD_STASH_LAYERS layers, counted from the saves of the step before; by
+# then a copy is done, and no more than that many layer inputs stay on the GPU (estimate.OFFLOAD_STASH).
+OFFLOAD_STASH_LAYERS = 3
+TRL_OFFLOAD_STASH = 5
+
+
+def offload_stash(saves: int, layers: int) -> int:
+    """max_fwd_stash_size for OFFLOAD_STASH_LAYERS layers, from the saves of one training forward."""
+    return max(TRL_OFFLOAD_STASH, -(-OFFLOAD_STASH_LAYERS * saves // max(layers, 1)))
 
 
 def recompute_all(ctx, op, *args, **kwargs):
@@ -185,13 +192,12 @@ class Trainer(SFTTrainer):
 
     _staging = None
     _flops_per_token = None
+    _layers = None  # decoder layers, counted once (activation offloading's stash)
 
     def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
                  compile_checkpoint: str = "auto", run_config: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_config = run_config  # saved in each checkpoint as RUN_CONFIG: what a resumed run keeps
-        if self.args.activation_offloading:
-            self.maybe_activation_offload_context.max_fwd_stash_size = OFFLOAD_STASH_SAVES
         if compile:
             n = compile_layers(self.model, compile_options, compile_checkpoint)
             if not n:
@@ -199,6 +205,17 @@ class Trainer(SFTTrainer):
                                 "set train.compile=false.")
             print(f"train.compile: {n} decoder layers share one compiled graph (built during the first steps)",
                   flush=True)
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self.args.activation_offloading:  # the saves of this step's forward size the next steps' stash
+            if self._layers is None:
+                from transformers.modeling_layers import GradientCheckpointingLayer
+
+                self._layers = sum(isinstance(m, GradientCheckpointingLayer) for m in self.model.modules())
+            ctx = self.maybe_activation_offload_context
+            ctx.max_fwd_stash_size = offload_stash(ctx.tensor_id, self._layers)
+        return loss
 
     def _get_output_dir(self, trial):
         return self._staging or super()._get_output_dir(trial)
