@@ -12,6 +12,7 @@ loss, token accuracy and num_tokens. Other losses TRL offers (train.sft_args.los
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -121,7 +122,7 @@ TRL_OFFLOAD_STASH = 5
 
 def offload_stash(saves: int, layers: int) -> int:
     """max_fwd_stash_size for OFFLOAD_STASH_LAYERS layers, from the saves of one training forward."""
-    return max(TRL_OFFLOAD_STASH, -(-OFFLOAD_STASH_LAYERS * saves // max(layers, 1)))
+    return max(TRL_OFFLOAD_STASH, math.ceil(OFFLOAD_STASH_LAYERS * saves / max(layers, 1)))
 
 
 def recompute_all(ctx, op, *args, **kwargs):
