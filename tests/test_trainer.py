@@ -133,6 +133,18 @@ def test_compiled_checkpointed_layers_recompute_the_layer(tiny_dir, rows, way):
     assert trainer_mod.offload_stash(30 * per_layer + 8, 30) == max(5, 3 * per_layer + 1)  # a 30-layer model
 
 
+def test_offload_stash_attributes_are_trls():
+    """Our Trainer reads OffloadActivations.tensor_id (saves so far in the step) and sets max_fwd_stash_size after
+    each step; that runs only on a CUDA GPU, so here: TRL's class still counts and reads them under those names."""
+    import inspect
+
+    from trl.models.activation_offloading import OffloadActivations
+
+    init = inspect.getsource(OffloadActivations.__init__)
+    assert "self.tensor_id += 1" in init and "tensor_id - self.max_fwd_stash_size" in init
+    assert "self.tensor_id = 0" in inspect.getsource(OffloadActivations.__enter__)  # counted per step
+
+
 @BOTH_WAYS
 def test_compiled_checkpointed_layers_replay_the_same_dropout(tiny_dir, rows, way):
     """With LoRA dropout, the recompute in the backward draws the same dropout masks as the forward:
