@@ -71,18 +71,18 @@ def dry_run(cfg, model_path: str, tokenizer, data, out: Path, packing_strategy: 
                     f"rows of up to {longest} tokens")
     steps_per_epoch = math.ceil(rows / (t.batch_size * t.grad_accum))
     steps = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
+    plan = f"{steps} ({steps_per_epoch} per epoch, {per_step})"
     trainable, total, parts = report.memory_estimate(cfg, model_path, longest)
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
-    print(f"Optimizer steps: {steps} ({steps_per_epoch} per epoch, {per_step})")
+    print(f"Optimizer steps: {plan}")
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{t.batch_size} x {longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
-    report.data_report(cfg, data, f"{steps} ({steps_per_epoch} per epoch, {per_step})", (trainable, total), parts,
-                       out / "data_report.md")
+    report.data_report(cfg, data, plan, (trainable, total), parts, out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")

@@ -134,6 +134,13 @@ def recompute_all(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers: the modules transformers checkpoints one by one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "auto") -> int:
     """torch.compile each decoder layer in place; returns how many.
 
@@ -144,12 +151,11 @@ def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "aut
     (Inductor settings); `checkpoint` is traced, around or auto (above). Checked against eager on 4-bit QLoRA in
     tests/test_train.py."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     traced = checkpoint == "traced" or (checkpoint == "auto" and TORCH_2_12)
     recompute_policy = partial(create_selective_checkpoint_contexts, recompute_all)
     options = dict(options) if options else None
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     compiled = {}  # one compiled forward per layer class: the layers share its graph
     for layer in layers:
         raw = getattr(type(layer).forward, "__wrapped__", None)  # the forward under transformers' checkpointing
@@ -211,9 +217,7 @@ class Trainer(SFTTrainer):
         loss = super().training_step(*args, **kwargs)
         if self.args.activation_offloading:  # the saves of this step's forward size the next steps' stash
             if self._layers is None:
-                from transformers.modeling_layers import GradientCheckpointingLayer
-
-                self._layers = sum(isinstance(m, GradientCheckpointingLayer) for m in self.model.modules())
+                self._layers = len(decoder_layers(self.model))
             ctx = self.maybe_activation_offload_context
             ctx.max_fwd_stash_size = offload_stash(ctx.tensor_id, self._layers)
         return loss
