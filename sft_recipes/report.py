@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from transformers import TrainerCallback
 
@@ -155,7 +156,7 @@ def length_histogram(stats, max_length: int, path: Path) -> None:
     plt.close(fig)
 
 
-def data_report(cfg, data, plan: str, params, parts, path: Path) -> None:
+def data_report(cfg, data, plan: str, advice: Optional[str], params, parts, path: Path) -> None:
     """data_report.md: files, duplicates, leaks, lengths, truncation, steps and the memory estimate."""
     from .estimate import table
 
@@ -181,7 +182,7 @@ def data_report(cfg, data, plan: str, params, parts, path: Path) -> None:
                          f"{s['dropped']} |")
     lines += ["", "![token lengths](token_lengths.png)", "",
               "## Training", "",
-              f"- optimizer steps: {plan}",
+              f"- optimizer steps: {plan}", *([f"- warning: {advice}"] if advice else []),
               f"- trainable parameters: {params[0]:,} of {params[1]:,} ({100 * params[0] / params[1]:.3f} %)",
               "", "## Estimated peak memory (from the model config; no weights loaded)", "",
               "| term | estimate |", "| --- | --- |", table(parts), ""]

@@ -158,6 +158,29 @@ def test_memory_estimate_matches_peaks_measured_on_a_gpu(rows, offloading, measu
     assert abs(parts["total"] / 2**30 - measured_gib) / measured_gib < 0.06, parts
 
 
+# The step counts are what real runs of the sample data took (metrics.json's global_step: README, "Few optimizer
+# steps"); packed rows are counted in tests/test_cli.py.
+@pytest.mark.parametrize("overrides, plan, advice", [
+    (["preset=low_memory"], "21 (7 per epoch, 1 x 16 samples per step)", "train.grad_accum=1 gives 336 steps."),
+    (["preset=low_memory", "train.grad_accum=4"], "84 (28 per epoch, 1 x 4 samples per step)", None),
+    (["preset=fast_test"], "56 (56 per epoch, 2 x 1 samples per step)", None),
+    (["preset=fast_test", "train.batch_size=4"], "28 (28 per epoch, 4 x 1 samples per step)",
+     "a smaller train.batch_size or more train.epochs give more."),
+    (["preset=low_memory", "train.max_steps=10"], "10 (7 per epoch, 1 x 16 samples per step)", None),
+])
+def test_step_plan_counts_optimizer_steps_and_warns_when_few(tokenizer, overrides, plan, advice):
+    from sft_recipes import train
+
+    cfg = make(*overrides)
+    got = train.step_plan(cfg, train.prepare_data(cfg, tokenizer))
+    assert got.text == plan
+    if advice is None:
+        assert got.advice is None
+    else:
+        assert got.advice.startswith(f"only {plan.split()[0]} optimizer steps in all: few for LoRA")
+        assert got.advice.endswith(advice), got.advice
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["+train.sft_args.learning_rate=1e-3"], "train.sft_args.learning_rate is set from the config already "
                                               "(train.lr); change it there"),
