@@ -45,8 +45,9 @@ class FileReport:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
+    try:  # a byte-order mark, as Windows editors and PowerShell write it, says UTF-8 or UTF-16 and is not data
+        raw = path.read_bytes()
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8.") from None
     except OSError as e:
@@ -300,6 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
                    help="map a field to a column name, e.g. --column question=prompt")
     args = parser.parse_args(argv)
+    import datasets
+
+    datasets.disable_progress_bars()  # (CSV and Parquet are read through datasets)
     try:
         columns = dict(c.split("=", 1) for c in args.column)
         return validate_main(args.paths, columns)

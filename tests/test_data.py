@@ -27,6 +27,13 @@ def test_jsonl_and_json_give_the_same_records(tmp_path):
     b = data.load_records(write(tmp_path, "b.jsonl", "\n".join(map(json.dumps, rows)) + "\n"))
     assert [r.as_dict() for r in a] == [r.as_dict() for r in b]
     assert b[1].where.endswith("b.jsonl, line 2")
+    # as Windows tools write them: a UTF-8 byte-order mark first, CRLF line ends
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "c.json").write_bytes(bom + json.dumps(rows, indent=1).replace("\n", "\r\n").encode())
+    (tmp_path / "d.jsonl").write_bytes(bom + "\r\n".join(map(json.dumps, rows)).encode() + b"\r\n")
+    (tmp_path / "e.jsonl").write_bytes("\r\n".join(map(json.dumps, rows)).encode("utf-16"))  # PowerShell 5's `>`
+    for name in ("c.json", "d.jsonl", "e.jsonl"):
+        assert [r.as_dict() for r in data.load_records(tmp_path / name)] == [r.as_dict() for r in a]
 
 
 BROKEN = Path(__file__).parent / "broken"
