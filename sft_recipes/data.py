@@ -24,6 +24,9 @@ REQUIRED = ("question", "answer")
 MAX_LISTED = 20
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
+# Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
+ALIASES = {"question": ("instruction", "prompt", "query", "input", "q"),
+           "answer": ("output", "response", "completion", "target", "a")}
 
 
 @dataclass
@@ -80,7 +83,12 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
                     raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
         return "line", rows
     if not isinstance(value, list):
-        raise UserError(f"{path}: expected a JSON array of records, found a {type(value).__name__}.")
+        found = f"a {type(value).__name__}"
+        if isinstance(value, dict):
+            lists = [k for k, v in value.items() if isinstance(v, list)]
+            found = (f"an object; the records may be the list under '{lists[0]}': save that list alone" if lists
+                     else f"an object with the key(s) {', '.join(map(repr, value))}")
+        raise UserError(f"{path}: expected a JSON array of records, found {found}.")
     return "record", list(enumerate(value, 1))
 
 
@@ -95,6 +103,18 @@ def _read_table(path: Path) -> List[dict]:
     return ds.to_list()
 
 
+def _column_hint(missing: set, extra: set) -> str:
+    """How to read records whose fields have other names: the mapping, guessed from the fields they have."""
+    if not (missing and extra):
+        return "map other column names with data.columns.question=NAME etc"
+    if chat := extra & {"messages", "conversations"}:
+        return (f"these records hold chat transcripts ('{min(chat)}'), not question/answer pairs: write each user "
+                "turn as 'question' and the assistant's reply as 'answer'")
+    guess = " ".join(f"data.columns.{k}=" + next((a for a in ALIASES[k] if a in extra), "NAME") for k in sorted(
+        missing, key=FIELDS.index))
+    return f"the records have the field(s) {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
+
+
 def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt);
@@ -104,7 +124,7 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
     unit, rows = _parse(p)
     if not rows:
         raise UserError(f"{p}: contains no records.")
-    records, problems, extra = [], [], set()
+    records, problems, extra, missing = [], [], set(), set()
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
@@ -119,6 +139,7 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
                 if key in required:
                     problems.append(f"{at}: field '{name}' is missing")
                     bad = True
+                    missing.add(key)
             elif not isinstance(value, str):
                 problems.append(f"{at}: field '{name}' must be a string, found {type(value).__name__}")
                 bad = True
@@ -134,8 +155,8 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
         optional = " and ".join(f"'{cols[k]}'" for k in FIELDS if k not in required)
         raise UserError(f"{len(problems)} invalid record(s) in {p}: {shown}{more}. Each record needs non-empty "
                         "string fields " + " and ".join(f"'{cols[k]}'" for k in required) + f" ({optional} "
-                        f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'});"
-                        " map other column names with data.columns.question=NAME etc.")
+                        f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'}"
+                        f"); {_column_hint(missing, extra)}.")
     if report is not None:
         report.records = len(records)
         if extra:

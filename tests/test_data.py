@@ -71,6 +71,20 @@ def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
     assert len(records) == 1 and rep.warnings == [f"{tmp_path / 'x.json'}: unknown field(s) ['id'] ignored"]
 
 
+def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
+    alpaca = write(tmp_path, "alpaca.json", json.dumps([{"instruction": "Q?", "input": "", "output": "A."}]))
+    with pytest.raises(UserError) as e:
+        data.load_records(alpaca)
+    assert str(e.value).endswith("the records have the field(s) 'input', 'instruction', 'output': map them with "
+                                 "data.columns.question=instruction data.columns.answer=output.")
+    (r,) = data.load_records(alpaca, {"question": "instruction", "answer": "output"})  # the hint, followed
+    assert (r.question, r.answer) == ("Q?", "A.")
+    chat = write(tmp_path, "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "Q?"},
+                                                                  {"role": "assistant", "content": "A."}]}))
+    with pytest.raises(UserError, match=r"these records hold chat transcripts \('messages'\), not question/answer"):
+        data.load_records(chat)
+
+
 def test_not_utf8_and_bad_jsonl_line(tmp_path):
     p = tmp_path / "latin1.json"
     p.write_bytes('[{"question": "Qué?", "answer": "Sí"}]'.encode("latin-1"))
