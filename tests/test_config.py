@@ -165,7 +165,9 @@ def test_memory_estimate_matches_peaks_measured_on_a_gpu(rows, offloading, measu
     (["preset=low_memory", "train.grad_accum=4"], "84 (28 per epoch, 1 x 4 samples per step)", None),
     (["preset=fast_test"], "56 (56 per epoch, 2 x 1 samples per step)", None),
     (["preset=fast_test", "train.batch_size=4"], "28 (28 per epoch, 4 x 1 samples per step)",
-     "a smaller train.batch_size or more train.epochs give more."),
+     "a smaller train.batch_size, more train.epochs or more data give more."),
+    (["preset=low_memory", "train.batch_size=128"], "3 (1 per epoch, 128 x 16 samples per step)",
+     "a smaller train.batch_size, more train.epochs or more data give more."),  # accumulation is not what binds
     (["preset=low_memory", "train.max_steps=10"], "10 (7 per epoch, 1 x 16 samples per step)", None),
 ])
 def test_step_plan_counts_optimizer_steps_and_warns_when_few(tokenizer, overrides, plan, advice):
