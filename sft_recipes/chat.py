@@ -78,19 +78,21 @@ def converse(cfg, ask, prompt: str, who: str) -> None:
 
 def load_questions(spec, columns: dict):
     """The records of question files, read with the run's column names, or else with the plain ones."""
-    from .data import DEFAULT_COLUMNS, load_many
+    from .data import DEFAULT_COLUMNS, load_many, without_hint
     from .errors import UserError
 
     try:
         return load_many(spec, columns, required=("question",))
     except UserError as e:
-        if columns == DEFAULT_COLUMNS:
-            raise
+        error = str(e)
+    if columns != DEFAULT_COLUMNS:
         try:
             return load_many(spec, DEFAULT_COLUMNS, required=("question",))
         except UserError:
-            raise UserError(f"{str(e).split('; map other column names')[0]}. (The questions are read from the "
-                            f"run's question column, '{columns['question']}', or from 'question'.)") from None
+            pass
+    also = "" if columns == DEFAULT_COLUMNS else ", or from 'question'"
+    raise UserError(f"{without_hint(error).rstrip('.')}. (The questions are read from the run's question column, "
+                    f"'{columns['question']}'{also}.)")
 
 
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,

@@ -25,6 +25,7 @@ MAX_LISTED = 20
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 # Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
+HINTS = ("map other column names", "these records hold chat transcripts", "the records have the field(s)")
 ALIASES = {"question": ("instruction", "prompt", "query", "input", "q"),
            "answer": ("output", "response", "completion", "target", "a")}
 
@@ -104,15 +105,21 @@ def _read_table(path: Path) -> List[dict]:
 
 
 def _column_hint(missing: set, extra: set) -> str:
-    """How to read records whose fields have other names: the mapping, guessed from the fields they have."""
+    """How to read records whose fields have other names: the mapping, guessed from the fields they have. Each
+    way it can begin is in HINTS."""
     if not (missing and extra):
-        return "map other column names with data.columns.question=NAME etc"
+        return f"{HINTS[0]} with data.columns.question=NAME etc"
     if chat := extra & {"messages", "conversations"}:
-        return (f"these records hold chat transcripts ('{min(chat)}'), not question/answer pairs: write each user "
-                "turn as 'question' and the assistant's reply as 'answer'")
+        return (f"{HINTS[1]} ('{min(chat)}'), not question/answer pairs: write each user turn as 'question' and the "
+                "assistant's reply as 'answer'")
     guess = " ".join(f"data.columns.{k}=" + next((a for a in ALIASES[k] if a in extra), "NAME") for k in sorted(
         missing, key=FIELDS.index))
-    return f"the records have the field(s) {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
+    return f"{HINTS[2]} {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
+
+
+def without_hint(message: str) -> str:
+    """An invalid-records message without its data.columns hint (for readers that take no data.columns)."""
+    return re.split("; (?:" + "|".join(map(re.escape, HINTS)) + ")", message)[0]
 
 
 def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
@@ -137,7 +144,8 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
             name, value = cols[key], raw.get(cols[key])
             if value is None:
                 if key in required:
-                    problems.append(f"{at}: field '{name}' is missing")
+                    state = "missing" if name not in raw else "empty" if unit == "row" else "null"
+                    problems.append(f"{at}: field '{name}' is {state}")
                     bad = True
                     missing.add(key)
             elif not isinstance(value, str):

@@ -55,11 +55,12 @@ def test_every_broken_file_is_in_the_corpus():
 
 
 def test_every_problem_is_listed_up_to_a_limit(tmp_path):
-    rows = [{"question": "Q?"}, {"answer": "A"}, {"question": "Q?", "answer": "A"}]
+    rows = [{"question": "Q?"}, {"answer": "A"}, {"question": "Q?", "answer": "A"}, {"question": "Q?", "answer": None}]
     with pytest.raises(UserError) as e:
         data.load_records(write(tmp_path, "bad.json", json.dumps(rows)))
     msg = str(e.value)
-    assert msg.startswith("2 invalid record(s)") and "record 1: field 'answer'" in msg and "record 2: field 'question'" in msg
+    assert msg.startswith("3 invalid record(s)") and "record 1: field 'answer' is missing" in msg
+    assert "record 2: field 'question' is missing" in msg and "record 4: field 'answer' is null" in msg
     with pytest.raises(UserError, match=r"^30 invalid record\(s\).*record 20: field 'answer' is missing; and 10 more\."):
         data.load_records(write(tmp_path, "many.json", json.dumps([{"question": "Q"}] * 30)))
 

@@ -179,8 +179,9 @@ def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "What is a mean?"}\n{"prompt": "x"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl: line 2: field 'question' is missing.*'answer' and 'source' "
-                                        "are optional strings"):
+                                        r"are optional strings\)\. \(The questions are read from") as e:
         chat._cli([f"run_dir={tiny_run}", f"questions={bad}"])
+    assert "data.columns" not in str(e.value)  # no data.columns to set here
     renamed = {"question": "Q", "answer": "A", "source": "S"}  # a run trained on a file with other column names
     assert [r.question for r in chat.load_questions(str(questions), renamed)] == ["What is a mean?", "What is a median?"]
     with pytest.raises(UserError, match="read from the run's question column, 'Q', or from 'question'"):
