@@ -24,8 +24,9 @@ REQUIRED = ("question", "answer")
 MAX_LISTED = 20
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
-# Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
+# How the data.columns hint at the end of an invalid-records message begins (without_hint cuts it there)
 HINTS = ("map other column names", "these records hold chat transcripts", "the records have the field(s)")
+# Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
 ALIASES = {"question": ("instruction", "prompt", "query", "input", "q"),
            "answer": ("output", "response", "completion", "target", "a")}
 
