@@ -271,6 +271,8 @@ def run_variant(device, name, model_dir, out_json):
            "tokens_per_s": round(n / t, 1) if t else None, "s_per_step": round(t / max(1, len(timed)), 3),
            "padding_share": round(1 - sum(real) / sum(computed), 4), "peak_gib": round(peak / 2**30, 3),
            "val_loss": round(val_loss, 4)}
+    if args.activation_offloading:  # the stash our Trainer sized from the saves per layer (sft_recipes.trainer)
+        res["offload_stash"] = trainer.maybe_activation_offload_context.max_fwd_stash_size
     Path(out_json).write_text(json.dumps(res))
     print("RESULT " + json.dumps(res), flush=True)
 
