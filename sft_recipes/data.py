@@ -105,12 +105,12 @@ def _read_table(path: Path) -> List[dict]:
     return ds.to_list()
 
 
-def _column_hint(missing: set, extra: set) -> str:
+def _column_hint(missing: set, extra: dict) -> str:
     """How to read records whose fields have other names: the mapping, guessed from the fields they have. Each
     way it can begin is in HINTS."""
     if not (missing and extra):
         return f"{HINTS[0]} with data.columns.question=NAME etc"
-    if chat := extra & {"messages", "conversations"}:
+    if chat := extra.keys() & {"messages", "conversations"}:
         return (f"{HINTS[1]} ('{min(chat)}'), not question/answer pairs: write each user turn as 'question' and the "
                 "assistant's reply as 'answer'")
     guess = " ".join(f"data.columns.{k}=" + next((a for a in ALIASES[k] if a in extra), "NAME") for k in sorted(
@@ -132,14 +132,15 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
     unit, rows = _parse(p)
     if not rows:
         raise UserError(f"{p}: contains no records.")
-    records, problems, extra, missing = [], [], set(), set()
+    records, problems, extra, missing = [], [], {}, set()  # extra: unknown field -> records where it holds a value
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
             problems.append(f"{at}: expected an object with " + " and ".join(f"'{cols[k]}'" for k in required)
                             + f", found {type(raw).__name__}")
             continue
-        extra.update(k for k in raw if k not in cols.values())
+        for k in raw.keys() - cols.values():
+            extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
         bad = False
         for key in FIELDS:
             name, value = cols[key], raw.get(cols[key])
@@ -168,8 +169,9 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
                         f"); {_column_hint(missing, extra)}.")
     if report is not None:
         report.records = len(records)
-        if extra:
-            report.warnings.append(f"{p}: unknown field(s) {sorted(extra)} ignored")
+        if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
+            report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
+                f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items())))
     return records
 
 

@@ -67,9 +67,10 @@ def test_every_problem_is_listed_up_to_a_limit(tmp_path):
 
 def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
     rep = data.FileReport("x")
-    records = data.load_records(write(tmp_path, "x.json", json.dumps([{"question": "Q", "answer": "A", "id": 3}])),
-                                report=rep)
-    assert len(records) == 1 and rep.warnings == [f"{tmp_path / 'x.json'}: unknown field(s) ['id'] ignored"]
+    rows = [{"question": "Q", "answer": "A", "id": 3, "input": "context"}, {"question": "Q2", "answer": "A", "input": ""}]
+    records = data.load_records(write(tmp_path, "x.json", json.dumps(rows)), report=rep)
+    assert len(records) == 2 and rep.warnings == [f"{tmp_path / 'x.json'}: unknown field(s) ignored: 'id' (a value in "
+                                                  "1 of 2 records), 'input' (a value in 1 of 2 records)"]
 
 
 def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
