@@ -73,6 +73,8 @@ def cli() -> None:
     argv = sys.argv[1:]
     if "debug=true" in argv:
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    if os.environ.get("RANK", "0") != "0":  # the other processes of a launch: the main one reports (errors still do)
+        sys.stdout = open(os.devnull, "w")
     try:
         precheck(argv)
     except UserError as e:

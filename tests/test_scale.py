@@ -22,8 +22,8 @@ def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir):
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]
     two = tmp_path / "two"
-    assert multi.stdout.count("Training data: 112 records") == 2  # both processes prepared the same data
-    assert multi.stdout.count("Adapter saved to") == 1  # only the main process writes
+    # only the main process reports and writes (the loss curve below shows both trained on the same data)
+    assert multi.stdout.count("Training data: 112 records") == 1 and multi.stdout.count("Adapter saved to") == 1
     assert (two / "final_model" / "adapter_model.safetensors").exists()
     log = (two / "training_log.txt").read_text()
     assert log.count("# training starts") == 1 and log.count("step=6 ") >= 1
