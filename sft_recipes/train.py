@@ -262,7 +262,8 @@ def run(cfg) -> Optional[Path]:
         metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
                                        memory.peak_bytes())
         card.write(out, cfg)
-        print(f"Final train loss {metrics['final_train_loss']}, best validation loss {metrics['best_eval_loss']}")
+        print("Final train loss {}, best validation loss {} (metrics.json)".format(
+            *(f"{v:.4f}" if v is not None else "none" for v in (metrics["final_train_loss"], metrics["best_eval_loss"]))))
         weights = (f" (the weights of step {metrics['final_model_step']}, the lowest validation loss; "
                    "train.final_model=best)" if best else "")
         print(f"Adapter saved to {final}{weights}")
