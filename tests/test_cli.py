@@ -108,6 +108,14 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert len(weights) == 2 * 4 * 2 and not any("base_model.model.base_model" in k for k in weights)
 
 
+def test_help_shows_usage_groups_and_the_config(tmp_path):
+    r = cli("--help", cwd=tmp_path)
+    assert r.returncode == 0 and not list(tmp_path.iterdir())  # (writes nothing)
+    assert r.stdout.startswith("python -m sft_recipes [group=option ...] [key=value ...]: fine-tune")
+    assert "preset: default, fast_test, full_training, gpu_fast, low_memory" in r.stdout
+    assert "lora:\n  r: 16\n  alpha: 32" in r.stdout and "__main__" not in r.stdout
+
+
 def test_misspelled_key_fails_naming_it(tmp_path, tiny_dir):
     r = cli(*tiny_args(tiny_dir, tmp_path / "x", "train.lerning_rate=1e-4"))
     assert r.returncode != 0
