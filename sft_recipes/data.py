@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import re
 import sys
@@ -333,9 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
                    help="map a field to a column name, e.g. --column question=prompt")
     args = parser.parse_args(argv)
-    import datasets
-
-    datasets.disable_progress_bars()  # (CSV and Parquet are read through datasets)
+    # CSV and Parquet are read through datasets: no progress bars, and no import of it for JSON files
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         columns = dict(c.split("=", 1) for c in args.column)
         return validate_main(args.paths, columns)

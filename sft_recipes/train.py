@@ -92,7 +92,8 @@ def step_plan(cfg, data, packing_strategy: str = "bfd") -> Plan:
     total, per_epoch = steps(t.grad_accum)
     advice = None
     if total < MIN_STEPS and t.max_steps <= 0:
-        more = (f"train.grad_accum=1 gives {steps(1)[0]} steps" if steps(1)[0] > total else
+        unaccumulated = steps(1)[0]
+        more = (f"train.grad_accum=1 gives {unaccumulated} steps" if unaccumulated > total else
                 "a smaller train.batch_size, more train.epochs or more data give more")
         advice = (f"only {total} optimizer steps in all: few for LoRA to learn from (on the sample data, "
                   f"preset=low_memory reached a validation loss of 2.44 in 21 steps and 1.98 in 336, in about "
