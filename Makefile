@@ -54,7 +54,7 @@ check: $(STAMP) ## verify the setup: versions, CPU/GPU, 4-bit support, default m
 test: $(STAMP) ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP) ## throughput of the original padding, plain TRL and our recipe on this CPU (~8 min)
+bench: $(STAMP) ## throughput of the original padding, plain TRL and our recipe on this CPU (~7 min)
 	$(PY) bench/throughput.py cpu
 	$(PY) bench/prep_speed.py 100000
 

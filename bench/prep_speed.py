@@ -25,6 +25,7 @@ def make_file(n: int, path: Path) -> None:
 
 def main(n: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the cache's save bar, in the middle of the table
     from sft_recipes import models, prepare, templates
 
     tmp = Path(tempfile.mkdtemp())
