@@ -42,6 +42,8 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
     """A run that failed before training leaves no run dir behind (Hydra made it, with only its own files)."""
     if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):  # outputs/, made for this run alone
+            run_dir.parent.rmdir()
 
 
 def precheck(argv) -> None:

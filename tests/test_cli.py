@@ -116,6 +116,12 @@ def test_help_shows_usage_groups_and_the_config(tmp_path):
     assert "lora:\n  r: 16\n  alpha: 32" in r.stdout and "__main__" not in r.stdout
 
 
+def test_a_missing_default_data_file_leaves_the_folder_as_it_was(tmp_path):
+    r = cli("dry_run=true", cwd=tmp_path)  # the default run dir, outputs/<time>/, and a relative data path
+    assert r.returncode == 2 and f"Relative paths start from {tmp_path}" in r.stderr
+    assert not list(tmp_path.iterdir())  # no empty outputs/ behind
+
+
 def test_misspelled_key_fails_naming_it(tmp_path, tiny_dir):
     r = cli(*tiny_args(tiny_dir, tmp_path / "x", "train.lerning_rate=1e-4"))
     assert r.returncode != 0
