@@ -42,6 +42,9 @@ class Stats:
     lengths: List[int] = field(default_factory=list)  # tokens per record before truncation
     trained_tokens: int = 0
     fast_path: bool = False
+    # records dropped under data.overlong=truncate because the prompt alone fills max_length, and where the first are
+    question_too_long: int = 0
+    question_too_long_at: List[str] = field(default_factory=list)  # "FILE, record N: P prompt tokens"
 
     def percentile(self, q: float) -> int:
         s = sorted(self.lengths)
@@ -141,6 +144,10 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
             overlong_where.append(r.where)
             if overlong == "drop" or n_prompt >= max_length - 1:  # never cut the question
                 stats.dropped += 1
+                if overlong != "drop":
+                    stats.question_too_long += 1
+                    if len(stats.question_too_long_at) < MAX_LISTED:
+                        stats.question_too_long_at.append(f"{r.where}: {n_prompt} prompt tokens")
                 continue
             stats.truncated += 1
             ids = ids[:max_length]
@@ -255,6 +262,12 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
     if val_records:
         val, val_stats = tokenize(val_records, tokenizer, template, opts.max_length, opts.overlong,
                                   opts.system_prompt)
+    for st in (train_stats, val_stats):
+        if st and st.question_too_long:
+            report["warnings"].append(
+                f"{st.question_too_long} record(s) dropped: the prompt alone (system prompt, question and "
+                f"template) fills data.max_length={opts.max_length} tokens, leaving no room for the answer "
+                f"({'; '.join(st.question_too_long_at)}). Raise data.max_length or shorten them.")
     if key is not None:
         cache_save(key, train, val, {"train_stats": asdict(train_stats),
                                      "val_stats": asdict(val_stats) if val_stats else None, "report": report})
@@ -264,8 +277,10 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
 # ---- the prepared-data cache --------------------------------------------------------------------------------
 
 def fingerprint(files: Sequence[Path], tokenizer, template: Template, options: dict) -> str:
-    """Changes whenever anything that shapes the rows changes: file contents, tokenizer, template, options."""
+    """Changes whenever anything that shapes the rows changes: file contents, tokenizer, template, options, our code."""
     h = hashlib.sha256(__version__.encode())
+    for module in ("data.py", "templates.py", "prepare.py"):  # our own code that shapes the rows, as it is now
+        h.update((Path(__file__).parent / module).read_bytes())
     for f in files:
         h.update(str(f).encode())
         with open(f, "rb") as fh:

@@ -1,5 +1,6 @@
 """Formats, deduplication, leak-free splits, the fast tokenization path and the prepared-data cache."""
 import json
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,20 @@ def test_prepare_reports_duplicates_and_leaks(tmp_path, tokenizer):
                           prepare.Options(max_length=512))
     assert out.report["duplicates"]["exact"] == 3 and len(out.train) == len(rows) + 1
     assert out.report["leak_count"] == 1 and "also appear in the training data" in out.report["warnings"][0]
+
+
+def test_a_question_that_fills_max_length_is_dropped_and_named(tmp_path, tokenizer):
+    rows = json.loads(TRAIN.read_text())[:6]
+    rows.insert(2, {"question": "Explain this table: " + "12.5 | " * 200, "answer": "It lists the cases."})
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    opts = prepare.Options(max_length=256, cache_dir=str(tmp_path / "cache"))  # truncate: cuts answers only
+    for _ in range(2):  # prepared, then from the cache: the same warning
+        out = prepare.prepare(str(tmp_path / "train.json"), None, tokenizer, templates.get("chat"), opts)
+        assert out.train_stats.dropped == out.train_stats.question_too_long == 1 and len(out.train) == 6
+        assert re.search(rf"1 record\(s\) dropped: the prompt alone .* fills data.max_length=256 tokens, leaving no "
+                         rf"room for the answer \({re.escape(str(tmp_path))}/train.json, record 3: \d+ prompt tokens\)",
+                         out.report["warnings"][0])
+    assert out.from_cache
 
 
 def test_validate_command(tmp_path):
