@@ -226,9 +226,9 @@ def check(cfg: Config) -> None:
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
                              (f"train.early_stopping_patience={t.early_stopping_patience}",
                               t.early_stopping_patience > 0)) if on]
-    from .data import expand, validation_spec
+    from .data import data_specs, expand
 
-    val_spec = validation_spec(cfg.data.train_path, cfg.data.val_path)
+    val_spec = data_specs(cfg.data.train_path, cfg.data.val_path)[1]
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
         problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
                         "data.val_fraction=0.1 (a share of the training data).")

@@ -198,16 +198,36 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
     return files
 
 
-def validation_spec(train_spec, val_spec):
-    """The validation files: `val_spec` as given, but for "auto" the file beside a single training file named
-    <name>_val<suffix> (sft_sample.json -> sft_sample_val.json) if there is one, else None (then a share of the
-    training data is split off, if any: data.val_fraction)."""
+def data_specs(train_spec, val_spec):
+    """(training files, validation files) as the run reads them. With val_spec "auto": the file beside a single
+    training file named <name>_val<suffix> (sft_sample.json -> sft_sample_val.json) validates, if there is one; in
+    a folder, glob or list, every <name>_val<suffix> file beside a <name><suffix> of the same set moves from
+    training to validation. Without such files: no validation files (then a share of the training data is
+    split off, if any: data.val_fraction). Any other val_spec is taken as given."""
     if val_spec != "auto":
-        return val_spec
+        return train_spec, val_spec
     if isinstance(train_spec, (str, Path)) and Path(train_spec).is_file():
         beside = Path(train_spec).with_name(f"{Path(train_spec).stem}_val{Path(train_spec).suffix}")
-        if beside.is_file():
-            return str(beside)
+        return train_spec, (str(beside) if beside.is_file() else None)
+    try:
+        files = expand(train_spec)
+    except UserError:
+        return train_spec, None  # (config.check names the missing files)
+    names = {(f.parent, f.stem, f.suffix) for f in files}
+    val = [f for f in files if f.stem.endswith("_val") and (f.parent, f.stem[:-4], f.suffix) in names]
+    if not val:
+        return train_spec, None
+    return [str(f) for f in files if f not in val], (str(val[0]) if len(val) == 1 else [str(f) for f in val])
+
+
+HELD_OUT = re.compile(r"(^|[_.-])(val|valid|validation|dev|test|eval|heldout|held[_-]out)$")
+
+
+def held_out_warning(path: Union[str, Path]) -> Optional[str]:
+    """A training file whose name says it holds validation or test data (a test set trained on is no test)."""
+    if HELD_OUT.search(Path(path).stem.lower()):
+        return (f"{path}: trained on, though its name says held-out data (validation or test); if it is, leave it "
+                "out of data.train_path (data.val_path=FILE validates on it)")
     return None
 
 

@@ -234,13 +234,14 @@ def load_and_split(train_spec, val_spec, opts: Options, reports=None):
 
 def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
     """Load, validate, deduplicate, split and tokenize; reuse the cached result when nothing changed."""
-    from .data import FileReport, expand, overlap
+    from .data import FileReport, expand, held_out_warning, overlap
 
-    files = expand(train_spec) + (expand(val_spec) if val_spec else [])
+    train_files = expand(train_spec)
+    files = train_files + (expand(val_spec) if val_spec else [])
     key = None
     if opts.cache_dir:
-        key = Path(opts.cache_dir) / fingerprint(files, tokenizer, template,
-                                                 {**asdict(opts), "cache_dir": None, "val": bool(val_spec)})
+        key = Path(opts.cache_dir) / fingerprint(files, tokenizer, template, {
+            **asdict(opts), "cache_dir": None, "val": bool(val_spec), "train_files": len(train_files)})
         hit = cache_load(key)
         if hit:
             train, val, meta = hit
@@ -248,6 +249,8 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                             Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True)
     reports: List[FileReport] = []
     train_records, val_records, dup = load_and_split(train_spec, val_spec, opts, reports)
+    for r in reports[:len(train_files)]:
+        r.warnings += filter(None, [held_out_warning(r.path)])
     leaks = overlap(train_records, val_records)
     report = {"files": [asdict(r) for r in reports],
               "duplicates": asdict(dup) if dup else None,

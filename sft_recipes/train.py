@@ -43,11 +43,11 @@ def data_options(cfg) -> prepare.Options:
 
 
 def data_paths(cfg):
-    """(train spec, validation spec) as plain strings or lists; data.val_path=auto resolved (data.validation_spec)."""
-    from .data import validation_spec
+    """(train spec, validation spec) as plain strings or lists; data.val_path=auto resolved (data.data_specs)."""
+    from .data import data_specs
 
     plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
-    return plain(cfg.data.train_path), validation_spec(plain(cfg.data.train_path), plain(cfg.data.val_path))
+    return data_specs(plain(cfg.data.train_path), plain(cfg.data.val_path))
 
 
 def prepare_data(cfg, tokenizer) -> prepare.Prepared:

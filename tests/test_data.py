@@ -147,9 +147,15 @@ def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
 
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(json.dumps(r) + "\n" for r in json.loads(TRAIN.read_text())[:40]))
-    assert data.validation_spec(str(TRAIN), "auto") == str(VAL)  # the sample data's pair
-    assert data.validation_spec(str(mine), "auto") is None
-    assert data.validation_spec([str(mine)], "auto") is None and data.validation_spec(str(mine), "x.json") == "x.json"
+    assert data.data_specs(str(TRAIN), "auto") == (str(TRAIN), str(VAL))  # the sample data's pair
+    assert data.data_specs(str(mine), "auto") == (str(mine), None)
+    assert data.data_specs([str(mine)], "auto") == ([str(mine)], None)
+    assert data.data_specs(str(mine), "x.json") == (str(mine), "x.json")
+    # a folder (or glob, or list): each <name>_val file beside its <name> file validates instead of training
+    assert data.data_specs(str(TRAIN.parent), "auto") == ([str(TRAIN)], str(VAL))
+    assert data.data_specs(str(TRAIN.parent / "*.json"), "auto") == ([str(TRAIN)], str(VAL))
+    assert data.data_specs([str(mine), str(VAL)], "auto") == ([str(mine), str(VAL)], None)  # no pair: as given
+    assert data.data_specs(str(TRAIN.parent), None) == (str(TRAIN.parent), None)
 
     train.run(make(f"output_dir={tmp_path / 'a'}", f"data.train_path={mine}", "dry_run=true"))
     assert "No validation data: no <name>_val file beside the training data" in capsys.readouterr().out
@@ -158,3 +164,17 @@ def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Validation data: {tmp_path / 'mine_val.jsonl'} (beside the training file" in out
     assert "Validation data: 1 records" in out
+    train.run(make(f"output_dir={tmp_path / 'c'}", f"data.train_path={TRAIN.parent}", "dry_run=true"))
+    out = capsys.readouterr().out  # the sample folder: sft_sample_val.json validates, as beside the single file
+    assert f"Validation data: {VAL} (beside" in out and "Training data: 112 records" in out
+    train.run(make(f"output_dir={tmp_path / 'd'}", f"data.train_path={TRAIN.parent}", "data.val_path=null",
+                   "dry_run=true"))
+    assert f"warning: {VAL}: trained on, though its name says held-out data" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,held_out", [
+    ("test.jsonl", True), ("qa_val.json", True), ("qa-dev.csv", True), ("validation.parquet", True),
+    ("chapter3.eval.json", True), ("held_out.json", True), ("train.json", False), ("sft_sample.json", False),
+    ("interval_estimates.json", False), ("latest.json", False), ("contest.jsonl", False)])
+def test_training_files_named_as_held_out_data_are_flagged(name, held_out):
+    assert (data.held_out_warning(name) is not None) is held_out
