@@ -55,6 +55,31 @@ def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in ours.model.named_parameters() if "lora_" in n_)
 
 
+def test_validation_loss_is_the_token_mean_whatever_the_batch(tiny_dir, tmp_path, rows, monkeypatch):
+    """The validation loss is the mean over every trained token of the set (sft_recipes.evaluate's figure), the
+    same for any eval batch size and either loss path; Trainer's own mean of batch means is not."""
+    from datasets import Dataset
+
+    from sft_recipes.runs import mean_loss
+
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
+    val = Dataset.from_list(rows)
+    per_token = mean_loss(ours.model, rows)
+    losses = {}
+    for batch in (1, 2, 4):
+        ours.args.per_device_eval_batch_size = batch
+        losses[batch] = ours.evaluate(val)["eval_loss"]
+        assert losses[batch] == pytest.approx(per_token, rel=1e-5)
+    monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # the tiled path
+    assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
+    trainers_own = SFTTrainer.evaluation_loop  # (as it was: per-batch means, weighted by samples)
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluation_loop", trainers_own)
+    ours.args.per_device_eval_batch_size = 1
+    per_sample = sum(mean_loss(ours.model, [r]) for r in rows) / len(rows)
+    assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_sample, rel=1e-6)
+    assert per_sample != pytest.approx(per_token, rel=1e-5)
+
+
 def test_flop_count_is_trainers_counted_once(tiny_dir, tmp_path, rows):
     ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
     for n in (2, 3):
