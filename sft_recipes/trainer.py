@@ -200,7 +200,8 @@ class Trainer(SFTTrainer):
     _staging = None
     _flops_per_token = None
     _layers = None  # decoder layers, counted once (activation offloading's stash)
-    _eval_nll = None  # during an evaluation: (loss sum, trained tokens) of each batch, on the device
+    _eval_nll = None  # during an evaluation: see evaluation_loop
+    _summed = 0  # batches whose loss went into _eval_nll
 
     def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
                  compile_checkpoint: str = "auto", run_config: Optional[str] = None, **kwargs):
@@ -229,23 +230,22 @@ class Trainer(SFTTrainer):
         sft_recipes.evaluate computes it. Trainer averages each batch's mean instead, weighting the samples by the
         batches they fell in: its figure changes with the batch size, so runs of a sweep over train.batch_size would
         not compare. (Over several processes, the samples a last uneven batch repeats count twice.)"""
-        self._eval_nll = []
+        self._eval_nll = torch.zeros(3, device=self.args.device)  # loss sum, trained tokens, batches not summed
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
-            if self._eval_nll and f"{metric_key_prefix}_loss" in output.metrics:
-                total = self.accelerator.reduce(torch.stack([torch.stack(x).sum(0) for x in zip(*self._eval_nll)]),
-                                                "sum")
-                output.metrics[f"{metric_key_prefix}_loss"] = (total[0] / total[1].clamp(min=1)).item()
+            loss_sum, tokens, not_summed = self.accelerator.reduce(self._eval_nll, "sum").tolist()
+            if not not_summed and tokens and f"{metric_key_prefix}_loss" in output.metrics:
+                output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
         finally:
             self._eval_nll = None
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        batches = len(self._eval_nll) if self._eval_nll else 0
+        before = self._summed
         output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        if self._eval_nll is not None and len(self._eval_nll) == batches:  # the loss came from TRL's own step:
-            self._eval_nll = None  # Trainer's figure stands
+        if self._eval_nll is not None and self._summed == before:  # the loss came from TRL's own step: Trainer's
+            self._eval_nll[2] += 1  # figure stands (decided over all processes: each takes part in the sum)
         return output
 
     def _get_output_dir(self, trial):
@@ -357,7 +357,8 @@ class Trainer(SFTTrainer):
         """The loss from its sum over the trained tokens (divided by their count, or by Trainer's count over the
         accumulated batches), and the metrics TRL logs: token accuracy as a device tensor, num_tokens."""
         if mode == "eval" and self._eval_nll is not None:
-            self._eval_nll.append((loss_sum.detach().float(), trained.detach().float()))
+            self._eval_nll[:2] += torch.stack([loss_sum.detach().float(), trained.detach().float()]).to(self._eval_nll)
+            self._summed += 1
         count = num_items_in_batch if num_items_in_batch is not None else trained
         loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

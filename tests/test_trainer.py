@@ -65,17 +65,18 @@ def test_validation_loss_is_the_token_mean_whatever_the_batch(tiny_dir, tmp_path
     ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
     val = Dataset.from_list(rows)
     per_token = mean_loss(ours.model, rows)
-    losses = {}
     for batch in (1, 2, 4):
         ours.args.per_device_eval_batch_size = batch
-        losses[batch] = ours.evaluate(val)["eval_loss"]
-        assert losses[batch] == pytest.approx(per_token, rel=1e-5)
+        assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
     monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # the tiled path
     assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
-    trainers_own = SFTTrainer.evaluation_loop  # (as it was: per-batch means, weighted by samples)
-    monkeypatch.setattr(trainer_mod.Trainer, "evaluation_loop", trainers_own)
     ours.args.per_device_eval_batch_size = 1
     per_sample = sum(mean_loss(ours.model, [r]) for r in rows) / len(rows)
+    ours.args.loss_type = "dft"  # TRL's own loss step (train.sft_args.loss_type): Trainer's figure stands
+    dft = ours.evaluate(val)["eval_loss"]
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluation_loop", SFTTrainer.evaluation_loop)  # Trainer's own mean
+    assert ours.evaluate(val)["eval_loss"] == pytest.approx(dft, rel=1e-6)
+    ours.args.loss_type = "nll"
     assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_sample, rel=1e-6)
     assert per_sample != pytest.approx(per_token, rel=1e-5)
 
