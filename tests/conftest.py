@@ -55,13 +55,14 @@ def cli(*args, cwd=None, timeout=600):
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def loss_history(run_dir) -> dict:
-    """{step: training loss} from the trainer state of a run's newest checkpoint."""
+def loss_history(run_dir, key: str = "loss") -> dict:
+    """{step: training loss} (or key="eval_loss": validation loss) from the trainer state of a run's newest
+    checkpoint."""
     import json
 
     newest = max(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name[len("checkpoint-"):]))
     state = json.loads((newest / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    return {h["step"]: h[key] for h in state["log_history"] if key in h}
 
 
 def tiny_args(tiny_dir, run_dir, *extra):

@@ -33,6 +33,10 @@ def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir):
     assert all(abs(one_h[s] - two_h[s]) < 2e-2 for s in one_h), (one_h, two_h)
     state = json.loads((two / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(6 * 4 / 112, rel=1e-3)
+    # validation over both processes (the sums of each reduced): the same validation loss as one process
+    one_v, two_v = loss_history(tmp_path / "one", "eval_loss"), loss_history(two, "eval_loss")
+    assert sorted(one_v) == sorted(two_v) == [3, 6]
+    assert all(abs(one_v[s] - two_v[s]) < 5e-3 for s in one_v), (one_v, two_v)
 
 
 def test_sweep_summary_from_a_real_multirun(tmp_path, tiny_dir):
