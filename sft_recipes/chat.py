@@ -2,7 +2,7 @@
 
 Interactive: a prompt with history, tokens streamed as they are generated, `/reset` to forget the history,
 `/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. A file of
-questions: `questions=FILE` (JSON, JSONL, CSV or Parquet; only the question field is needed) writes
+questions: `questions=FILE` (JSON, JSONL, CSV, TSV or Parquet; only the question field is needed) writes
 `{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
 sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.

@@ -1,6 +1,6 @@
 """Question/answer/source records: read, validate, deduplicate and split. No tokenizer, no Hydra here.
 
-Input: a JSON array, JSON lines, CSV or Parquet file, a folder or glob of such files, or a list of these.
+Input: a JSON array, JSON lines, CSV, TSV or Parquet file, a folder or glob of such files, or a list of these.
 Every invalid record is reported (up to MAX_LISTED, then a count) with its file, record or line number and
 field, in one `UserError`; unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
@@ -23,7 +23,7 @@ from .errors import UserError
 FIELDS = ("question", "answer", "source")
 REQUIRED = ("question", "answer")
 MAX_LISTED = 20
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 # How the data.columns hint at the end of an invalid-records message begins (without_hint cuts it there)
 HINTS = ("map other column names", "these records hold chat transcripts", "the records have the field(s)")
@@ -63,7 +63,7 @@ def _read_text(path: Path) -> str:
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record") or
     a table ("row", the header not counted)."""
-    if path.suffix in (".csv", ".parquet"):
+    if path.suffix in (".csv", ".tsv", ".parquet"):
         return "row", list(enumerate(_read_table(path), 1))
     text = _read_text(path)
     if not text.strip():
@@ -83,7 +83,9 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                    kind = ("" if path.suffix in SUFFIXES else f" (a {path.suffix or 'suffix-less'} file is read as "
+                            f"JSON; {', '.join(SUFFIXES)} name the formats read here)")
+                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}){kind}.") from None
         return "line", rows
     if not isinstance(value, list):
         found = f"a {type(value).__name__}"
@@ -96,11 +98,12 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
 
 
 def _read_table(path: Path) -> List[dict]:
-    """CSV or Parquet rows through `datasets` (all columns as they are typed there)."""
+    """CSV, TSV or Parquet rows through `datasets` (all columns as they are typed there)."""
     import datasets
 
+    loader, options = {".tsv": ("csv", {"sep": "\t"})}.get(path.suffix, (path.suffix[1:], {}))
     try:
-        ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        ds = datasets.load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as e:  # the loaders raise many types; all mean "cannot read this file"
         raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e}).") from None
     return ds.to_list()
@@ -177,7 +180,7 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
 
 
 def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
-    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.parquet), glob, or a list of these."""
+    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.tsv/*.parquet), glob, or a list of these."""
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     files: List[Path] = []
     for item in map(str, items):

@@ -38,7 +38,7 @@ def test_random_input_never_crashes_with_anything_but_our_error(tmp_path, value,
             assert records and all(r.question.strip() and r.answer.strip() for r in records)
 
 
-def test_folder_glob_list_csv_and_parquet_with_column_mapping(tmp_path):
+def test_folder_glob_list_csv_tsv_and_parquet_with_column_mapping(tmp_path):
     import pandas as pd
 
     (tmp_path / "a.json").write_text(json.dumps([rec("Q1?", "A1.")]))
@@ -52,8 +52,10 @@ def test_folder_glob_list_csv_and_parquet_with_column_mapping(tmp_path):
     pd.DataFrame({"prompt": ["Q3?", "Q4?"], "response": ["A3.", "A4."], "ref": ["S3", "S4"]}).to_csv(
         other / "c.csv", index=False)
     pd.DataFrame({"prompt": ["Q5?"], "response": ["A5."], "ref": ["S5"]}).to_parquet(other / "d.parquet")
+    (other / "e.tsv").write_text("prompt\tresponse\tref\nQ6, with a comma?\tA6.\tS6\n")  # a spreadsheet's export
     records = data.load_many(str(other), {"question": "prompt", "answer": "response", "source": "ref"})
-    assert [r.as_dict() for r in records] == [rec("Q3?", "A3.", "S3"), rec("Q4?", "A4.", "S4"), rec("Q5?", "A5.", "S5")]
+    assert [r.as_dict() for r in records] == [rec("Q3?", "A3.", "S3"), rec("Q4?", "A4.", "S4"), rec("Q5?", "A5.", "S5"),
+                                              rec("Q6, with a comma?", "A6.", "S6")]
     with pytest.raises(UserError, match="No data files match"):
         data.load_many(str(tmp_path / "*.xml"))
 
