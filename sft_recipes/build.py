@@ -5,6 +5,7 @@ They take the plain config values (a `Config` or DictConfig with the same fields
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import fields
 from typing import Optional
 
@@ -61,9 +62,17 @@ def lora_config(lora):
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
 
 
-def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None):
-    """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop.
-    `train.sft_args` adds any other SFTConfig argument; one that the config sets already is refused."""
+def save_interval(train, steps: Optional[int]) -> int:
+    """train.save_steps, or when unset: a checkpoint (and a validation) every 50 steps, or every fifth of a run of
+    `steps` optimizer steps if that is shorter, so a short run validates along the way and the best checkpoint and
+    early stopping have several to choose from."""
+    return train.save_steps or (min(50, math.ceil(steps / 5)) if steps else 50)
+
+
+def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None, steps: Optional[int] = None):
+    """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop; `steps`, the
+    run's optimizer steps, sets an unset train.save_steps. `train.sft_args` adds any other SFTConfig argument; one that
+    the config sets already is refused."""
     import torch
     from trl import SFTConfig
 
@@ -73,7 +82,8 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
     t = cfg.train
     cuda = torch.cuda.is_available() if use_cpu is None else not use_cpu
     dtype = cfg.quantization.compute_dtype if cfg.quantization.bits == 4 else cfg.model.dtype
-    eval_steps = t.eval_steps or t.save_steps
+    save_steps = save_interval(t, steps)
+    eval_steps = t.eval_steps or save_steps
     ours = dict(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
@@ -98,7 +108,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         logging_nan_inf_filter=t.on_nonfinite == "skip",
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,

@@ -116,7 +116,7 @@ class TrainConfig:
     activation_offloading: bool = False
     on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (last good checkpoint kept) | skip (drop that step)
     logging_steps: int = 5
-    save_steps: int = 50
+    save_steps: Optional[int] = None  # checkpoint (and validation) interval; null: 50 steps, or a fifth of a shorter run
     save_total_limit: Optional[int] = 3
     eval_steps: int = 0  # 0: evaluate at every save
     # What final_model/ holds: the weights of the last step, or those of the checkpoint with the lowest validation
@@ -213,7 +213,7 @@ def check(cfg: Config) -> None:
                         "remove it from lora.target_modules (e.g. lora=default or lora=all_linear).")
     t = cfg.train
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
-        if getattr(t, name) <= 0:
+        if getattr(t, name) is not None and getattr(t, name) <= 0:
             problems.append(f"train.{name}={getattr(t, name)} must be positive.")
     if t.compile_options and not t.compile:
         problems.append("train.compile_options only apply with train.compile=true.")
@@ -242,7 +242,7 @@ def check(cfg: Config) -> None:
                         "(python -m sft_recipes.evaluate runs after it).")
     if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
         problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
-                        f"train.eval_steps=0 (or {t.save_steps}, train.save_steps).")
+                        f"train.eval_steps=0 (validation at every train.save_steps).")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:

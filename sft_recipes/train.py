@@ -64,6 +64,7 @@ MIN_STEPS = 50
 
 
 class Plan(NamedTuple):
+    steps: int  # optimizer steps in all
     text: str  # "21 (7 per epoch, 1 x 16 samples per step)"
     longest: int  # the longest row a step trains on
     advice: Optional[str]  # set when the run takes fewer than MIN_STEPS optimizer steps
@@ -98,7 +99,7 @@ def step_plan(cfg, data, packing_strategy: str = "bfd") -> Plan:
         advice = (f"only {total} optimizer steps in all: few for LoRA to learn from (on the sample data, "
                   f"preset=low_memory reached a validation loss of 2.36 in 21 steps and 1.90 in 336, in about "
                   f"the same time); {more}.")
-    return Plan(f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
+    return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 
 
 def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, out: Path) -> None:
@@ -107,7 +108,9 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, out: Path) -> Non
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
-    print(f"Optimizer steps: {plan.text}")
+    save = build.save_interval(cfg.train, plan.steps)
+    print(f"Optimizer steps: {plan.text}; a checkpoint every {save} steps (train.save_steps)"
+          + (f", a validation every {cfg.train.eval_steps or save}" if data.val is not None else ""))
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
@@ -183,10 +186,11 @@ def run(cfg) -> Optional[Path]:
     if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
         print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "
               "(data.dedup=false keeps them)")
-    args = build.sft_config(cfg, str(out), has_eval=val_ds is not None)  # train.sft_args fail here, before any model
-    plan = step_plan(cfg, data, args.packing_strategy)
+    plan = step_plan(cfg, data, cfg.train.sft_args.get("packing_strategy", "bfd"))
     if plan.advice:
         print(f"warning: {plan.advice}")
+    # train.sft_args fail here, before any model
+    args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
     if cfg.dry_run:
         dry_run(cfg, model_path, tokenizer, data, plan, out)
         return None

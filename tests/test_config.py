@@ -67,7 +67,7 @@ def test_every_combination_builds(preset, quant, lora, model):
     assert sc.per_device_train_batch_size == batch and sc.num_train_epochs == epochs
     assert sc.learning_rate == 2e-4 and sc.gradient_accumulation_steps == cfg.train.grad_accum
     assert sc.optim == "adamw_torch_fused"  # the library default (one fused kernel per step)
-    assert sc.eval_strategy == "steps" and sc.save_steps == cfg.train.save_steps
+    assert sc.eval_strategy == "steps" and sc.save_steps == (cfg.train.save_steps or 50)
 
 
 def test_overrides_reach_the_trainer_config():
@@ -103,7 +103,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("train.early_stopping_patience=-1", "must be 0 (off) or positive"),
     ("data.val_path=null train.final_model=best train.early_stopping_patience=3",
      "train.final_model=best and train.early_stopping_patience=3 need a validation loss: set data.val_path=FILE"),
-    ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (or 50"),
+    ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (validation at every train.save_steps)"),
     ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
     ("eval.samples=2 train.compile=true", "would recompile the compiled layers"),
 ])
@@ -208,3 +208,16 @@ def test_sft_args_name_the_config_key_behind_each_argument_we_set(key):
     with pytest.raises(UserError, match=re.escape(f"train.sft_args.{key} is set from the config already "
                                                   f"({build.CONFIG_KEYS[key]})")):
         build.sft_config(make(f"+train.sft_args.{key}=1"), "/tmp/x", has_eval=True, use_cpu=True)
+
+
+def test_unset_save_steps_validates_along_a_short_run(tokenizer, capsys, tmp_path):
+    from sft_recipes import train
+
+    assert [build.save_interval(make().train, n) for n in (1, 3, 21, 56, 250, 5000, None)] == [1, 1, 5, 12, 50, 50, 50]
+    assert build.save_interval(make("train.save_steps=7").train, 21) == 7
+    assert build.sft_config(make(), "out", has_eval=True, use_cpu=True, steps=21).eval_steps == 5
+    # the README's main command: 21 steps, so a checkpoint and a validation every 5 (not only at the end)
+    train.run(make("preset=low_memory", "lora.r=32", "dry_run=true", f"output_dir={tmp_path}"))
+    out = capsys.readouterr().out
+    assert "Optimizer steps: 21 (7 per epoch, 1 x 16 samples per step); a checkpoint every 5 steps " \
+           "(train.save_steps), a validation every 5" in out
