@@ -36,6 +36,26 @@ def main(cfg):
             path.write_bytes(content)
         _remove_if_only_hydra(Path(cfg.output_dir))
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a Ctrl-C before training (during training the first one saves and stops: Guard)
+        if cfg.debug:
+            raise
+        stopped(Path(cfg.output_dir))
+
+
+def stopped(out: Path) -> None:
+    """Ctrl-C outside the training steps: one line on what is kept, no traceback, exit status 130."""
+    from .resume import last_checkpoint
+
+    for path, content in _hydra_files.items():
+        path.write_bytes(content)
+    _remove_if_only_hydra(out)
+    if not out.is_dir():
+        print("Stopped by Ctrl-C before training; nothing was written.", file=sys.stderr)
+    else:
+        last = last_checkpoint(out)
+        print(f"Stopped by Ctrl-C; {f'the last complete checkpoint is {last}' if last else 'no checkpoint yet'}. "
+              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}", file=sys.stderr)
+    sys.exit(130)
 
 
 def _remove_if_only_hydra(run_dir: Path) -> None:

@@ -92,6 +92,26 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resumes(tmp_path, tiny
     assert f"name_or_path: {tiny_dir}" in (out / ".hydra" / "config.yaml").read_text()  # what evaluate/chat read
 
 
+def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
+    """Ctrl-C while the data or the model loads (or a second one mid-step): one line, status 130, no traceback."""
+    from sft_recipes.__main__ import stopped
+
+    out = tmp_path / "run"
+    (out / ".hydra").mkdir(parents=True)  # what Hydra wrote before the run began
+    with pytest.raises(SystemExit) as e:
+        stopped(out)
+    assert e.value.code == 130 and not out.exists()
+    assert capsys.readouterr().err == "Stopped by Ctrl-C before training; nothing was written.\n"
+    (out / ".hydra").mkdir(parents=True)
+    (out / "training_log.txt").write_text("")
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / COMPLETE).write_text("")
+    with pytest.raises(SystemExit):
+        stopped(out)
+    assert capsys.readouterr().err == (f"Stopped by Ctrl-C; the last complete checkpoint is {out / 'checkpoint-4'}. "
+                                       f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}\n")
+
+
 def test_a_resumed_run_refuses_other_settings_and_changes_nothing(tmp_path, tiny_dir, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
