@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str) -> 
 
 
 def main_guard(fn, argv=None) -> int:
-    """Run a small CLI: our errors become one paragraph and exit status 2."""
+    """Run a small CLI: our errors become one paragraph and exit status 2; Ctrl-C (leaving a chat, say) one line
+    and status 130."""
     from . import quiet_logs
 
     quiet_logs()
@@ -43,6 +44,9 @@ def main_guard(fn, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("\nStopped by Ctrl-C.", file=sys.stderr)
+        return 130
 
 
 def config(run_dir) -> object:

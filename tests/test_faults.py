@@ -112,6 +112,15 @@ def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
                                        f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}\n")
 
 
+def test_evaluate_chat_and_merge_stop_on_ctrl_c_with_one_line(capsys):
+    from sft_recipes.runs import main_guard
+
+    def interrupted(argv):
+        raise KeyboardInterrupt  # (Ctrl-C at the chat prompt, say)
+
+    assert main_guard(interrupted, []) == 130 and capsys.readouterr().err == "\nStopped by Ctrl-C.\n"
+
+
 def test_a_resumed_run_refuses_other_settings_and_changes_nothing(tmp_path, tiny_dir, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
