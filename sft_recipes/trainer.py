@@ -227,16 +227,19 @@ class Trainer(SFTTrainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """The validation loss as the mean over every trained token of the validation set, as
-        sft_recipes.evaluate computes it. Trainer averages each batch's mean instead, weighting the samples by the
-        batches they fell in: its figure changes with the batch size, so runs of a sweep over train.batch_size would
-        not compare. (Over several processes, the samples a last uneven batch repeats count twice.)"""
-        self._eval_nll = torch.zeros(3, device=self.args.device)  # loss sum, trained tokens, batches not summed
+        sft_recipes.evaluate computes it, and the token accuracy likewise. Trainer averages each batch's mean instead,
+        weighting the samples by the batches they fell in: its figure changes with the batch size, so runs of a sweep
+        over train.batch_size would not compare. (Over several processes, the samples a last uneven batch repeats
+        count twice.)"""
+        # loss sum, trained tokens, correct next-token guesses, batches not summed (TRL's own loss step took them)
+        self._eval_nll = torch.zeros(4, device=self.args.device)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
-            loss_sum, tokens, not_summed = self.accelerator.reduce(self._eval_nll, "sum").tolist()
+            loss_sum, tokens, correct, not_summed = self.accelerator.reduce(self._eval_nll, "sum").tolist()
             if not not_summed and tokens and f"{metric_key_prefix}_loss" in output.metrics:
                 output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+                self._metrics["eval"]["mean_token_accuracy"] = [correct / tokens]  # what TRL's log() averages
         finally:
             self._eval_nll = None
         return output
@@ -245,7 +248,7 @@ class Trainer(SFTTrainer):
         before = self._summed
         output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         if self._eval_nll is not None and self._summed == before:  # the loss came from TRL's own step: Trainer's
-            self._eval_nll[2] += 1  # figure stands (decided over all processes: each takes part in the sum)
+            self._eval_nll[3] += 1  # figure stands (decided over all processes: each takes part in the sum)
         return output
 
     def _get_output_dir(self, trial):
@@ -357,7 +360,7 @@ class Trainer(SFTTrainer):
         """The loss from its sum over the trained tokens (divided by their count, or by Trainer's count over the
         accumulated batches), and the metrics TRL logs: token accuracy as a device tensor, num_tokens."""
         if mode == "eval" and self._eval_nll is not None:
-            self._eval_nll[:2] += torch.stack([loss_sum.detach().float(), trained.detach().float()]).to(self._eval_nll)
+            self._eval_nll[:3] += torch.stack([loss_sum.detach(), trained, correct]).float().to(self._eval_nll)
             self._summed += 1
         count = num_items_in_batch if num_items_in_batch is not None else trained
         loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)

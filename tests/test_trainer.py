@@ -56,18 +56,30 @@ def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
 
 
 def test_validation_loss_is_the_token_mean_whatever_the_batch(tiny_dir, tmp_path, rows, monkeypatch):
-    """The validation loss is the mean over every trained token of the set (sft_recipes.evaluate's figure), the
-    same for any eval batch size and either loss path; Trainer's own mean of batch means is not."""
+    """The validation loss is the mean over every trained token of the set (sft_recipes.evaluate's figure), and the
+    token accuracy likewise, the same for any eval batch size and either loss path; Trainer's own mean of batch
+    means is not."""
     from datasets import Dataset
 
     from sft_recipes.runs import mean_loss
 
     ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
+    ours.args.max_steps, ours.args.learning_rate, ours.args.save_strategy = 40, 1e-2, "no"
+    ours.train()  # past the random start: some tokens guessed right, losses that differ from sample to sample
+    ours.model.eval()
     val = Dataset.from_list(rows)
     per_token = mean_loss(ours.model, rows)
+    correct = trained = 0
+    with torch.no_grad():
+        for row in rows:  # the token accuracy, over every trained token
+            targets = torch.tensor(row["labels"][1:])
+            guess = ours.model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].argmax(-1)
+            correct, trained = correct + int((guess == targets).sum()), trained + int((targets != -100).sum())
     for batch in (1, 2, 4):
         ours.args.per_device_eval_batch_size = batch
-        assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
+        metrics = ours.evaluate(val)
+        assert metrics["eval_loss"] == pytest.approx(per_token, rel=1e-5)
+        assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct / trained, rel=1e-6)
     monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # the tiled path
     assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
     ours.args.per_device_eval_batch_size = 1
