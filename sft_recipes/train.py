@@ -109,14 +109,15 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, out: Path) -> Non
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
     save = build.save_interval(cfg.train, plan.steps)
-    print(f"Optimizer steps: {plan.text}; a checkpoint every {save} steps (train.save_steps)"
-          + (f", a validation every {cfg.train.eval_steps or save}" if data.val is not None else ""))
+    steps = (f"{plan.text}; a checkpoint every {save} steps (train.save_steps)"
+             + (f", a validation every {cfg.train.eval_steps or save}" if data.val is not None else ""))
+    print(f"Optimizer steps: {steps}")
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
-    report.data_report(cfg, data, plan.text, plan.advice, (trainable, total), parts, out / "data_report.md")
+    report.data_report(cfg, data, steps, plan.advice, (trainable, total), parts, out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
