@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class TrainingLog(TrainerCallback):
@@ -15,6 +16,7 @@ class TrainingLog(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.last = None  # (time, num_tokens) at the previous log
+        self.line = None  # the newest line (None for a log without a loss), also shown under the progress bar
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -36,9 +38,22 @@ class TrainingLog(TrainerCallback):
                           ("grad_norm", "grad_norm")):
             if key in logs:
                 parts.append(f"{name}={logs[key]:.4g}")
-        if len(parts) > 2:  # skip the end-of-training summary, which has none of these
+        self.line = " ".join(parts) + speed if len(parts) > 2 else None  # (not the end-of-training summary)
+        if self.line:
             with self.path.open("a") as f:
-                f.write(" ".join(parts) + speed + "\n")
+                f.write(self.line + "\n")
+
+
+class Progress(ProgressCallback):
+    """Trainer's progress bars, with each log shown as training_log.txt's line instead of a Python dict."""
+
+    def __init__(self, log: TrainingLog):
+        super().__init__()
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and self.log.line:
+            self.training_bar.write(self.log.line)
 
 
 class SampleAnswers(TrainerCallback):

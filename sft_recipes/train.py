@@ -197,11 +197,12 @@ def run(cfg) -> Optional[Path]:
         return None
 
     import torch
+    from transformers.trainer_callback import ProgressCallback
 
     from .estimate import PeakMemory
     from .trainer import Guard, Trainer
 
-    callbacks = [report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)]
+    callbacks = [log := report.TrainingLog(out / "training_log.txt"), guard := Guard(cfg.train.on_nonfinite)]
     if cfg.eval.samples and val_ds is not None:
         callbacks.append(sample_answers(cfg, tokenizer, out / "samples.md"))
     if cfg.train.early_stopping_patience:
@@ -225,6 +226,8 @@ def run(cfg) -> Optional[Path]:
         run_config=config.recorded(cfg),
         **build.compile_kwargs(cfg),
     )
+    if trainer.pop_callback(ProgressCallback):  # the same bars, each log as training_log.txt's line
+        trainer.add_callback(report.Progress(log))
     start = time.perf_counter()
     memory.start()
     try:

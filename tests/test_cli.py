@@ -27,6 +27,9 @@ def test_overrides_train_and_save(tmp_path, tiny_dir):
     assert torch.load(out / "checkpoint-3" / "training_args.bin", weights_only=False).neftune_noise_alpha == 5
     assert f"Adapter saved to {out / 'final_model'}" in r.stdout
     assert f"python -m sft_recipes.merge run_dir={out}  " in r.stdout  # the next steps; no GGUF for a folder
+    # progress: training_log.txt's lines under the bar, not Trainer's dicts
+    assert "step=1 epoch=0.02 loss=" in r.stdout and "{'loss'" not in r.stdout
+    assert (out / "training_log.txt").read_text().splitlines()[1].startswith("step=1 epoch=0.02 loss=")
     assert json.loads((out / "final_model" / "adapter_config.json").read_text())["r"] == 4
     saved = (out / ".hydra" / "config.yaml").read_text()
     assert "lr: 0.001" in saved and "max_length: 128" in saved
