@@ -11,28 +11,45 @@ from transformers.trainer_callback import ProgressCallback
 
 
 class TrainingLog(TrainerCallback):
-    """One line per logging step in training_log.txt: step, loss, lr, grad norm, trained tokens/s."""
+    """One line per logging step in training_log.txt: step, loss, lr, grad norm, non-pad tokens/s. The speed counts
+    the time inside the optimizer steps only, so validations and checkpoints do not lower it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.last = None  # (time, num_tokens) at the previous log
+        self.step_s = 0.0  # seconds spent inside optimizer steps
+        self.started = None  # when the current step began
+        self.first = self.last = None  # (step_s, num_tokens) at the first and the previous log with a token count
         self.line = None  # the newest line (None for a log without a loss), also shown under the progress bar
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(f"# training starts at step {state.global_step} of {state.max_steps}\n")
-        self.last = (time.perf_counter(), None)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is not None:
+            self.step_s += time.perf_counter() - self.started
+            self.started = None
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        """Non-pad tokens per second of step time from the first log to the last (the first steps' warm-up left out)."""
+        if self.first and self.last and self.last[0] > self.first[0]:
+            return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+        return None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        now, tokens = time.perf_counter(), logs.get("num_tokens")
-        speed = ""
-        if tokens is not None and self.last and self.last[1] is not None and now > self.last[0]:
-            speed = f" tokens/s={(tokens - self.last[1]) / (now - self.last[0]):.1f}"
+        tokens, speed = logs.get("num_tokens"), ""
         if tokens is not None:
-            self.last = (now, tokens)
+            if self.last and self.step_s > self.last[0]:
+                speed = f" tokens/s={(tokens - self.last[1]) / (self.step_s - self.last[0]):.1f}"
+            self.last = (self.step_s, tokens)
+            self.first = self.first or self.last
         parts = [f"step={state.global_step}", f"epoch={state.epoch or 0:.2f}"]
         for key, name in (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"),
                           ("grad_norm", "grad_norm")):
@@ -108,7 +125,8 @@ def plot_loss(log_history, path: Path) -> None:
     plt.close(fig)
 
 
-def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: int) -> dict:
+def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: int,
+                  tokens_per_s: Optional[float]) -> dict:
     state = trainer.state
     history = state.log_history
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -124,14 +142,10 @@ def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: 
         "mean_train_loss": train_result.training_loss,
         "best_eval_loss": min(evals) if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
-        "trained_tokens_per_s": None,
+        "trained_tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,  # non-pad, in step time
         "wall_s": round(wall_s, 1),
         "peak_memory_gib": round(peak_bytes / 2**30, 3),
     }
-    tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
-    runtime = train_result.metrics.get("train_runtime")
-    if tokens and runtime:
-        metrics["trained_tokens_per_s"] = round(tokens[-1] / runtime, 1)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -269,7 +269,7 @@ def run(cfg) -> Optional[Path]:
         report.write_data_stats(data, out / "data_stats.json")
         report.plot_loss(trainer.state.log_history, out / "loss.png")
         metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
-                                       memory.peak_bytes())
+                                       memory.peak_bytes(), log.tokens_per_s)
         card.write(out, cfg)
         print("Final train loss {}, best validation loss {} (metrics.json)".format(
             *(f"{v:.4f}" if v is not None else "none" for v in (metrics["final_train_loss"], metrics["best_eval_loss"]))))

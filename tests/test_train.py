@@ -257,3 +257,23 @@ def test_a_resumed_qlora_run_trains_as_the_uninterrupted_one(tmp_path, tiny_dir)
     b = load_file(cut / "final_model" / "adapter_model.safetensors")
     assert {v.dtype for v in b.values()} == {v.dtype for v in a.values()} == {torch.bfloat16}
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokens_per_second_leave_out_validation_and_saving(tmp_path, monkeypatch):
+    """training_log.txt's tokens/s and metrics.json's count the time inside optimizer steps only."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sft_recipes import report
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 12.0, 13.0])  # steps of 1 s; 10 s of validation between the 2nd and 3rd
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    log, state = report.TrainingLog(tmp_path / "log.txt"), TrainerState()
+    args, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerControl()
+    log.on_step_begin(args, state, control), log.on_step_end(args, state, control)
+    state.global_step = 1
+    log.on_log(args, state, control, logs={"loss": 3.0, "num_tokens": 100})
+    for _ in range(2):
+        log.on_step_begin(args, state, control), log.on_step_end(args, state, control)
+    state.global_step = 3
+    log.on_log(args, state, control, logs={"loss": 2.0, "num_tokens": 300})
+    assert log.line.endswith(" tokens/s=100.0") and log.tokens_per_s == 100.0  # 200 tokens in 2 s of steps, not 12
