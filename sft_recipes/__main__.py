@@ -32,9 +32,7 @@ def main(cfg):
         if cfg.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        for path, content in _hydra_files.items():
-            path.write_bytes(content)
-        _remove_if_only_hydra(Path(cfg.output_dir))
+        _leave_as_found(Path(cfg.output_dir))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a Ctrl-C before training (during training the first one saves and stops: Guard)
         if cfg.debug:
@@ -46,9 +44,7 @@ def stopped(out: Path) -> None:
     """Ctrl-C outside the training steps: one line on what is kept, no traceback, exit status 130."""
     from .resume import last_checkpoint
 
-    for path, content in _hydra_files.items():
-        path.write_bytes(content)
-    _remove_if_only_hydra(out)
+    _leave_as_found(out)
     if not out.is_dir():
         print("Stopped by Ctrl-C before training; nothing was written.", file=sys.stderr)
     else:
@@ -58,8 +54,11 @@ def stopped(out: Path) -> None:
     sys.exit(130)
 
 
-def _remove_if_only_hydra(run_dir: Path) -> None:
-    """A run that failed before training leaves no run dir behind (Hydra made it, with only its own files)."""
+def _leave_as_found(run_dir: Path) -> None:
+    """A run that stopped before training: a resumed run's .hydra/ files as they were, and no run dir left behind
+    for a new one (Hydra made it, with only its own files)."""
+    for path, content in _hydra_files.items():
+        path.write_bytes(content)
     if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
         if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):  # outputs/, made for this run alone

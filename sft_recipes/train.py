@@ -70,7 +70,7 @@ class Plan(NamedTuple):
     advice: Optional[str]  # set when the run takes fewer than MIN_STEPS optimizer steps
 
 
-def step_plan(cfg, data, packing_strategy: str = "bfd") -> Plan:
+def step_plan(cfg, data) -> Plan:
     """The optimizer steps the run will take, counted as Trainer counts them (each process takes batch_size
     rows a micro-step); with packing, the rows are TRL's packed rows of data.max_length."""
     t = cfg.train
@@ -79,7 +79,8 @@ def step_plan(cfg, data, packing_strategy: str = "bfd") -> Plan:
     if t.packing:
         from trl.data_utils import pack_dataset
 
-        rows, longest = len(pack_dataset(data.train, cfg.data.max_length, packing_strategy)), cfg.data.max_length
+        strategy = cfg.train.sft_args.get("packing_strategy", "bfd")  # (TRL's default)
+        rows, longest = len(pack_dataset(data.train, cfg.data.max_length, strategy)), cfg.data.max_length
         per_step = (f"{t.batch_size} x {t.grad_accum} rows per step; {len(data.train)} samples packed into {rows} "
                     f"rows of up to {longest} tokens")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,15 +103,14 @@ def step_plan(cfg, data, packing_strategy: str = "bfd") -> Plan:
     return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 
 
-def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, out: Path) -> None:
+def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) -> None:
     """Report what a run would do, write data_report.md and token_lengths.png, train nothing."""
     trainable, total, parts = report.memory_estimate(cfg, model_path, plan.longest)
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
-    save = build.save_interval(cfg.train, plan.steps)
-    steps = (f"{plan.text}; a checkpoint every {save} steps (train.save_steps)"
-             + (f", a validation every {cfg.train.eval_steps or save}" if data.val is not None else ""))
+    steps = (f"{plan.text}; a checkpoint every {args.save_steps} steps (train.save_steps)"
+             + (f", a validation every {args.eval_steps}" if data.val is not None else ""))
     print(f"Optimizer steps: {steps}")
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
@@ -187,13 +187,13 @@ def run(cfg) -> Optional[Path]:
     if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
         print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "
               "(data.dedup=false keeps them)")
-    plan = step_plan(cfg, data, cfg.train.sft_args.get("packing_strategy", "bfd"))
+    plan = step_plan(cfg, data)
     if plan.advice:
         print(f"warning: {plan.advice}")
     # train.sft_args fail here, before any model
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
     if cfg.dry_run:
-        dry_run(cfg, model_path, tokenizer, data, plan, out)
+        dry_run(cfg, model_path, tokenizer, data, plan, args, out)
         return None
 
     import torch
