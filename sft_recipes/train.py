@@ -58,8 +58,8 @@ def prepare_data(cfg, tokenizer) -> prepare.Prepared:
 
 
 # Fewer optimizer steps than this rarely take LoRA far from the base: on the sample data (112 records)
-# preset=low_memory lora.r=32 reached a validation loss of 2.36 in 21 steps, 2.00 in 84 and 1.90 in 336
-# (train.grad_accum 16, 4, 1; 2 min 54 s, 2 min 46 s, 3 min 13 s on 2 CPU cores). README: "Few optimizer steps".
+# preset=low_memory lora.r=32 reached a validation loss of 2.34 in 21 steps, 2.00 in 84 and 1.90 in 336
+# (train.grad_accum 16, 4, 1; 2 min 44 s, 3 min 3 s, 2 min 58 s on 2 CPU cores). README: "Few optimizer steps".
 MIN_STEPS = 50
 
 
@@ -98,7 +98,7 @@ def step_plan(cfg, data) -> Plan:
         more = (f"train.grad_accum=1 gives {unaccumulated} steps" if unaccumulated > total else
                 "a smaller train.batch_size, more train.epochs or more data give more")
         advice = (f"only {total} optimizer steps in all: few for LoRA to learn from (on the sample data, "
-                  f"preset=low_memory reached a validation loss of 2.36 in 21 steps and 1.90 in 336, in about "
+                  f"preset=low_memory reached a validation loss of 2.34 in 21 steps and 1.90 in 336, in about "
                   f"the same time); {more}.")
     return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 

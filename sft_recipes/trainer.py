@@ -120,6 +120,19 @@ OFFLOAD_STASH_LAYERS = 3
 TRL_OFFLOAD_STASH = 5
 
 
+# Schedules whose warmup is transformers' ramp step / warmup_steps (train.scheduler); cosine_warmup_with_min_lr
+# starts at 1 / warmup already.
+LINEAR_WARMUP = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup", "inverse_sqrt",
+                 "cosine_with_min_lr"}
+
+
+def warmup_from_first_step(lr_lambda, warmup: int):
+    """transformers' warmup gives the first optimizer step a learning rate of 0 (step / warmup at step 0), so
+    that step moves no weight: with 21 steps and warmup_ratio 0.03 the one warmup step is lost. Here the ramp is
+    (step + 1) / (warmup + 1): every warmup step learns, full rate after `warmup` steps; the rest is unchanged."""
+    return lambda step: (step + 1) / (warmup + 1) if step < warmup else lr_lambda(step)
+
+
 def offload_stash(saves: int, layers: int) -> int:
     """max_fwd_stash_size for OFFLOAD_STASH_LAYERS layers, from the saves of one training forward."""
     return max(TRL_OFFLOAD_STASH, math.ceil(OFFLOAD_STASH_LAYERS * saves / max(layers, 1)))
@@ -194,8 +207,8 @@ def checkpointed(layer, forward, **checkpoint_kwargs):
 
 
 class Trainer(SFTTrainer):
-    """SFTTrainer + the lean loss step + checkpoints written to a staging folder and renamed into place
-    (+ each decoder layer compiled, with compile=True)."""
+    """SFTTrainer + the lean loss step + checkpoints written to a staging folder and renamed into place + a warmup
+    whose first step learns (+ each decoder layer compiled, with compile=True)."""
 
     _staging = None
     _flops_per_token = None
@@ -250,6 +263,16 @@ class Trainer(SFTTrainer):
         if self._eval_nll is not None and self._summed == before:  # the loss came from TRL's own step: Trainer's
             self._eval_nll[3] += 1  # figure stands (decided over all processes: each takes part in the sum)
         return output
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        made = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if (made and warmup > 0 and type(scheduler) is torch.optim.lr_scheduler.LambdaLR
+                and str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) in LINEAR_WARMUP):
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                scheduler.optimizer, [warmup_from_first_step(f, warmup) for f in scheduler.lr_lambdas])
+        return self.lr_scheduler
 
     def _get_output_dir(self, trial):
         return self._staging or super()._get_output_dir(trial)

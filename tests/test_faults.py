@@ -136,11 +136,16 @@ def test_a_resumed_run_refuses_other_settings_and_changes_nothing(tmp_path, tiny
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
     out = tmp_path / "run"
-    r = cli(*args(tiny_dir, out, "train.lr=1e30", f"data.val_path={VAL}", "train.save_steps=2"))
+    r = cli(*args(tiny_dir, out, "train.lr=1e30", f"data.val_path={VAL}", "train.save_steps=1"))
     assert r.returncode == 2
-    assert "error: Training stopped: the validation loss became nan at step 2" in r.stderr
+    assert "error: Training stopped: the validation loss became nan at step 1" in r.stderr, r.stderr[-1000:]
     assert "Traceback" not in r.stderr and "train.on_nonfinite=skip" in r.stderr
-    assert not (out / "checkpoint-2").exists()  # the weights that gave NaN were not kept
+    assert not (out / "checkpoint-1").exists()  # the weights that gave NaN were not kept
+    # without validation, the next step's gradient is the first to show it; that step is not taken
+    out = tmp_path / "run2"
+    r = cli(*args(tiny_dir, out, "train.lr=1e30", "train.save_steps=1"))
+    assert r.returncode == 2 and "the loss or its gradient became NaN or infinite at step 2" in r.stderr, r.stderr[-1000:]
+    assert "checkpoint-1." in r.stderr and (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
 
 
 def test_skip_policy_drops_the_update_of_a_nonfinite_step():

@@ -139,7 +139,7 @@ def test_resumed_run_keeps_the_best_checkpoint_and_the_early_stopping_count(tmp_
     stops at the same step (the count of validations without improvement was restored) and saves the same best
     adapter."""
     common = ["preset=fast_test", "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1",
-              "train.lr=3e-2", "train.final_model=best", "train.early_stopping_patience=3", "train.save_total_limit=null"]
+              "train.lr=1e-1", "train.final_model=best", "train.early_stopping_patience=3", "train.save_total_limit=null"]
     run(tmp_path, tiny_dir, *common)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     stop, best = metrics["global_step"], metrics["final_model_step"]

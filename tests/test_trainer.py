@@ -100,6 +100,32 @@ def test_flop_count_is_trainers_counted_once(tiny_dir, tmp_path, rows):
         assert ours.floating_point_ops(batch) == super(trainer_mod.Trainer, ours).floating_point_ops(batch) > 0
 
 
+def test_warmup_learns_from_the_first_step(tiny_dir, tmp_path, rows):
+    """transformers' warmup applies a learning rate of 0 at the first optimizer step; ours ramps (step + 1) /
+    (warmup + 1), then follows the same cosine. The rates are those the optimizer applied, and the schedule's state
+    saves and loads as a checkpoint needs."""
+    from transformers import TrainerCallback
+
+    applied = []
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            applied.append(optimizer.param_groups[0]["lr"])
+
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows)
+    ours.args.warmup_steps, ours.args.max_steps, ours.args.learning_rate = 2, 4, 1e-3
+    ours.args.lr_scheduler_type = "cosine"
+    ours.add_callback(Record())
+    ours.train()
+    assert applied == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3])
+    state = ours.lr_scheduler.state_dict()
+    torch.save(state, tmp_path / "scheduler.pt")
+    assert torch.load(tmp_path / "scheduler.pt", weights_only=True)["last_epoch"] == 4
+    plain = make_trainer(tiny_dir, tmp_path / "plain", SFTTrainer, rows)
+    plain.args.warmup_steps, plain.args.max_steps, plain.args.lr_scheduler_type = 2, 4, "cosine"
+    assert plain.create_scheduler(4, torch.optim.SGD(plain.model.parameters(), lr=1.0)).get_last_lr() == [0.0]
+
+
 BOTH_WAYS = pytest.mark.parametrize("way", ["traced", "around"])  # train.compile_checkpoint
 
 
