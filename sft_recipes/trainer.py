@@ -242,8 +242,7 @@ class Trainer(SFTTrainer):
         """The validation loss as the mean over every trained token of the validation set, as
         sft_recipes.evaluate computes it, and the token accuracy likewise. Trainer averages each batch's mean instead,
         weighting the samples by the batches they fell in: its figure changes with the batch size, so runs of a sweep
-        over train.batch_size would not compare. (Over several processes, the samples a last uneven batch repeats
-        count twice.)"""
+        over train.batch_size would not compare. Over several processes, see without_repeats."""
         # loss sum, trained tokens, correct next-token guesses, batches not summed (TRL's own loss step took them)
         self._eval_nll = torch.zeros(4, device=self.args.device)
         try:
@@ -258,11 +257,35 @@ class Trainer(SFTTrainer):
         return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._eval_nll is not None and self.plain_nll(inputs):
+            inputs = self.without_repeats(inputs)
         before = self._summed
         output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         if self._eval_nll is not None and self._summed == before:  # the loss came from TRL's own step: Trainer's
             self._eval_nll[3] += 1  # figure stands (decided over all processes: each takes part in the sum)
         return output
+
+    def without_repeats(self, inputs):
+        """The last validation batch over several processes: where the validation set does not split evenly, accelerate
+        fills each process's last batch with the set's first samples again (its gather_for_metrics drops them from what
+        it gathers). Their labels are masked here, so that every sample counts once in the summed loss. The samples
+        are rows, or in a padding-free row the runs that start at position 0; a packed row holds several samples
+        whose row boundaries are gone, so packed validation (train.packing) still counts the repeats."""
+        state, world = self.accelerator.gradient_state, self.accelerator.num_processes
+        packed = self.args.eval_packing if self.args.eval_packing is not None else self.args.packing
+        if world == 1 or packed or not state.in_dataloader or not state.end_of_dataloader or state.remainder <= 0:
+            return inputs
+        per_process = state.active_dataloader.total_batch_size // world
+        real = min(per_process, max(0, state.remainder - self.accelerator.process_index * per_process))
+        if real == per_process:
+            return inputs
+        labels = inputs["labels"].clone()
+        if "position_ids" in inputs and labels.size(0) == 1:  # padding-free: samples one after another
+            starts = (inputs["position_ids"][0] == 0).nonzero().squeeze(-1)
+            labels[:, starts[real] if real < starts.numel() else labels.size(1):] = -100
+        else:
+            labels[real:] = -100
+        return {**inputs, "labels": labels}
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         made = self.lr_scheduler is None
