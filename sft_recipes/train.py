@@ -111,16 +111,31 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) 
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
     steps = (f"{plan.text}; a checkpoint every {args.save_steps} steps (train.save_steps)"
              + (f", a validation every {args.eval_steps}" if data.val is not None else ""))
+    lr = schedule(args, plan.steps)
     print(f"Optimizer steps: {steps}")
+    print(f"Learning rate: {lr}")
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
-    report.data_report(cfg, data, steps, plan.advice, (trainable, total), parts, out / "data_report.md")
+    report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts, out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
+
+
+def schedule(args, steps: int) -> str:
+    """The learning rate over the run, in words: "0.0002, cosine, after 1 warmup step from 0.0001"."""
+    from .trainer import LINEAR_WARMUP
+
+    kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    warmup = args.get_warmup_steps(steps)
+    if not warmup:
+        return f"{args.learning_rate:g}, {kind} (train.lr, train.scheduler)"
+    start = args.learning_rate / (warmup + 1) if kind in LINEAR_WARMUP else None
+    return (f"{args.learning_rate:g}, {kind}, after {warmup} warmup step{'s' * (warmup > 1)}"
+            + (f" from {start:.3g}" if start else "") + " (train.lr, train.scheduler, train.warmup_ratio)")
 
 
 def validation_choice(cfg) -> str:
