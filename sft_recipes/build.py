@@ -53,13 +53,48 @@ def bnb_config(q):
                               bnb_4bit_quant_storage=getattr(torch, q.compute_dtype))
 
 
+# where each peft.LoraConfig argument that lora_config sets comes from (named when lora.peft_args repeats one)
+LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "bias": "lora.bias",
+             "target_modules": "lora.target_modules", "use_rslora": "lora.use_rslora", "use_dora": "lora.use_dora",
+             "task_type": "sft_recipes/build.py"}
+
+
 def lora_config(lora):
+    """peft.LoraConfig; `lora.peft_args` adds any other LoraConfig argument (init_lora_weights, layers_to_transform,
+    rank_pattern, ...); one that the config sets already is refused."""
     from peft import LoraConfig
 
     targets = list(lora.target_modules)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      target_modules="all-linear" if targets == ["all-linear"] else targets,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
+    ours = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
+                use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
+    extra = passthrough(lora.peft_args, "lora.peft_args", "peft.LoraConfig",
+                        {f.name for f in fields(LoraConfig)}, LORA_KEYS)
+    init = str(extra.get("init_lora_weights", "")).lower()
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        raise UserError(f"lora.peft_args.init_lora_weights={extra['init_lora_weights']} changes the base model's "
+                        "weights as it starts the adapter, so the adapter saved would not load on the base "
+                        "(PeftModel.from_pretrained); use gaussian, true or false.")
+    try:
+        return LoraConfig(**ours, **extra)
+    except (ValueError, TypeError) as e:  # LoraConfig's own checks of the values
+        if not extra:
+            raise
+        raise UserError(f"lora.peft_args {extra}: {e}") from None
+
+
+def passthrough(args, key: str, target: str, names: set, ours: dict) -> dict:
+    """The arguments of `key` (train.sft_args, lora.peft_args) as a dict, after refusing one that is not an argument
+    of `target` (with the closest names) and one that the config sets already (with the key that sets it)."""
+    extra = OmegaConf.to_container(args) if OmegaConf.is_config(args) else dict(args)
+    if clash := sorted(set(extra) & set(ours)):
+        raise UserError(f"{key}.{clash[0]} is set from the config already ({ours[clash[0]]}); change it there, "
+                        f"not through {key}.")
+    if unknown := [k for k in extra if k not in names]:
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+        raise UserError(f"{key}.{unknown[0]} is not a {target} argument"
+                        f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}.")
+    return extra
 
 
 def save_interval(train, steps: Optional[int]) -> int:
@@ -132,15 +167,9 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         disable_tqdm=False,
         save_only_model=False,
     )
-    extra = OmegaConf.to_container(t.sft_args) if OmegaConf.is_config(t.sft_args) else dict(t.sft_args)
-    if clash := sorted(set(extra) & {*ours, "gradient_checkpointing", "activation_checkpointing"}):
-        raise UserError(f"train.sft_args.{clash[0]} is set from the config already "
-                        f"({CONFIG_KEYS.get(clash[0], 'sft_recipes/build.py')}); "
-                        "change it there, not through train.sft_args.")
-    if unknown := [k for k in extra if k not in names]:
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
-        raise UserError(f"train.sft_args.{unknown[0]} is not a trl.SFTConfig argument"
-                        f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}.")
+    set_here = {k: CONFIG_KEYS.get(k, "sft_recipes/build.py")
+                for k in (*ours, "gradient_checkpointing", "activation_checkpointing")}
+    extra = passthrough(t.sft_args, "train.sft_args", "trl.SFTConfig", names, set_here)
     try:
         return SFTConfig(**ours, **extra)
     except (ValueError, TypeError) as e:  # TrainingArguments' own checks of the values

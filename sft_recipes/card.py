@@ -187,6 +187,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("LoRA", ("DoRA, " if lora.use_dora else "") + ("rsLoRA scaling, " if lora.use_rslora else "")
                  + f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', lora.alpha)}, dropout "
                  f"{lora.dropout} on {', '.join(sorted(targets))}"
+                 + (f", {OmegaConf.to_container(lora.peft_args)}" if lora.get("peft_args") else "")
                  + (f"; {trainable:,} trainable parameters" if trainable else "")),
         ("data", (f"{train.get('kept')} training pairs ({train.get('truncated', 0)} answers cut at "
                   f"{cfg.data.max_length} tokens, {train.get('dropped', 0)} dropped)"
@@ -195,7 +196,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                                                        if cfg.data.system_prompt is not None else "")),
         ("schedule", f"{m.get('global_step', '?')} steps ("
                      + (f"train.max_steps={t.max_steps}" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)")
-                     + f"), batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g} {t.scheduler}"),
+                     + f"), batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g} {t.scheduler}, warmup ratio "
+                     f"{t.warmup_ratio:g}"),
         ("seed", cfg.seed),
         ("time", f"{m['wall_s']:g} s, {m.get('trained_tokens_per_s')} trained tokens/s, peak memory "
                  f"{m.get('peak_memory_gib')} GiB" if "wall_s" in m else None),

@@ -40,6 +40,8 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (steadier at large r)
     use_dora: bool = False  # DoRA: weight-decomposed LoRA (a learned magnitude per output; slower steps)
+    # any other peft.LoraConfig argument, passed as is: +lora.peft_args.init_lora_weights=pissa
+    peft_args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,6 +213,8 @@ def check(cfg: Config) -> None:
     if any(m in ("lm_head", "embed_tokens") for m in cfg.lora.target_modules):
         problems.append("LoRA on lm_head/embed_tokens is not supported by PEFT with TRL; "
                         "remove it from lora.target_modules (e.g. lora=default or lora=all_linear).")
+    if cfg.model.adapter and cfg.lora.peft_args:
+        problems.append("lora.peft_args has no effect with model.adapter: the adapter's own LoRA settings train.")
     t = cfg.train
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
         if getattr(t, name) is not None and getattr(t, name) <= 0:

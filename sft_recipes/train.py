@@ -119,7 +119,8 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) 
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
-    report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts, out / "data_report.md")
+    report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts,
+                       out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
@@ -205,8 +206,10 @@ def run(cfg) -> Optional[Path]:
     plan = step_plan(cfg, data)
     if plan.advice:
         print(f"warning: {plan.advice}")
-    # train.sft_args fail here, before any model
+    # train.sft_args and lora.peft_args fail here, before any model
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
+    adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
+    peft_config = None if adapter else build.lora_config(cfg.lora)
     if cfg.dry_run:
         dry_run(cfg, model_path, tokenizer, data, plan, args, out)
         return None
@@ -227,20 +230,25 @@ def run(cfg) -> Optional[Path]:
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     if adapter:  # continue training that adapter instead of a new one
         model = models.load_adapter(model, cfg.model.adapter)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        peft_config=None if adapter else build.lora_config(cfg.lora),
-        callbacks=callbacks,
-        run_config=config.recorded(cfg),
-        **build.compile_kwargs(cfg),
-    )
+    try:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+            run_config=config.recorded(cfg),
+            **build.compile_kwargs(cfg),
+        )
+    except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights
+        if not cfg.lora.peft_args:
+            raise
+        raise UserError(f"PEFT could not build the adapter with lora.peft_args "
+                        f"{OmegaConf.to_container(cfg.lora.peft_args)}: {type(e).__name__}: {e}") from e
     if trainer.pop_callback(ProgressCallback):  # the same bars, each log as training_log.txt's line
         trainer.add_callback(report.Progress(log))
     start = time.perf_counter()

@@ -203,6 +203,28 @@ def test_sft_args_reach_sftconfig():
     assert sc.gradient_checkpointing  # the config's value, under transformers' current name or the old one
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["+lora.peft_args.r=8"], "lora.peft_args.r is set from the config already (lora.r); change it there"),
+    (["+lora.peft_args.lora_alpha=8"], "lora.peft_args.lora_alpha is set from the config already (lora.alpha)"),
+    (["+lora.peft_args.layers_to_transfrom=[0]"], "not a peft.LoraConfig argument (did you mean layers_to_transform?)"),
+    (["+lora.peft_args.layers_pattern=layers"], "lora.peft_args {'layers_pattern': 'layers'}: "),
+    (["+lora.peft_args.init_lora_weights=pissa_niter_4"], "init_lora_weights=pissa_niter_4 changes the base model's"),
+    (["+lora.peft_args.init_lora_weights=olora"], "so the adapter saved would not load on the base"),
+])
+def test_peft_args_refuse_what_the_config_sets_and_what_loraconfig_lacks(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build.lora_config(make(*overrides).lora)
+
+
+def test_peft_args_reach_loraconfig_and_not_a_given_adapter():
+    lc = build.lora_config(make("+lora.peft_args.layers_to_transform=[0,1]", "+lora.peft_args.rank_pattern.q_proj=4",
+                                "+lora.peft_args.init_lora_weights=gaussian").lora)
+    assert lc.layers_to_transform == [0, 1] and lc.init_lora_weights == "gaussian" and lc.rank_pattern == {"q_proj": 4}
+    assert lc.r == 16 and set(lc.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(UserError, match="lora.peft_args has no effect with model.adapter"):
+        config.check(make("model.adapter=/some/final_model", "+lora.peft_args.layers_to_transform=[0]"))
+
+
 @pytest.mark.parametrize("key", sorted(build.CONFIG_KEYS))
 def test_sft_args_name_the_config_key_behind_each_argument_we_set(key):
     with pytest.raises(UserError, match=re.escape(f"train.sft_args.{key} is set from the config already "

@@ -144,7 +144,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
     # without validation, the next step's gradient is the first to show it; that step is not taken
     out = tmp_path / "run2"
     r = cli(*args(tiny_dir, out, "train.lr=1e30", "train.save_steps=1"))
-    assert r.returncode == 2 and "the loss or its gradient became NaN or infinite at step 2" in r.stderr, r.stderr[-1000:]
+    assert r.returncode == 2, r.stderr[-1000:]
+    assert "the loss or its gradient became NaN or infinite at step 2" in r.stderr
     assert "checkpoint-1." in r.stderr and (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import TRAIN, VAL, loss_history
 from test_config import make
 from sft_recipes import train
+from sft_recipes.errors import UserError
 
 
 def run(tmp_path, model_dir, *overrides, embedded=False):
@@ -154,6 +155,22 @@ def test_resumed_run_keeps_the_best_checkpoint_and_the_early_stopping_count(tmp_
     assert (resumed["global_step"], resumed["final_model_step"]) == (stop, best)
     again = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
+    """lora.peft_args reach PEFT: LoRA on the first decoder layer only, with its own rank for q_proj."""
+    run(tmp_path, tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+        "+lora.peft_args.layers_to_transform=[0]", "+lora.peft_args.rank_pattern.q_proj=4")
+    weights = load_file(tmp_path / "final_model" / "adapter_model.safetensors")
+    assert weights and all(".layers.0." in k for k in weights), sorted(weights)
+    assert {tuple(v.shape) for k, v in weights.items() if "q_proj.lora_A" in k} == {(4, 64)}
+    assert {v.shape[0] for k, v in weights.items() if "k_proj.lora_A" in k} == {16}
+    card = (tmp_path / "final_model" / "README.md").read_text()
+    assert "{'layers_to_transform': [0], 'rank_pattern': {'q_proj': 4}}" in card
+    with pytest.raises(UserError, match=r"PEFT could not build the adapter with lora.peft_args "
+                                        r"\{'layers_to_transform': \[99\]\}: \w+: Target modules .* not found"):
+        run(tmp_path / "none", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+            "+lora.peft_args.layers_to_transform=[99]")
 
 
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
