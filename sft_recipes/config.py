@@ -188,6 +188,23 @@ def recorded(cfg, resolve: bool = True) -> str:
     return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "output_dir"]), resolve=resolve)
 
 
+def report_problems(names) -> list:
+    """train.report_to: each name one that transformers knows, with its package installed (else Trainer stops with a
+    traceback once the model has loaded)."""
+    from transformers.integrations import integration_utils
+
+    known = sorted(integration_utils.INTEGRATION_TO_CALLBACK)
+    ready = integration_utils.get_available_reporting_integrations()
+    problems = [f"train.report_to: {name} is not one of {', '.join(known)}, none or all." for name in names
+                if name not in known]
+    if missing := [name for name in names if name in known and name not in ready]:
+        problems.append(f"train.report_to: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                        f"installed here; install {'it' if len(missing) == 1 else 'them'} or leave "
+                        f"{'it' if len(missing) == 1 else 'them'} out (train.report_to=[] logs to training_log.txt "
+                        "only).")
+    return problems
+
+
 def check(cfg: Config) -> None:
     """Cross-field checks that need no model. Each message names the override that fixes it."""
     problems = []
@@ -227,6 +244,8 @@ def check(cfg: Config) -> None:
         problems.append(f"train.final_model={t.final_model} must be last or best.")
     if t.early_stopping_patience < 0:
         problems.append(f"train.early_stopping_patience={t.early_stopping_patience} must be 0 (off) or positive.")
+    if report := [name for name in t.report_to if name not in ("none", "all")]:
+        problems += report_problems(report)
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
                              (f"train.early_stopping_patience={t.early_stopping_patience}",
                               t.early_stopping_patience > 0)) if on]

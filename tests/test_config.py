@@ -106,6 +106,8 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (validation at every train.save_steps)"),
     ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
     ("eval.samples=2 train.compile=true", "would recompile the compiled layers"),
+    ("train.report_to=[tensorbord]", "train.report_to: tensorbord is not one of azure_ml, "),
+    ("train.report_to=[tensorboard,swanlab]", "train.report_to: swanlab is not installed here; install it or leave it out"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
     pattern = message.replace("[", r"\[").replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")
