@@ -7,6 +7,8 @@ nodes: a misspelled key or a wrong type fails at compose time with Hydra's own m
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 from datetime import datetime
 from dataclasses import dataclass, field
@@ -217,12 +219,9 @@ def check(cfg: Config) -> None:
         problems.append(f"quantization.quant_type={q.quant_type} must be nf4 or fp4.")
     if q.compute_dtype not in DTYPES:
         problems.append(f"quantization.compute_dtype={q.compute_dtype} is not one of {', '.join(DTYPES)}.")
-    if q.bits in (4, 8):
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append("quantization needs the bitsandbytes package: pip install bitsandbytes, "
-                            "or train in full precision with quantization=none.")
+    if q.bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("quantization needs the bitsandbytes package: pip install bitsandbytes, "
+                        "or train in full precision with quantization=none.")
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
         problems.append("lora.r and lora.alpha must be positive.")
     if not 0 <= cfg.lora.dropout < 1:
@@ -244,6 +243,17 @@ def check(cfg: Config) -> None:
         problems.append(f"train.final_model={t.final_model} must be last or best.")
     if t.early_stopping_patience < 0:
         problems.append(f"train.early_stopping_patience={t.early_stopping_patience} must be 0 (off) or positive.")
+    from transformers.training_args import OptimizerNames
+
+    if t.optim not in (optimizers := [o.value for o in OptimizerNames]):
+        close = difflib.get_close_matches(t.optim, optimizers, n=3)
+        problems.append(f"train.optim={t.optim} is not an optimizer transformers knows"
+                        + (f" (did you mean {' or '.join(close)}?)." if close else f": {', '.join(optimizers)}."))
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn = cfg.model.attn_implementation  # (a name with a "/" is a kernel from the hub)
+    if "/" not in attn and attn not in (known := ["eager", *(k for k in ALL_ATTENTION_FUNCTIONS if "|" not in k)]):
+        problems.append(f"model.attn_implementation={attn} is not one of {', '.join(known)}.")
     if report := [name for name in t.report_to if name not in ("none", "all")]:
         problems += report_problems(report)
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
@@ -306,6 +316,11 @@ def check(cfg: Config) -> None:
     if cfg.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         machine.append("flex attention has no backward pass on the CPU: use model.attn_implementation=sdpa "
                        "(or a preset other than gpu_fast).")
+    flash = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+    if (package := flash.get(cfg.model.attn_implementation)) and (
+            not torch.cuda.is_available() or importlib.util.find_spec(package) is None):
+        machine.append(f"model.attn_implementation={cfg.model.attn_implementation} needs a CUDA GPU and the "
+                       f"{package} package: use model.attn_implementation=sdpa (the default).")
     if torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         machine.append(f"{torch.cuda.device_count()} GPUs are visible but this is a single-process run: "
                        "launch with `accelerate launch -m sft_recipes ...`, or pick one GPU with CUDA_VISIBLE_DEVICES=0.")

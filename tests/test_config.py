@@ -107,6 +107,9 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
     ("eval.samples=2 train.compile=true", "would recompile the compiled layers"),
     ("train.report_to=[tensorbord]", "train.report_to: tensorbord is not one of azure_ml, "),
+    ("train.optim=adamw_torh", "train.optim=adamw_torh is not an optimizer transformers knows (did you mean adamw_torch "),
+    ("model.attn_implementation=spda", "model.attn_implementation=spda is not one of eager, "),
+    ("model.attn_implementation=flash_attention_2", "flash_attention_2 needs a CUDA GPU and the flash_attn package"),
     ("train.report_to=[tensorboard,swanlab]", "train.report_to: swanlab is not installed here; install it or leave it out"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
