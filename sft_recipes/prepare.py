@@ -16,6 +16,7 @@ reference.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -296,15 +297,40 @@ def fingerprint(files: Sequence[Path], tokenizer, template: Template, options: d
     return h.hexdigest()[:24]
 
 
+CACHE_KEEP = 32  # prepared data sets kept in the cache: the most recently used
+
+
 def cache_load(path: Path):
+    """(train, validation, meta) of a cache entry, marked as used now; None when absent or gone while being read
+    (another run pruned it)."""
     from datasets import load_from_disk
 
-    if not (path / "meta.json").exists():
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        train = load_from_disk(str(path / "train"))
+        val = load_from_disk(str(path / "validation")) if (path / "validation").exists() else None
+    except (OSError, ValueError):
         return None
-    meta = json.loads((path / "meta.json").read_text())
-    train = load_from_disk(str(path / "train"))
-    val = load_from_disk(str(path / "validation")) if (path / "validation").exists() else None
+    with contextlib.suppress(OSError):  # (a read-only cache is still read)
+        os.utime(path / "meta.json")
     return train, val, meta
+
+
+def cache_prune(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used entries, and the temporary folders of runs killed a day ago."""
+    import shutil
+    import time
+
+    def used(p: Path) -> float:
+        with contextlib.suppress(OSError):
+            return (p / "meta.json").stat().st_mtime if ".tmp-" not in p.name else p.stat().st_mtime
+        return 0.0
+
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    entries = sorted((p for p in folders if ".tmp-" not in p.name), key=used, reverse=True)
+    stale = [p for p in folders if ".tmp-" in p.name and used(p) < time.time() - 86400]
+    for p in entries[keep:] + stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def cache_save(path: Path, train, val, meta: dict) -> None:
@@ -320,6 +346,7 @@ def cache_save(path: Path, train, val, meta: dict) -> None:
             val.save_to_disk(str(tmp / "validation"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.rename(tmp, path)
+        cache_prune(path.parent, CACHE_KEEP)
     except OSError:
         pass  # another process wrote it first, or the disk is read-only: the cache is only an optimization
     finally:

@@ -134,6 +134,30 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     assert not prepare.prepare(str(data_file), str(VAL), tokenizer, tmpl, opts).from_cache
 
 
+def test_cache_keeps_the_most_recently_used(tmp_path, tokenizer, monkeypatch):
+    """The cache holds prepare.CACHE_KEEP prepared sets: a new one removes the one used longest ago (a read marks
+    an entry as used); a temporary folder that a killed run left a day ago goes too."""
+    import os
+    import time
+
+    monkeypatch.setattr(prepare, "CACHE_KEEP", 2)
+    cache = tmp_path / "cache"
+    tmpl = templates.get("chat")
+    prepared = lambda n: prepare.prepare(str(TRAIN), str(VAL), tokenizer, tmpl,  # noqa: E731
+                                         prepare.Options(max_length=n, cache_dir=str(cache)))
+    prepared(64)
+    time.sleep(0.05)
+    prepared(128)
+    (left := cache / "0123.tmp-killed").mkdir()
+    os.utime(left, (time.time() - 2 * 86400,) * 2)
+    time.sleep(0.05)
+    assert prepared(64).from_cache  # now the most recently used
+    time.sleep(0.05)
+    prepared(256)  # a third: the 128 one goes, and the killed run's folder
+    assert len(list(cache.iterdir())) == 2
+    assert prepared(64).from_cache and prepared(256).from_cache and not prepared(128).from_cache
+
+
 def test_prepare_reports_duplicates_and_leaks(tmp_path, tokenizer):
     rows = json.loads(TRAIN.read_text())
     val_rows = json.loads(VAL.read_text())
