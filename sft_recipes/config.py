@@ -42,7 +42,7 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (steadier at large r)
     use_dora: bool = False  # DoRA: weight-decomposed LoRA (a learned magnitude per output; slower steps)
-    # any other peft.LoraConfig argument, passed as is: +lora.peft_args.init_lora_weights=pissa
+    # any other peft.LoraConfig argument, passed as is: +lora.peft_args.layers_to_transform=[0,1]
     peft_args: Dict[str, Any] = field(default_factory=dict)
 
 
