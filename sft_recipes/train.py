@@ -109,11 +109,7 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) 
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}")
-    steps = (f"{plan.text}; a checkpoint every {args.save_steps} steps (train.save_steps)"
-             + (f", a validation every {args.eval_steps}" if data.val is not None else ""))
-    lr = schedule(args, plan.steps)
-    print(f"Optimizer steps: {steps}")
-    print(f"Learning rate: {lr}")
+    steps, lr = plan_lines(plan, args, data.val is not None)
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
@@ -124,6 +120,16 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) 
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
+
+
+def plan_lines(plan: Plan, args, has_val: bool) -> tuple[str, str]:
+    """Print, and return, what the optimizer steps and the learning rate will be."""
+    steps = (f"{plan.text}; a checkpoint every {args.save_steps} steps (train.save_steps)"
+             + (f", a validation every {args.eval_steps}" if has_val else ""))
+    lr = schedule(args, plan.steps)
+    print(f"Optimizer steps: {steps}")
+    print(f"Learning rate: {lr}")
+    return steps, lr
 
 
 def schedule(args, steps: int) -> str:
@@ -251,6 +257,9 @@ def run(cfg) -> Optional[Path]:
                         f"{OmegaConf.to_container(cfg.lora.peft_args)}: {type(e).__name__}: {e}") from e
     if trainer.pop_callback(ProgressCallback):  # the same bars, each log as training_log.txt's line
         trainer.add_callback(report.Progress(log))
+    if trainer.is_world_process_zero():
+        plan_lines(plan, args, val_ds is not None)
+        print(f"Run dir: {out}", flush=True)
     start = time.perf_counter()
     memory.start()
     try:

@@ -99,6 +99,8 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", "resume_from=auto", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Resuming from {run / 'checkpoint-2'}" in r.stdout
+    assert "Optimizer steps: 4 (" in r.stdout and "Learning rate: 0.001, cosine" in r.stdout
+    assert f"Run dir: {run}\n" in r.stdout
     assert len(list((tmp_path / "outputs").iterdir())) == 1  # continued in place, no new run dir
     resumed = state(run / "checkpoint-4")
     assert resumed["global_step"] == 4
