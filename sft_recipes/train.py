@@ -63,6 +63,19 @@ def prepare_data(cfg, tokenizer) -> prepare.Prepared:
 MIN_STEPS = 50
 
 
+def within_context(cfg, model_path: str, data: prepare.Prepared) -> None:
+    """Refuse samples longer than the positions the model was trained on (packed samples restart at position 0)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+    context = getattr(text, "max_position_embeddings", None)
+    longest = max(min(cfg.data.max_length, s.summary()["tokens_max"]) for s in (data.train_stats, data.val_stats) if s)
+    if context and longest > context:
+        raise UserError(f"The longest record is {longest} tokens, but {cfg.model.name_or_path} was trained on at most "
+                        f"{context} (max_position_embeddings in its config.json): set data.max_length={context} "
+                        "(data.overlong says whether longer records are cut or left out).")
+
+
 class Plan(NamedTuple):
     steps: int  # optimizer steps in all
     text: str  # "21 (7 per epoch, 1 x 16 samples per step)"
@@ -209,6 +222,7 @@ def run(cfg) -> Optional[Path]:
     if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
         print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "
               "(data.dedup=false keeps them)")
+    within_context(cfg, model_path, data)
     plan = step_plan(cfg, data)
     if plan.advice:
         print(f"warning: {plan.advice}")

@@ -157,6 +157,22 @@ def test_resumed_run_keeps_the_best_checkpoint_and_the_early_stopping_count(tmp_
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
+def test_records_beyond_the_models_context_are_refused(tmp_path, tiny_dir):
+    """A model trained on 64 positions (the tiny model, its config.json saying so) and records of up to 162 tokens:
+    refused before any weights load, naming data.max_length that fits; with it, the run goes on."""
+    short = tmp_path / "short_context"
+    short.mkdir()
+    for f in Path(tiny_dir).iterdir():
+        (short / f.name).symlink_to(f)
+    (short / "config.json").unlink()
+    config = json.loads((Path(tiny_dir) / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    with pytest.raises(UserError, match=r"The longest record is 162 tokens, but .* was trained on at most 64 "
+                                        r"\(max_position_embeddings in its config.json\): set data.max_length=64"):
+        run(tmp_path / "a", str(short), "preset=fast_test", "dry_run=true")
+    run(tmp_path / "b", str(short), "preset=fast_test", "dry_run=true", "data.max_length=64")
+
+
 def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
     """lora.peft_args reach PEFT: LoRA on the first decoder layer only, with its own rank for q_proj."""
     run(tmp_path, tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
