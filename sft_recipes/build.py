@@ -59,13 +59,20 @@ LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dr
              "task_type": "sft_recipes/build.py"}
 
 
+def lora_alpha(lora) -> int:
+    """lora.alpha, or when unset 2 x lora.r: raising the rank then adds capacity at the same scale alpha/r, instead of
+    halving the adapter's step as a fixed alpha would (README's main command, lora.r=32: validation loss 2.19 with
+    alpha 64, 2.34 with alpha 32)."""
+    return lora.alpha if lora.alpha is not None else 2 * lora.r
+
+
 def lora_config(lora):
     """peft.LoraConfig; `lora.peft_args` adds any other LoraConfig argument (init_lora_weights, layers_to_transform,
     rank_pattern, ...); one that the config sets already is refused."""
     from peft import LoraConfig
 
     targets = list(lora.target_modules)
-    ours = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+    ours = dict(r=lora.r, lora_alpha=lora_alpha(lora), lora_dropout=lora.dropout, bias=lora.bias,
                 target_modules="all-linear" if targets == ["all-linear"] else targets,
                 use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
     extra = passthrough(lora.peft_args, "lora.peft_args", "peft.LoraConfig",

