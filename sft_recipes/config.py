@@ -40,7 +40,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     bias: str = "none"
-    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (steadier at large r)
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (rank-stable with a fixed alpha: set one)
     use_dora: bool = False  # DoRA: weight-decomposed LoRA (a learned magnitude per output; slower steps)
     # any other peft.LoraConfig argument, passed as is: +lora.peft_args.layers_to_transform=[0,1]
     peft_args: Dict[str, Any] = field(default_factory=dict)
