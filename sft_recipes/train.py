@@ -147,9 +147,9 @@ def plan_lines(plan: Plan, args, has_val: bool) -> tuple[str, str]:
 
 def schedule(args, steps: int) -> str:
     """The learning rate over the run, in words: "0.0002, cosine, after 1 warmup step from 0.0001"."""
-    from .trainer import LINEAR_WARMUP
+    from .trainer import LINEAR_WARMUP, scheduler_name
 
-    kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    kind = scheduler_name(args)
     warmup = args.get_warmup_steps(steps)
     if not warmup:
         return f"{args.learning_rate:g}, {kind} (train.lr, train.scheduler)"

@@ -126,6 +126,11 @@ LINEAR_WARMUP = {"linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "cosine_with_min_lr"}
 
 
+def scheduler_name(args) -> str:
+    """args.lr_scheduler_type as train.scheduler names it (TrainingArguments may hold it as an enum)."""
+    return str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+
+
 def warmup_from_first_step(lr_lambda, warmup: int):
     """transformers' warmup gives the first optimizer step a learning rate of 0 (step / warmup at step 0), so
     that step moves no weight: with 21 steps and warmup_ratio 0.03 the one warmup step is lost. Here the ramp is
@@ -292,7 +297,7 @@ class Trainer(SFTTrainer):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         warmup = self.args.get_warmup_steps(num_training_steps)
         if (made and warmup > 0 and type(scheduler) is torch.optim.lr_scheduler.LambdaLR
-                and str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) in LINEAR_WARMUP):
+                and scheduler_name(self.args) in LINEAR_WARMUP):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 scheduler.optimizer, [warmup_from_first_step(f, warmup) for f in scheduler.lr_lambdas])
         return self.lr_scheduler
