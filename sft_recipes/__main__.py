@@ -31,7 +31,7 @@ def main(cfg):
     except UserError as e:
         if cfg.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if e.exit_code else str(e), file=sys.stderr if e.exit_code else sys.stdout)
         _leave_as_found(Path(cfg.output_dir))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a Ctrl-C before training (during training the first one saves and stops: Guard)

@@ -258,12 +258,13 @@ def check(cfg: Config) -> None:
         problems += report_problems(report)
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
                              (f"train.early_stopping_patience={t.early_stopping_patience}",
-                              t.early_stopping_patience > 0)) if on]
+                              t.early_stopping_patience > 0),
+                             ("eval.after_train=true", cfg.eval.after_train)) if on]
     from .data import data_specs, expand
 
     val_spec = data_specs(cfg.data.train_path, cfg.data.val_path)[1]
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
-        problems.append(f"{' and '.join(wants)} need a validation loss: set data.val_path=FILE, or "
+        problems.append(f"{' and '.join(wants)} need{'s' if len(wants) == 1 else ''} validation data: set data.val_path=FILE, or "
                         "data.val_fraction=0.1 (a share of the training data).")
     if cfg.eval.samples < 0:
         problems.append(f"eval.samples={cfg.eval.samples} must be 0 (off) or positive.")

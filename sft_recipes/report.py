@@ -12,7 +12,8 @@ from transformers.trainer_callback import ProgressCallback
 
 class TrainingLog(TrainerCallback):
     """One line per logging step in training_log.txt: step, loss, lr, grad norm, non-pad tokens/s. The speed counts
-    the time inside the optimizer steps only, so validations and checkpoints do not lower it."""
+    the time inside the optimizer steps only, so validations and checkpoints do not lower it. The last step is
+    logged too (Trainer logs every `logging_steps` only), so the final train loss is the last steps' loss."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -33,6 +34,8 @@ class TrainingLog(TrainerCallback):
         if self.started is not None:
             self.step_s += time.perf_counter() - self.started
             self.started = None
+        if state.max_steps and state.global_step >= state.max_steps and args.logging_strategy == "steps":
+            control.should_log = True
 
     @property
     def tokens_per_s(self) -> Optional[float]:
@@ -134,6 +137,7 @@ def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: 
     best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None  # checkpoint-N
     metrics = {
         "global_step": state.global_step,
+        "max_steps": state.max_steps,  # planned: fewer in global_step when early stopping ended the run
         # whose weights final_model/ holds: the last step, or the best checkpoint's (train.final_model=best)
         "final_model_step": int(best.split("-")[1]) if best and trainer.args.load_best_model_at_end
         else state.global_step,

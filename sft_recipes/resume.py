@@ -46,6 +46,17 @@ def refuse_finished(run_dir: Path) -> None:
                         "or start a new one in another folder (hydra.run.dir=...).")
 
 
+def finished(run_dir: Path, checkpoint: Path, steps: int) -> bool:
+    """Whether resuming from `checkpoint` has nothing left to do: the run wrote final_model/ and metrics.json at that
+    checkpoint's step, and this command plans no more steps than it did (a run stopped early stays stopped)."""
+    metrics = Path(run_dir) / "metrics.json"
+    if not (metrics.exists() and (Path(run_dir) / "final_model" / COMPLETE).exists()):
+        return False
+    m = json.loads(metrics.read_text())
+    step = int(CHECKPOINT.match(checkpoint.name).group(1))
+    return m.get("global_step") == step and steps <= m.get("max_steps", step)
+
+
 # What a resumed run may set to new values: how long it runs, what it logs and saves, how it computes (not what).
 MAY_CHANGE_ON_RESUME = {
     "train.epochs", "train.max_steps", "train.logging_steps", "train.save_steps", "train.save_total_limit",

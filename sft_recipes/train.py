@@ -11,8 +11,8 @@ from typing import NamedTuple, Optional
 from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates
-from .errors import UserError
-from .resume import keep_trained_settings, last_checkpoint, resume_point, value
+from .errors import NothingToDo, UserError
+from .resume import finished, keep_trained_settings, last_checkpoint, resume_point, value
 from .trainer import NonFiniteError, publish
 
 
@@ -225,6 +225,10 @@ def run(cfg) -> Optional[Path]:
               "(data.dedup=false keeps them)")
     within_context(cfg, model_path, data)
     plan = step_plan(cfg, data)
+    if checkpoint and finished(out, checkpoint, plan.steps):
+        raise NothingToDo(f"The run in {out} already finished (step {checkpoint.name.split('-')[1]} of "
+                          f"{plan.steps}); its adapter is {out / 'final_model'}. Nothing was changed. To train longer, "
+                          "resume with a larger train.max_steps or train.epochs.")
     if plan.advice:
         print(f"warning: {plan.advice}")
     # train.sft_args and lora.peft_args fail here, before any model
@@ -327,7 +331,8 @@ def run(cfg) -> Optional[Path]:
         run = shlex.quote(str(out) if rel.startswith("..") else rel)
         gguf = models.source_gguf(cfg.model) is not None
         steps = [(f"chat run_dir={run}", "ask it questions"),
-                 (f"evaluate run_dir={run}", "base vs fine-tuned, with answers"),
+                 (f"evaluate run_dir={run}", "base vs fine-tuned, with answers") if val_ds is not None else
+                 (f"evaluate run_dir={run} data=QA_FILE", "base vs fine-tuned on held-out questions"),
                  (f"merge run_dir={run}" + (" gguf=q8_0" if gguf else ""),
                   "a plain model" + (", and a GGUF file for llama.cpp" if gguf else ""))]
         width = max(len(c) for c, _ in steps)

@@ -111,6 +111,12 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert abs(loss(resumed, 4) - loss(first, 4)) < 1e-3
     weights = load_file(run / "final_model" / "adapter_model.safetensors")
     assert len(weights) == 2 * 4 * 2 and not any("base_model.model.base_model" in k for k in weights)
+    # the same command again (a job rerun until done): the run is finished, nothing is rewritten, status 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", "resume_from=auto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"The run in {run} already finished (step 4 of 4)" in r.stdout and "Run dir:" not in r.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_help_shows_usage_groups_and_the_config(tmp_path):

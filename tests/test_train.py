@@ -49,6 +49,16 @@ def test_tiny_model_end_to_end(tmp_path, tiny_dir, quant):
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*")) or True  # report_to=[] here: no events
 
 
+def test_the_last_step_is_logged(tmp_path, tiny_dir):
+    """Trainer logs every train.logging_steps only; the last step is logged too, so the final train loss is its."""
+    run(tmp_path, tiny_dir, "preset=fast_test", "train.max_steps=3", "train.logging_steps=2", "data.val_path=null")
+    assert [line.split()[0] for line in log_lines(tmp_path)] == ["step=1", "step=2", "step=3"]  # (first step too)
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["final_train_loss"] == state["log_history"][-1]["loss"] and state["log_history"][-1]["step"] == 3
+    assert metrics["max_steps"] == 3
+
+
 def test_compiled_layers_train_like_eager(tmp_path, tiny_dir):
     """train.compile=true (each decoder layer compiled in place, QLoRA + gradient checkpointing), both ways of
     train.compile_checkpoint: the same loss curve as eager, the same adapter keys, and one compiled graph shared
