@@ -264,8 +264,8 @@ def check(cfg: Config) -> None:
 
     val_spec = data_specs(cfg.data.train_path, cfg.data.val_path)[1]
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
-        problems.append(f"{' and '.join(wants)} need{'s' if len(wants) == 1 else ''} validation data: set data.val_path=FILE, or "
-                        "data.val_fraction=0.1 (a share of the training data).")
+        problems.append(f"{' and '.join(wants)} need{'s' if len(wants) == 1 else ''} validation data: set "
+                        "data.val_path=FILE, or data.val_fraction=0.1 (a share of the training data).")
     if cfg.eval.samples < 0:
         problems.append(f"eval.samples={cfg.eval.samples} must be 0 (off) or positive.")
     elif cfg.eval.samples and t.compile:

@@ -224,9 +224,10 @@ def data_report(cfg, data, plan: str, advice: Optional[str], params, parts, path
 
 def data_summary(name: str, stats) -> str:
     s = stats.summary()
-    return (f"{name}: {s['records']} records, kept {s['kept']}; tokens per record p50={s['tokens_p50']} "
-            f"p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; {s['over_max_length']} over "
-            f"max_length ({s['truncated']} truncated, {s['dropped']} dropped); {s['trained_tokens']} trained tokens")
+    return (f"{name}: {s['records']} record{'' if s['records'] == 1 else 's'}, kept {s['kept']}; tokens per record "
+            f"p50={s['tokens_p50']} p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; "
+            f"{s['over_max_length']} over max_length ({s['truncated']} truncated, {s['dropped']} dropped); "
+            f"{s['trained_tokens']} trained tokens")
 
 
 def write_data_stats(data, path: Path) -> None:

@@ -110,9 +110,9 @@ def step_plan(cfg, data) -> Plan:
         unaccumulated = steps(1)[0]
         more = (f"train.grad_accum=1 gives {unaccumulated} steps" if unaccumulated > total else
                 "a smaller train.batch_size, more train.epochs or more data give more")
-        advice = (f"only {total} optimizer steps in all: few for LoRA to learn from (on the sample data, "
-                  f"preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.89 in 336, in about "
-                  f"the same time); {more}.")
+        advice = (f"only {total} optimizer step{'' if total == 1 else 's'} in all: few for LoRA to learn from (on "
+                  "the sample data, preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.89 in 336, "
+                  f"in about the same time); {more}.")
     return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 
 
