@@ -36,6 +36,13 @@ CONFIG_KEYS = {
     "completion_only_loss": "the prepared rows' labels", "dataloader_num_workers": "sft_recipes/build.py",
     "disable_tqdm": "sft_recipes/build.py", "save_only_model": "sft_recipes/build.py",
 }
+# SFTConfig arguments of TRL's own tokenization, which the prepared rows (sft_recipes.prepare) replace
+PREPARED_KEYS = {
+    "assistant_only_loss": "the prepared rows' labels: the answer and its end-of-turn token are the trained tokens",
+    "chat_template_path": "data.template (a template's chat_template)",
+    "eos_token": "the chat template's end-of-turn token (data.template)",
+    "dataset_text_field": "the prepared rows",
+}
 
 
 def bnb_config(q):
@@ -175,7 +182,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         save_only_model=False,
     )
     set_here = {k: CONFIG_KEYS.get(k, "sft_recipes/build.py")
-                for k in (*ours, "gradient_checkpointing", "activation_checkpointing")}
+                for k in (*ours, "gradient_checkpointing", "activation_checkpointing")} | PREPARED_KEYS
     extra = passthrough(t.sft_args, "train.sft_args", "trl.SFTConfig", names, set_here)
     try:
         return SFTConfig(**ours, **extra)

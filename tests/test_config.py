@@ -233,10 +233,10 @@ def test_peft_args_reach_loraconfig_and_not_a_given_adapter():
         config.check(make("model.adapter=/some/final_model", "+lora.peft_args.layers_to_transform=[0]"))
 
 
-@pytest.mark.parametrize("key", sorted(build.CONFIG_KEYS))
+@pytest.mark.parametrize("key", sorted(build.CONFIG_KEYS | build.PREPARED_KEYS))
 def test_sft_args_name_the_config_key_behind_each_argument_we_set(key):
     with pytest.raises(UserError, match=re.escape(f"train.sft_args.{key} is set from the config already "
-                                                  f"({build.CONFIG_KEYS[key]})")):
+                                                  f"({(build.CONFIG_KEYS | build.PREPARED_KEYS)[key]})")):
         build.sft_config(make(f"+train.sft_args.{key}=1"), "/tmp/x", has_eval=True, use_cpu=True)
 
 
