@@ -163,7 +163,7 @@ def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
     train.run(make(f"output_dir={tmp_path / 'b'}", f"data.train_path={mine}", "dry_run=true"))
     out = capsys.readouterr().out
     assert f"Validation data: {tmp_path / 'mine_val.jsonl'} (beside the training file" in out
-    assert "Validation data: 1 records" in out
+    assert "Validation data: 1 record, kept 1" in out
     train.run(make(f"output_dir={tmp_path / 'c'}", f"data.train_path={TRAIN.parent}", "dry_run=true"))
     out = capsys.readouterr().out  # the sample folder: sft_sample_val.json validates, as beside the single file
     assert f"Validation data: {VAL} (beside" in out and "Training data: 112 records" in out
