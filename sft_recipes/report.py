@@ -13,7 +13,7 @@ from transformers.trainer_callback import ProgressCallback
 class TrainingLog(TrainerCallback):
     """One line per logging step in training_log.txt: step, loss, lr, grad norm, non-pad tokens/s. The speed counts
     the time inside the optimizer steps only, so validations and checkpoints do not lower it. The last step is
-    logged too (Trainer logs every `logging_steps` only), so the final train loss is the last steps' loss."""
+    logged too (Trainer logs every `logging_steps` only), so the final train loss includes the last step."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
