@@ -75,7 +75,7 @@ def _gguf_export() -> Tuple[bool, str]:
 
 def main() -> int:
     checks: List[Tuple[str, Callable[[], Tuple[bool, str]]]] = [
-        (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 10), "need >= 3.10")),
+        (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 11), "need >= 3.11 (TRL 1.16)")),
     ]
     checks += [(name, (lambda n=name: _version_ok(n))) for name in PACKAGES]
     checks += [("device", _device), ("4-bit quantization", _four_bit), ("default model", _default_model),
