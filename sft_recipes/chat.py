@@ -122,7 +122,7 @@ def _cli(argv):
     from . import runs
     from .errors import UserError
 
-    args = runs.parse_args(argv, DEFAULTS, USAGE)
+    args = runs.parse_args(argv, DEFAULTS, USAGE, __doc__)
     if args["temperature"] < 0 or not 0 < args["top_p"] <= 1:
         raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
                         "greedy) and top_p in (0, 1].")

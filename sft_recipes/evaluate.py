@@ -133,7 +133,7 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
 def _cli(argv):
     from .runs import parse_args
 
-    args = parse_args(argv, DEFAULTS, USAGE)
+    args = parse_args(argv, DEFAULTS, USAGE, __doc__)
     m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"], args["data"] or None)
     for name in ("base", "fine_tuned"):
         print(f"{name:>10}: " + ", ".join(f"{k} {v}" for k, v in m[name].items()))

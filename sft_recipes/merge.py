@@ -91,7 +91,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
 def _cli(argv):
     from .runs import parse_args
 
-    args = parse_args(argv, DEFAULTS, USAGE)
+    args = parse_args(argv, DEFAULTS, USAGE, __doc__)
     report = merge(args["run_dir"], args["dtype"], args["limit"], args["gguf"])
     print(json.dumps(report, indent=2))
     out = Path(args["run_dir"]) / "merged"

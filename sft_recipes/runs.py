@@ -15,8 +15,13 @@ from omegaconf import OmegaConf
 from .errors import UserError
 
 
-def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str) -> Dict[str, object]:
-    """key=value arguments (as Hydra writes overrides), typed like their defaults; unknown keys are an error."""
+def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc: str = "") -> Dict[str, object]:
+    """key=value arguments (as Hydra writes overrides), typed like their defaults; unknown keys are an error.
+    `-h`/`--help` prints the usage, the module's `doc` and the defaults, and exits."""
+    if "-h" in argv or "--help" in argv:
+        shown = ", ".join(f"{k}={'' if v is None else v}" for k, v in defaults.items())
+        print(f"usage: {usage}\n\n{doc.strip()}\n\ndefaults: {shown}" if doc else f"usage: {usage}\ndefaults: {shown}")
+        raise SystemExit(0)
     out = dict(defaults)
     for arg in argv:
         key, sep, value = arg.partition("=")

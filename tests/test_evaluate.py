@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TRAIN, VAL
-from sft_recipes import evaluate, merge
+from sft_recipes import chat, evaluate, merge
 from sft_recipes.errors import UserError
 
 
@@ -203,6 +203,15 @@ def test_cli_arguments_are_checked(tiny_run):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
     with pytest.raises(UserError, match="limit=x: expected int"):
         evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
+
+
+@pytest.mark.parametrize("module", [evaluate, chat, merge])
+def test_help_prints_usage_and_defaults(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module._cli(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: {module.USAGE}\n\n{module.__doc__.splitlines()[0]}")
+    assert "defaults: run_dir=, " in out
 
 
 @pytest.mark.slow
