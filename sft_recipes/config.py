@@ -172,8 +172,26 @@ def run_dir(root: str, resume_from) -> str:
             import psutil
 
             started = datetime.fromtimestamp(psutil.Process(os.getppid()).create_time())
-        _run_dirs[key] = str(newest) if newest else f"{root}/{started:%Y-%m-%d_%H-%M-%S}"
+        _run_dirs[key] = str(newest) if newest else claim(f"{root}/{started:%Y-%m-%d_%H-%M-%S}")
     return _run_dirs[key]
+
+
+def claim(path: str) -> str:
+    """Make the new run's folder, or `path_2`, `path_3`, ... where another run took it: runs started in the same
+    second (a shell loop starting several) each get their own. The processes of one launch share the folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return path
+    first = path
+    for n in range(2, 1000):
+        try:
+            Path(path).mkdir(parents=True)
+        except FileExistsError:
+            path = f"{first}_{n}"
+            continue
+        except OSError:  # (an unwritable folder: the run reports it)
+            pass
+        return path
+    return path
 
 
 def register() -> None:

@@ -121,6 +121,26 @@ def test_cross_field_checks_name_the_fix(override, message):
         config.check(make(*override.split()))
 
 
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """hydra.run.dir's default, outputs/<time>: each process (here: the resolver's cache emptied) claims a folder."""
+    from datetime import datetime
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 27, 4, 0, 0)
+
+    monkeypatch.setattr(config, "datetime", Frozen)
+    dirs = []
+    for _ in range(3):
+        monkeypatch.setattr(config, "_run_dirs", {})
+        dirs.append(config.run_dir(str(tmp_path / "outputs"), None))
+    assert [Path(d).name for d in dirs] == ["2026-11-27_04-00-00", "2026-11-27_04-00-00_2", "2026-11-27_04-00-00_3"]
+    assert all(Path(d).is_dir() for d in dirs)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the processes of one launch share their launcher's folder
+    assert config.claim(dirs[0]) == dirs[0]
+
+
 def test_best_checkpoint_settings_reach_the_trainer_config():
     sc = build.sft_config(make("train.final_model=best"), "/tmp/x", has_eval=True, use_cpu=True)
     assert (sc.metric_for_best_model, sc.greater_is_better, sc.load_best_model_at_end) == ("eval_loss", False, True)
