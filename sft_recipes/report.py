@@ -128,7 +128,17 @@ def plot_loss(log_history, path: Path) -> None:
     plt.close(fig)
 
 
-def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: int,
+def mean_train_loss(history: list) -> Optional[float]:
+    """The mean training loss over every step of the run, from its logs (each the mean of the steps since the one
+    before); Trainer's own figure covers only the steps of the last process, so a resumed run's left out the rest."""
+    total, last = 0.0, 0
+    for h in history:
+        if "loss" in h and h["step"] > last:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return total / last if last else None
+
+
+def write_metrics(trainer, path: Path, wall_s: float, peak_bytes: int,
                   tokens_per_s: Optional[float]) -> dict:
     state = trainer.state
     history = state.log_history
@@ -143,7 +153,7 @@ def write_metrics(trainer, train_result, path: Path, wall_s: float, peak_bytes: 
         else state.global_step,
         "best_checkpoint": best,
         "final_train_loss": losses[-1] if losses else None,
-        "mean_train_loss": train_result.training_loss,
+        "mean_train_loss": mean_train_loss(history),
         "best_eval_loss": min(evals) if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
         "trained_tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,  # non-pad, in step time

@@ -282,7 +282,7 @@ def run(cfg) -> Optional[Path]:
     start = time.perf_counter()
     memory.start()
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteError as e:
         last = last_checkpoint(out)
         raise UserError(f"Training stopped: {e} (learning rate {cfg.train.lr}). Nothing from that step was "
@@ -319,7 +319,7 @@ def run(cfg) -> Optional[Path]:
             pass
         report.write_data_stats(data, out / "data_stats.json")
         report.plot_loss(trainer.state.log_history, out / "loss.png")
-        metrics = report.write_metrics(trainer, result, out / "metrics.json", time.perf_counter() - start,
+        metrics = report.write_metrics(trainer, out / "metrics.json", time.perf_counter() - start,
                                        memory.peak_bytes(), log.tokens_per_s)
         card.write(out, cfg)
         print("Final train loss {}, best validation loss {} (metrics.json)".format(

@@ -90,7 +90,7 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs").iterdir())
-    first = state(run / "checkpoint-4")
+    first, first_metrics = state(run / "checkpoint-4"), json.loads((run / "metrics.json").read_text())
     # simulate a run stopped after step 2: drop what came later
     import shutil
 
@@ -109,6 +109,9 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     # same seed, same data order, restored optimizer/scheduler/RNG: the resumed steps match the original ones
     loss = lambda s, step: next(h["loss"] for h in s["log_history"] if h.get("step") == step and "loss" in h)
     assert abs(loss(resumed, 4) - loss(first, 4)) < 1e-3
+    # metrics.json's mean train loss covers all 4 steps, not only the 2 this process trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert abs(metrics["mean_train_loss"] - first_metrics["mean_train_loss"]) < 1e-3
     weights = load_file(run / "final_model" / "adapter_model.safetensors")
     assert len(weights) == 2 * 4 * 2 and not any("base_model.model.base_model" in k for k in weights)
     # the same command again (a job rerun until done): the run is finished, nothing is rewritten, status 0
