@@ -191,7 +191,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                  + (f"; {trainable:,} trainable parameters" if trainable else "")),
         ("data", (f"{train.get('kept')} training pairs ({train.get('truncated', 0)} answers cut at "
                   f"{cfg.data.max_length} tokens, {train.get('dropped', 0)} dropped)"
-                  + (f"; {val.get('kept')} validation pairs" if val else "")) if train else None),
+                  + (f"; {val.get('kept')} validation pair{'' if val.get('kept') == 1 else 's'}" if val else ""))
+         if train else None),
         ("prompt", f"template `{cfg.data.template}`" + (f", system prompt {cfg.data.system_prompt!r}"
                                                        if cfg.data.system_prompt is not None else "")),
         ("schedule", f"{m.get('global_step', '?')} steps ("

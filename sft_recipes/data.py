@@ -315,6 +315,10 @@ def split(records: List[Record], val_fraction: float, seed: int,
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
         val_idx = set(order[:max(1, round(len(records) * val_fraction))])
+        if len(val_idx) == len(records):
+            raise UserError(f"data.val_fraction={val_fraction} of {len(records)} training record(s) leaves none to "
+                            "train on; add records, or validate on a file of its own (data.val_path=FILE), or "
+                            "set data.val_fraction=0 (no validation).")
     return ([r for i, r in enumerate(records) if i not in val_idx],
             [r for i, r in enumerate(records) if i in val_idx])
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def test_split_is_seeded_and_disjoint():
     assert len(val) == round(len(records) * 0.1) and len(train) + len(val) == len(records)
     assert not {r.question for r in train} & {r.question for r in val}
     assert [r.question for r in data.split(records, 0.1, seed=1)[1]] == [r.question for r in val]
+    with pytest.raises(UserError, match=r"data.val_fraction=0.1 of 1 training record\(s\) leaves none to train on"):
+        data.split(records[:1], 0.1, seed=1)  # (was an empty training set, then a traceback)
+    with pytest.raises(UserError, match=r"data.split_by=source: only 1 source\(s\), so no split leaves training"):
+        data.split([dataclasses.replace(r, source="one") for r in records[:3]], 0.1, seed=1, by="source")
 
 
 def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
