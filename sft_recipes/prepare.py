@@ -160,8 +160,11 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
                         "data.overlong=truncate (cut the answer) or data.overlong=drop.")
     stats.kept = len(rows_ids)
     if not stats.kept:
-        raise UserError(f"No record fits data.max_length={max_length}: every question alone is longer. "
-                        "Raise data.max_length.")
+        files = ", ".join(sorted({r.where.rsplit(", ", 1)[0] for r in records if r.where})) or "the data"
+        why = (f"data.overlong=drop left out all {len(records)} (the shortest has {min(stats.lengths)} tokens); raise "
+               "data.max_length, or set data.overlong=truncate (cut the answer)" if overlong == "drop" else
+               f"every question alone is longer ({'; '.join(stats.question_too_long_at)}); raise data.max_length")
+        raise UserError(f"No record of {files} fits data.max_length={max_length}: {why}.")
     lengths = np.fromiter((len(x) for x in rows_ids), dtype=np.int64, count=len(rows_ids))
     stats.trained_tokens = int(lengths.sum() - sum(kept_n_prompt))
     return _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt)), stats

@@ -130,6 +130,14 @@ def test_overlong_policies(tokenizer):
     assert st.dropped == n_over and len(ds) == 10 - n_over
     with pytest.raises(UserError, match=rf"{n_over} record\(s\) exceed data.max_length={limit}.*record"):
         prepare.tokenize(records, tokenizer, templates.get("chat"), limit, "error")
+    # nothing left: the message names the file and why (dropped whole, or questions longer than the limit)
+    short = min(lengths)
+    with pytest.raises(UserError, match=rf"No record of {TRAIN} fits data.max_length={short - 1}: data.overlong=drop "
+                                        rf"left out all 10 \(the shortest has {short} tokens\)"):
+        prepare.tokenize(records, tokenizer, templates.get("chat"), short - 1, "drop")
+    with pytest.raises(UserError, match=rf"No record of {TRAIN} fits data.max_length=8: every question alone is "
+                                        rf"longer \({TRAIN}, record 1: \d+ prompt tokens;"):
+        prepare.tokenize(records, tokenizer, templates.get("chat"), 8, "truncate")
 
 
 def test_split_is_seeded_and_disjoint():
