@@ -76,6 +76,26 @@ def within_context(cfg, model_path: str, data: prepare.Prepared) -> None:
                         "(data.overlong says whether longer records are cut or left out).")
 
 
+def lora_fits(cfg, model_path: str, peft_config) -> None:
+    """PEFT's own checks of lora.target_modules (and lora.peft_args) on the model's architecture, before any weights
+    load; a refusal names the model's linear layers."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    meta = models.meta_model(model_path, cfg.model.trust_remote_code)
+    try:
+        get_peft_model(meta, copy.deepcopy(peft_config))
+    except (ValueError, TypeError) as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
+                        - {"lm_head"})
+        extra = f" and lora.peft_args {OmegaConf.to_container(cfg.lora.peft_args)}" if cfg.lora.peft_args else ""
+        raise UserError(f"PEFT cannot put LoRA on {cfg.model.name_or_path} with lora.target_modules="
+                        f"{value(list(cfg.lora.target_modules))}{extra}: {e} The model's linear layers: "
+                        f"{', '.join(linear)} (lora=all_linear takes them all).") from None
+
+
 class Plan(NamedTuple):
     steps: int  # optimizer steps in all
     text: str  # "21 (7 per epoch, 1 x 16 samples per step)"
@@ -235,6 +255,8 @@ def run(cfg) -> Optional[Path]:
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)
+    if peft_config is not None:
+        lora_fits(cfg, model_path, peft_config)
     if cfg.dry_run:
         dry_run(cfg, model_path, tokenizer, data, plan, args, out)
         return None

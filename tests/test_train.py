@@ -193,10 +193,16 @@ def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
     assert {v.shape[0] for k, v in weights.items() if "k_proj.lora_A" in k} == {16}
     card = (tmp_path / "final_model" / "README.md").read_text()
     assert "{'layers_to_transform': [0], 'rank_pattern': {'q_proj': 4}}" in card
-    with pytest.raises(UserError, match=r"PEFT could not build the adapter with lora.peft_args "
-                                        r"\{'layers_to_transform': \[99\]\}: \w+: Target modules .* not found"):
+    # PEFT's refusals come before any weights load (the model's architecture alone), naming its linear layers
+    with pytest.raises(UserError, match=r"PEFT cannot put LoRA on .* with lora.target_modules=.* and lora.peft_args "
+                                        r"\{'layers_to_transform': \[99\]\}: Target modules .* not found"):
         run(tmp_path / "none", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
             "+lora.peft_args.layers_to_transform=[99]")
+    with pytest.raises(UserError, match=r"lora.target_modules=\[\"query\", \"value\"\]: Target modules .* not found"
+                                        r".* The model's linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                        r"up_proj, v_proj \(lora=all_linear"):
+        run(tmp_path / "typo", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+            "lora.target_modules=[query,value]")
 
 
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
