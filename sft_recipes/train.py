@@ -313,10 +313,10 @@ def run(cfg) -> Optional[Path]:
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"Out of GPU memory. To fit, try: {oom_advice(cfg)}. Continue with "
                         "resume_from=auto to keep the finished steps.") from None
-    if guard.interrupted:
-        print(f"Stopped by Ctrl-C at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
-              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}")
-        raise SystemExit(130)
+    if guard.stopped_by:
+        print(f"Stopped by {guard.stopped_by[0]} at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
+              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}", flush=True)
+        raise SystemExit(guard.stopped_by[1])
     state = trainer.state
     if cfg.train.early_stopping_patience and state.global_step < state.max_steps:
         print(f"Early stopping at step {state.global_step}: no lower validation loss in "

@@ -43,31 +43,38 @@ def publish(tmp: Path, dest: Path, what: str) -> None:
     os.replace(tmp, dest)
 
 
+# the signals that stop a run after the current step with a checkpoint: Ctrl-C, and SIGTERM (what a batch scheduler
+# such as Slurm, or Kubernetes, sends before it kills a job); their names and the exit status of the stopped run
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+
 class Guard(TrainerCallback):
-    """Ctrl-C: finish the current step, save a checkpoint, stop. Non-finite gradients: stop (train.on_nonfinite=stop)
-    before the optimizer applies them, or drop that step's update (skip). A non-finite validation loss stops
-    the run before the checkpoint of that step is written."""
+    """Ctrl-C or SIGTERM: finish the current step, save a checkpoint, stop. Non-finite gradients: stop
+    (train.on_nonfinite=stop) before the optimizer applies them, or drop that step's update (skip). A non-finite
+    validation loss stops the run before the checkpoint of that step is written."""
 
     def __init__(self, on_nonfinite: str = "stop"):
-        self.on_nonfinite, self.interrupted, self.skipped = on_nonfinite, False, 0
-        self._previous = None
+        self.on_nonfinite, self.skipped = on_nonfinite, 0
+        self.stopped_by: Optional[tuple] = None  # (name, exit status) of the signal that stops the run
+        self._previous = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         def handler(signum, frame):
-            if self.interrupted:  # a second Ctrl-C: stop now, without saving
-                raise KeyboardInterrupt
-            self.interrupted = True
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once).",
+            name, code = STOP_SIGNALS[signum]
+            if self.stopped_by:  # a second signal: stop now, without saving
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(code)
+            self.stopped_by = (name, code)
+            print(f"\n{name}: stopping after this step and saving a checkpoint ({name} again to quit at once).",
                   flush=True)
 
         try:
-            self._previous = signal.signal(signal.SIGINT, handler)
+            self._previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -90,7 +97,13 @@ class Guard(TrainerCallback):
             raise NonFiniteError(f"the validation loss became {loss} at step {state.global_step}")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # every process stops after the same step, whichever got the signal (a scheduler may signal only one)
+            code = torch.tensor(self.stopped_by[1] if self.stopped_by else 0, device=args.device)
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+            if code.item() and not self.stopped_by:
+                self.stopped_by = next(v for v in STOP_SIGNALS.values() if v[1] == code.item())
+        if self.stopped_by:
             control.should_save = True
             control.should_training_stop = True
 

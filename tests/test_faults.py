@@ -92,6 +92,19 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resumes(tmp_path, tiny
     assert f"name_or_path: {tiny_dir}" in (out / ".hydra" / "config.yaml").read_text()  # what evaluate/chat read
 
 
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_dir):
+    """SIGTERM (a batch scheduler's warning before it kills a job): the step finishes, a checkpoint is saved, the
+    command that continues the run is printed, exit status 143."""
+    at = random.Random(8).randint(4, STEPS - 6)
+    out = tmp_path / "run"
+    code, stdout, _ = start_and_hit(tiny_dir, out, signal.SIGTERM, at)
+    assert code == 143, stdout[-2000:]
+    assert "SIGTERM: stopping after this step and saving a checkpoint" in stdout
+    stopped_at = int(stdout.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped_at >= at and (out / f"checkpoint-{stopped_at}" / COMPLETE).exists()
+    assert f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}" in stdout
+
+
 def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
     """Ctrl-C while the data or the model loads (or a second one mid-step): one line, status 130, no traceback."""
     from sft_recipes.__main__ import stopped

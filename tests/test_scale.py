@@ -52,6 +52,31 @@ def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir, padding_free):
     assert abs(two_v[6] - exact) < 2e-5, (two_v[6], exact)  # counting record 0 twice moved it by 4e-4
 
 
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, tiny_dir):
+    """A scheduler may signal one process of a launch: both finish the same step, one checkpoint is saved whole."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+         "-m", "sft_recipes", *tiny_args(tiny_dir, out, "train.max_steps=200", "train.logging_steps=1",
+                                         "data.val_path=null")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log, deadline = out / "training_log.txt", time.time() + 300
+    while time.time() < deadline and not (log.exists() and "step=3 " in log.read_text()):
+        time.sleep(0.05)
+    (second,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    second.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # (the launcher reports its processes' status 143 as a failure)
+    stopped_at = int(stdout.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < 200 and (out / f"checkpoint-{stopped_at}" / "COMPLETE").exists(), stdout[-2000:]
+    assert json.loads((out / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())["global_step"] == stopped_at
+
+
 def test_sweep_summary_from_a_real_multirun(tmp_path, tiny_dir):
     sweep = tmp_path / "sweep"
     args = [a for a in tiny_args(tiny_dir, "unused", "train.max_steps=2", "train.save_steps=1")
