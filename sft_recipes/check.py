@@ -73,10 +73,11 @@ def _gguf_export() -> Tuple[bool, str]:
                   + (quantize or "not found (optional: bash tools/llama_cpp.sh builds it)"))
 
 
-def main() -> int:
-    if sys.argv[1:]:  # (-h, --help, or anything else: it takes no arguments)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:  # (-h, --help, or anything else: it takes no arguments)
         print(f"usage: python -m sft_recipes.check\n\n{__doc__.split(': ', 1)[1]}")
-        return 0 if sys.argv[1] in ("-h", "--help") else 2
+        return 0 if argv[0] in ("-h", "--help") else 2
     checks: List[Tuple[str, Callable[[], Tuple[bool, str]]]] = [
         (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 11), "need >= 3.11 (TRL 1.16)")),
     ]
