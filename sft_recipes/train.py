@@ -84,7 +84,10 @@ def lora_fits(cfg, model_path: str, peft_config) -> None:
     import torch
     from peft import get_peft_model
 
-    meta = models.meta_model(model_path, cfg.model.trust_remote_code)
+    try:
+        meta = models.meta_model(model_path, cfg.model.trust_remote_code)
+    except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
+        return
     try:
         get_peft_model(meta, copy.deepcopy(peft_config))
     except (ValueError, TypeError) as e:
