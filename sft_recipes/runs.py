@@ -34,6 +34,12 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
             raise UserError(f"{key}={value}: expected {kind.__name__}.") from None
     if out.get("run_dir") in (None, ""):
         raise UserError(f"run_dir is required. Usage: {usage}")
+    run = Path(out["run_dir"])
+    if run.name == "final_model" and (run.parent / ".hydra").is_dir():  # the adapter's folder: its run is meant
+        out["run_dir"] = str(run.parent)
+    elif (run / "adapter_config.json").exists() and (run.parent / ".hydra").is_dir():
+        raise UserError(f"run_dir={run} is a checkpoint; these commands use a run's final_model/: give its run, "
+                        f"run_dir={run.parent} (train.final_model=best saves the best checkpoint's weights there).")
     return out
 
 

@@ -203,6 +203,12 @@ def test_cli_arguments_are_checked(tiny_run):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
     with pytest.raises(UserError, match="limit=x: expected int"):
         evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
+    # the adapter's folder stands for its run; a checkpoint is named as one
+    from sft_recipes.runs import parse_args
+
+    assert parse_args([f"run_dir={tiny_run / 'final_model'}"], evaluate.DEFAULTS, "")["run_dir"] == str(tiny_run)
+    with pytest.raises(UserError, match=f"run_dir={tiny_run / 'checkpoint-3'} is a checkpoint; .* run_dir={tiny_run} "):
+        parse_args([f"run_dir={tiny_run / 'checkpoint-3'}"], evaluate.DEFAULTS, "")
 
 
 @pytest.mark.parametrize("module", [evaluate, chat, merge])
