@@ -130,7 +130,7 @@ def plot_loss(log_history, path: Path) -> None:
 
 def mean_train_loss(history: list) -> Optional[float]:
     """The mean training loss over every step of the run, from its logs (each the mean of the steps since the one
-    before); Trainer's own figure covers only the steps of the last process, so a resumed run's left out the rest."""
+    before). Trainer's own figure covers only the steps this process trained: after a resume, not the earlier ones."""
     total, last = 0.0, 0
     for h in history:
         if "loss" in h and h["step"] > last:
