@@ -250,9 +250,18 @@ def check(cfg: Config) -> None:
     if cfg.model.adapter and cfg.lora.peft_args:
         problems.append("lora.peft_args has no effect with model.adapter: the adapter's own LoRA settings train.")
     t = cfg.train
-    for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+    for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
         if getattr(t, name) is not None and getattr(t, name) <= 0:
-            problems.append(f"train.{name}={getattr(t, name)} must be positive.")
+            problems.append(f"train.{name}={getattr(t, name)} must be positive"
+                            + (" (null keeps every checkpoint)." if name == "save_total_limit" else "."))
+    if t.eval_steps < 0:
+        problems.append(f"train.eval_steps={t.eval_steps} must be 0 (validate at every save) or positive.")
+    if not 0 <= t.warmup_ratio < 1:  # (transformers reads a warmup of 1 or more as a number of steps)
+        problems.append(f"train.warmup_ratio={t.warmup_ratio} is a share of the optimizer steps: it must be in [0, 1).")
+    if t.weight_decay < 0:
+        problems.append(f"train.weight_decay={t.weight_decay} must be 0 or positive.")
+    if not 0 <= cfg.seed < 2**32:  # (numpy's seeds)
+        problems.append(f"seed={cfg.seed} must be between 0 and {2**32 - 1}.")
     if t.compile_options and not t.compile:
         problems.append("train.compile_options only apply with train.compile=true.")
     if t.compile_checkpoint not in ("auto", "traced", "around"):
