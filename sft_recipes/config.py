@@ -270,12 +270,15 @@ def check(cfg: Config) -> None:
         problems.append(f"train.final_model={t.final_model} must be last or best.")
     if t.early_stopping_patience < 0:
         problems.append(f"train.early_stopping_patience={t.early_stopping_patience} must be 0 (off) or positive.")
+    from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    if t.optim not in (optimizers := [o.value for o in OptimizerNames]):
-        close = difflib.get_close_matches(t.optim, optimizers, n=3)
-        problems.append(f"train.optim={t.optim} is not an optimizer transformers knows"
-                        + (f" (did you mean {' or '.join(close)}?)." if close else f": {', '.join(optimizers)}."))
+    for key, name, names in (("train.optim", t.optim, OptimizerNames), ("train.scheduler", t.scheduler, SchedulerType)):
+        if name not in (known := [n.value for n in names]):
+            close = difflib.get_close_matches(name, known, n=3)
+            problems.append(f"{key}={name} is not {'an optimizer' if key == 'train.optim' else 'a schedule'} "
+                            "transformers knows"
+                            + (f" (did you mean {' or '.join(close)}?)." if close else f": {', '.join(known)}."))
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attn = cfg.model.attn_implementation  # (a name with a "/" is a kernel from the hub)
