@@ -244,6 +244,8 @@ def check(cfg: Config) -> None:
         problems.append("lora.r and lora.alpha must be positive.")
     if not 0 <= cfg.lora.dropout < 1:
         problems.append(f"lora.dropout={cfg.lora.dropout} must be in [0, 1).")
+    if cfg.lora.bias not in ("none", "all", "lora_only"):
+        problems.append(f"lora.bias={cfg.lora.bias} must be none, all or lora_only.")
     if any(m in ("lm_head", "embed_tokens") for m in cfg.lora.target_modules):
         problems.append("LoRA on lm_head/embed_tokens is not supported by PEFT with TRL; "
                         "remove it from lora.target_modules (e.g. lora=default or lora=all_linear).")
@@ -254,6 +256,8 @@ def check(cfg: Config) -> None:
         if getattr(t, name) is not None and getattr(t, name) <= 0:
             problems.append(f"train.{name}={getattr(t, name)} must be positive"
                             + (" (null keeps every checkpoint)." if name == "save_total_limit" else "."))
+    if t.pad_to_multiple_of is not None and t.pad_to_multiple_of <= 0:
+        problems.append(f"train.pad_to_multiple_of={t.pad_to_multiple_of} must be positive (null: no rounding).")
     if t.eval_steps < 0:
         problems.append(f"train.eval_steps={t.eval_steps} must be 0 (validate at every save) or positive.")
     if not 0 <= t.warmup_ratio < 1:  # (transformers reads a warmup of 1 or more as a number of steps)
