@@ -300,6 +300,9 @@ def check(cfg: Config) -> None:
     if wants and val_spec is None and cfg.data.val_fraction <= 0:
         problems.append(f"{' and '.join(wants)} need{'s' if len(wants) == 1 else ''} validation data: set "
                         "data.val_path=FILE, or data.val_fraction=0.1 (a share of the training data).")
+    if cfg.eval.max_new_tokens <= 0 or cfg.eval.limit < 0:
+        problems.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be positive and eval.limit="
+                        f"{cfg.eval.limit} 0 (all) or positive.")
     if cfg.eval.samples < 0:
         problems.append(f"eval.samples={cfg.eval.samples} must be 0 (off) or positive.")
     elif cfg.eval.samples and t.compile:

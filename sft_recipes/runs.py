@@ -32,6 +32,8 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
             out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         except ValueError:
             raise UserError(f"{key}={value}: expected {kind.__name__}.") from None
+        if kind is int and out[key] < (1 if defaults[key] > 0 else 0):  # counts: positive where the default is
+            raise UserError(f"{key}={value} must be {'positive' if defaults[key] > 0 else '0 or positive'}.")
     if out.get("run_dir") in (None, ""):
         raise UserError(f"run_dir is required. Usage: {usage}")
     run = Path(out["run_dir"])

@@ -114,6 +114,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be 0 or positive"),
     ("seed=-1", "seed=-1 must be between 0 and 4294967295"),
     ("lora.bias=some", "lora.bias=some must be none, all or lora_only"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 must be positive and eval.limit=0 0 (all) or positive"),
     ("train.pad_to_multiple_of=-8", "train.pad_to_multiple_of=-8 must be positive (null: no rounding)"),
     ("train.scheduler=cosin", "train.scheduler=cosin is not a schedule transformers knows (did you mean cosine"),
     ("eval.samples=2 train.compile=true", "would recompile the compiled layers"),

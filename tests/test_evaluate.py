@@ -203,6 +203,10 @@ def test_cli_arguments_are_checked(tiny_run):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
     with pytest.raises(UserError, match="limit=x: expected int"):
         evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
+    for arg, message in [("limit=-1", "limit=-1 must be 0 or positive"), ("max_new_tokens=0", "must be positive"),
+                         ("batch_size=0", "batch_size=0 must be positive")]:  # (limit=-1 left out the last record)
+        with pytest.raises(UserError, match=message):
+            evaluate._cli([f"run_dir={tiny_run}", arg])
     # the adapter's folder stands for its run; a checkpoint is named as one
     from sft_recipes.runs import parse_args
 
