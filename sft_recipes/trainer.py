@@ -101,8 +101,9 @@ class Guard(TrainerCallback):
             # every process stops after the same step, whichever got the signal (a scheduler may signal only one)
             code = torch.tensor(self.stopped_by[1] if self.stopped_by else 0, device=args.device)
             torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
-            if code.item() and not self.stopped_by:
-                self.stopped_by = next(v for v in STOP_SIGNALS.values() if v[1] == code.item())
+            code = code.item()  # (one device sync)
+            if code and not self.stopped_by:
+                self.stopped_by = next(v for v in STOP_SIGNALS.values() if v[1] == code)
         if self.stopped_by:
             control.should_save = True
             control.should_training_stop = True
