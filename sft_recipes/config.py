@@ -181,17 +181,16 @@ def claim(path: str) -> str:
     second (a shell loop starting several) each get their own. The processes of one launch share the folder."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return path
-    first = path
+    candidate = path
     for n in range(2, 1000):
         try:
-            Path(path).mkdir(parents=True)
+            Path(candidate).mkdir(parents=True)
+            return candidate
         except FileExistsError:
-            path = f"{first}_{n}"
-            continue
+            candidate = f"{path}_{n}"
         except OSError:  # (an unwritable folder: the run reports it)
-            pass
-        return path
-    return path
+            return candidate
+    return candidate
 
 
 def register() -> None:
