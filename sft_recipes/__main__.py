@@ -70,10 +70,11 @@ def precheck(argv) -> None:
     run unless resuming, and one that cannot be written."""
     from .resume import refuse_finished
 
-    resuming = any(a.startswith("resume_from=") and a != "resume_from=null" for a in argv)
-    run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
-    if run_dir is None and "resume_from=auto" in argv:
-        run_dir = config.run_dir("outputs", "auto")  # what hydra.run.dir resolves to (conf/train.yaml)
+    value = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), None)  # noqa: E731
+    resuming = value("resume_from") not in (None, "null")
+    run_dir = value("hydra.run.dir")
+    if run_dir is None and resuming:
+        run_dir = config.run_dir("outputs", value("resume_from"))  # what hydra.run.dir resolves to (conf/train.yaml)
     if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
         return  # (other processes of a multi-process launch leave this to the main one)
     if resuming:

@@ -150,7 +150,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     dry_run: bool = False
-    resume_from: Optional[str] = None  # null | auto | PATH to a checkpoint-N folder
+    resume_from: Optional[str] = None  # null | auto | a run dir | a checkpoint-N folder
     output_dir: str = "${hydra:runtime.output_dir}"
     debug: bool = False  # show tracebacks for errors we explain
 
@@ -159,14 +159,18 @@ _run_dirs: dict = {}
 
 
 def run_dir(root: str, resume_from) -> str:
-    """hydra.run.dir: a new timestamped folder under root, or, for resume_from=auto, the newest run there
-    that has a checkpoint (so the same command continues the stopped run in place)."""
+    """hydra.run.dir: a new timestamped folder under root, or the run that resume_from continues in place: for
+    resume_from=auto the newest run there that has a checkpoint (so the same command continues the stopped run),
+    for resume_from=RUN (or RUN's newest checkpoint) that run."""
     key = (root, resume_from)
     if key not in _run_dirs:
-        from .resume import last_checkpoint
+        from .resume import continued_run, last_checkpoint
 
-        runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)] if resume_from == "auto" else []
-        newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+        if resume_from == "auto":
+            runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)]
+            newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+        else:
+            newest = continued_run(resume_from) if resume_from else None
         started = datetime.now()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process of a launch: the launcher's start time
             import psutil
@@ -341,8 +345,8 @@ def check(cfg: Config) -> None:
                    if key == "val_path" else "")
             problems.append(f"data.{key}: {e} Relative paths start from {os.getcwd()}.{fix}")
     if cfg.resume_from not in (None, "auto") and not Path(cfg.resume_from).is_dir():
-        problems.append(f"resume_from={cfg.resume_from} is not a checkpoint folder; use resume_from=auto "
-                        "for the latest checkpoint of the run dir.")
+        problems.append(f"resume_from={cfg.resume_from} is not a folder: give a run dir or one of its checkpoint-N "
+                        "folders, or use resume_from=auto for the newest run under outputs/.")
     import torch
 
     machine = []  # what this machine cannot run: a dry run (planning a GPU run elsewhere) only warns

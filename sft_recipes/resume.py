@@ -119,6 +119,22 @@ def value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
+def checkpoint_of(path) -> Optional[Path]:
+    """What resume_from=PATH resumes from: PATH when it is a complete checkpoint, else the newest complete checkpoint
+    of the run dir PATH (or of RUN, for RUN/final_model)."""
+    path = Path(path)
+    if (path / COMPLETE).exists() and (path / "trainer_state.json").exists():
+        return path
+    return last_checkpoint(path.parent if path.name == "final_model" else path)
+
+
+def continued_run(path) -> Optional[Path]:
+    """The run dir that resume_from=PATH continues in place: the run of PATH's checkpoint when that is the run's
+    newest. None for an older checkpoint: it continues in a new run dir, so the run's later steps stay as they are."""
+    checkpoint = checkpoint_of(path)
+    return checkpoint.parent if checkpoint and last_checkpoint(checkpoint.parent) == checkpoint else None
+
+
 def resume_point(cfg, out: Path) -> Optional[Path]:
     """The checkpoint this run continues (resume_from), or None for a new run (refused in a folder holding one)."""
     if not cfg.resume_from:
@@ -130,7 +146,15 @@ def resume_point(cfg, out: Path) -> Optional[Path]:
         print(f"Resuming from {checkpoint}" if checkpoint else f"resume_from=auto: no checkpoint in {out}, "
               "starting from step 0")
         return checkpoint
-    checkpoint = Path(cfg.resume_from)
-    if not (checkpoint / COMPLETE).exists():
-        raise UserError(f"resume_from={checkpoint} has no {COMPLETE} marker: it is not a complete checkpoint.")
+    checkpoint = checkpoint_of(cfg.resume_from)
+    if not checkpoint:
+        last_checkpoint(Path(cfg.resume_from), warn=True)  # names the folders that were cut short, if any
+        raise UserError(f"resume_from={cfg.resume_from} is neither a complete checkpoint (a checkpoint-N folder with "
+                        f"its {COMPLETE} marker) nor a run dir holding one.")
+    if checkpoint.parent.resolve() == out.resolve():
+        print(f"Resuming from {checkpoint}")
+    else:
+        print(f"Resuming from {checkpoint} in a new run dir, {out}; {checkpoint.parent} stays as it is"
+              + (f" (its newest checkpoint is {newest.name})" if (newest := last_checkpoint(checkpoint.parent))
+                 and newest != checkpoint else ""))
     return checkpoint

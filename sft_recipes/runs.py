@@ -66,13 +66,15 @@ def config(run_dir) -> object:
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         raise UserError(f"{run_dir} is not a run dir: {path} is missing.")
-    if not (Path(run_dir) / "final_model" / "adapter_config.json").exists():
-        raise UserError(f"{run_dir} has no final_model/ adapter yet (is the run finished? resume it with "
-                        "resume_from=auto).")
     from .config import Config
 
     # onto the schema: typed, and keys added since the run was made get their defaults
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    if not (Path(run_dir) / "final_model" / "adapter_config.json").exists():
+        raise UserError(f"{run_dir} holds a dry run: it trained nothing." if cfg.dry_run else
+                        f"{run_dir} has no final_model/ adapter yet (is the run finished? continue it with "
+                        f"python -m sft_recipes resume_from={run_dir}).")
+    return cfg
 
 
 def tokenizer(run_dir):

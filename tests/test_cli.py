@@ -122,6 +122,39 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_resume_from_a_run_or_its_checkpoint(tmp_path, tiny_dir):
+    # resume_from=RUN (or RUN's newest checkpoint) continues RUN in place, as resume_from=auto does for the newest
+    # run; an older checkpoint continues in a new run dir and leaves RUN byte for byte as it was
+    import shutil
+
+    args = [a for a in tiny_args(tiny_dir, "unused") if not a.startswith("hydra.run.dir")]
+    args += ["train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    (run,) = list((tmp_path / "outputs").iterdir())
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final_model")
+    r = cli(*args, f"resume_from={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resuming from {run / 'checkpoint-2'}\n" in r.stdout and f"Run dir: {run}\n" in r.stdout
+    assert (run / "final_model" / "COMPLETE").exists() and len(list((tmp_path / "outputs").iterdir())) == 1
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = cli(*args, f"resume_from={run / 'checkpoint-2'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (new,) = [p for p in (tmp_path / "outputs").iterdir() if p != run]
+    assert (f"Resuming from {run / 'checkpoint-2'} in a new run dir, {new}; {run} stays as it is (its newest "
+            "checkpoint is checkpoint-4)") in r.stdout
+    assert (new / "checkpoint-4" / "COMPLETE").exists() and (new / "final_model" / "COMPLETE").exists()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a folder that holds no checkpoint (a dry run's, say) is refused; evaluate/chat/merge say what it is
+    dry = tmp_path / "dry"
+    assert cli(*tiny_args(tiny_dir, dry, "dry_run=true")).returncode == 0
+    r = cli(*args, f"resume_from={dry}", cwd=tmp_path)
+    assert r.returncode == 2 and f"resume_from={dry} is neither a complete checkpoint" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={dry}", "prompt=hi"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"{dry} holds a dry run: it trained nothing." in r.stderr
+
+
 def test_help_shows_usage_groups_and_the_config(tmp_path):
     r = cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and not list(tmp_path.iterdir())  # (writes nothing)
@@ -176,3 +209,19 @@ def test_setup_check_passes_here(tmp_path):
     assert items["4-bit quantization"].startswith("NF4 linear layer on cpu: relative error")
     assert "SmolLM2-135M-Instruct embedded in" in items["default model"]
     assert items["GGUF export"].endswith("not found (optional: bash tools/llama_cpp.sh builds it)")
+
+
+def test_what_resume_from_a_path_continues(tmp_path):
+    from sft_recipes.resume import checkpoint_of, continued_run
+
+    run = tmp_path / "run"
+    for name, files in [("checkpoint-2", ["COMPLETE", "trainer_state.json"]), ("checkpoint-10", ["COMPLETE", "trainer_state.json"]),
+                        ("checkpoint-12", ["trainer_state.json"]), ("final_model", ["COMPLETE"])]:  # 12: cut short
+        (run / name).mkdir(parents=True)
+        for f in files:
+            (run / name / f).write_text("")
+    newest = run / "checkpoint-10"
+    for path in (run, newest, run / "final_model"):  # the run, its newest complete checkpoint, its adapter
+        assert checkpoint_of(path) == newest and continued_run(path) == run
+    assert checkpoint_of(run / "checkpoint-2") == run / "checkpoint-2" and continued_run(run / "checkpoint-2") is None
+    assert checkpoint_of(tmp_path) is None and continued_run(tmp_path) is None
