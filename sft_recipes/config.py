@@ -30,7 +30,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention
     trust_remote_code: bool = False
     revision: Optional[str] = None
-    adapter: Optional[str] = None  # start from this LoRA adapter (a final_model/ or checkpoint-N folder) on new data
+    adapter: Optional[str] = None  # start from this LoRA adapter: a run dir, final_model/ or checkpoint-N
 
 
 @dataclass

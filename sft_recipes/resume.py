@@ -89,13 +89,7 @@ def keep_trained_settings(cfg, checkpoint: Path):
     now = settings(yaml.safe_load(config.recorded(cfg)))
     changed = {k: v for k, v in saved.items() if k in now and now[k] != v}
     may_change = lambda k: k in MAY_CHANGE_ON_RESUME or k.split(".")[0] in MAY_CHANGE_ON_RESUME  # noqa: E731
-    if HydraConfig.initialized():
-        given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-        groups = {k for k in given if "." not in k}  # model=, lora=, quantization=, preset= (train.*, data.*)
-        set_here = lambda k: (k in given or k.split(".")[0] in groups  # noqa: E731
-                              or ("preset" in groups and k.split(".")[0] in ("train", "data")))
-    else:
-        set_here = may_change
+    set_here = set_on_command_line if HydraConfig.initialized() else may_change
     if clash := [k for k in changed if set_here(k) and not may_change(k)]:
         raise UserError(f"{checkpoint} was trained with " + ", ".join(f"{k}={value(changed[k])}" for k in clash)
                         + "; this command sets " + ", ".join(f"{k}={value(now[k])}" for k in clash) + ". A resumed "
@@ -112,6 +106,18 @@ def keep_trained_settings(cfg, checkpoint: Path):
             if hydra.output_subdir:
                 OmegaConf.save(cfg, Path(hydra.runtime.output_dir) / hydra.output_subdir / "config.yaml")
     return cfg
+
+
+def set_on_command_line(key: str) -> bool:
+    """Whether this command's overrides set `key` ("group.name"): by name, or by choosing its group (model=, lora=,
+    quantization=; preset= sets train.* and data.*). False outside Hydra's command line (the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    group = key.split(".")[0]
+    return key in given or group in given or ("preset" in given and group in ("train", "data"))
 
 
 def value(v) -> str:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates
 from .errors import NothingToDo, UserError
-from .resume import finished, keep_trained_settings, last_checkpoint, resume_point, value
+from .resume import finished, keep_trained_settings, last_checkpoint, resume_point, set_on_command_line, value
 from .trainer import NonFiniteError, publish
 
 
@@ -202,11 +202,21 @@ def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
 
 
 def use_adapter_lora(cfg) -> None:
-    """With model.adapter, the adapter's own LoRA settings are the run's (so its config and card say what trains)."""
+    """With model.adapter, the adapter's own LoRA settings are the run's (so its config and card say what trains);
+    a different value set on the command line is refused. A run dir means its final_model/."""
+    if (final := Path(cfg.model.adapter) / "final_model").is_dir():
+        print(f"model.adapter: the adapter of the run {cfg.model.adapter}, {final}")
+        cfg.model.adapter = str(final)
     lora = models.adapter_lora(cfg.model.adapter)
     now = {k: sorted(v) if k == "target_modules" else v for k, v in OmegaConf.to_container(cfg.lora).items()}
     now["alpha"] = build.lora_alpha(cfg.lora)
-    if differ := {k: v for k, v in lora.items() if now[k] != v}:
+    differ = {k: v for k, v in lora.items() if now[k] != v}
+    if clash := [k for k in differ if set_on_command_line(f"lora.{k}")]:
+        raise UserError(f"model.adapter={cfg.model.adapter} has " + ", ".join(f"lora.{k}={value(differ[k])}" for k in
+                        clash) + "; this command sets " + ", ".join(f"lora.{k}={value(now[k])}" for k in clash)
+                        + ". Training an adapter further keeps its LoRA settings: drop the override, or train a new "
+                        "adapter without model.adapter.")
+    if differ:
         print(f"LoRA settings from the adapter {cfg.model.adapter}: "
               + ", ".join(f"lora.{k}={value(v)}" for k, v in differ.items()))
         for k, v in differ.items():

@@ -225,3 +225,19 @@ def test_what_resume_from_a_path_continues(tmp_path):
         assert checkpoint_of(path) == newest and continued_run(path) == run
     assert checkpoint_of(run / "checkpoint-2") == run / "checkpoint-2" and continued_run(run / "checkpoint-2") is None
     assert checkpoint_of(tmp_path) is None and continued_run(tmp_path) is None
+
+
+def test_lora_settings_that_clash_with_model_adapter_are_refused(tmp_path, tiny_dir):
+    # training an adapter further keeps its shape: lora.r=8 on the command line against an r=4 adapter is refused;
+    # what the command line does not set (lora.alpha, the targets) is taken from the adapter
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    r = cli(*tiny_args(tiny_dir, tmp_path / "a", f"model.adapter={tmp_path / 'adapter'}", "lora.r=8", "dry_run=true"))
+    assert r.returncode == 2 and (f"model.adapter={tmp_path / 'adapter'} has lora.r=4; this command sets lora.r=8. "
+                                  "Training an adapter further keeps its LoRA settings") in r.stderr
+    r = cli(*tiny_args(tiny_dir, tmp_path / "b", f"model.adapter={tmp_path / 'adapter'}", "dry_run=true"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lora.r=4, lora.alpha=8" in r.stdout and "LoRA r=4, alpha 8 on ['q_proj', 'v_proj']" in r.stdout

@@ -215,7 +215,7 @@ def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     assert any(v.abs().sum() > 0 for k, v in start.items() if "lora_B" in k)  # trained: B is no longer zero
 
     second = tmp_path / "second"
-    run(second, tiny_dir, "preset=fast_test", "quantization=nf4", f"model.adapter={first / 'final_model'}",
+    run(second, tiny_dir, "preset=fast_test", "quantization=nf4", f"model.adapter={first}",  # the run: its final_model
         "train.max_steps=2", "train.lr=1e-12", "data.val_path=null")
     assert "LoRA settings from the adapter" in capsys.readouterr().out
     config = json.loads((second / "final_model" / "adapter_config.json").read_text())
