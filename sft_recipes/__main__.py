@@ -11,6 +11,7 @@ from .errors import UserError
 
 config.register()
 _task_started = False
+_failed_jobs = []  # a sweep's jobs that ended with an error (the sweep goes on; the command's exit status says so)
 _hydra_files = {}  # a resumed run's .hydra/ files before Hydra rewrites them, put back if the run is refused
 
 
@@ -32,12 +33,23 @@ def main(cfg):
         if cfg.debug:
             raise
         print(f"error: {e}" if e.exit_code else str(e), file=sys.stderr if e.exit_code else sys.stdout)
+        if e.exit_code and in_sweep():  # the other jobs still run; the summary lists this one with its error
+            (Path(cfg.output_dir) / "error.txt").write_text(f"{e}\n")
+            _failed_jobs.append(cfg.output_dir)
+            return None
         _leave_as_found(Path(cfg.output_dir))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a Ctrl-C before training (during training the first one saves and stops: Guard)
         if cfg.debug:
             raise
         stopped(Path(cfg.output_dir))
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def stopped(out: Path) -> None:
@@ -108,6 +120,10 @@ def cli() -> None:
         if e.code == 1 and not _task_started:
             sys.exit(UserError.exit_code)
         raise
+    if _failed_jobs:
+        print(f"error: {len(_failed_jobs)} sweep job(s) failed: " + ", ".join(_failed_jobs)
+              + " (each holds its error.txt)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

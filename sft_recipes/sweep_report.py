@@ -40,7 +40,10 @@ def collect(sweep_dir: Path) -> List[dict]:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         answers = job / "eval" / "metrics.json"
         answers = json.loads(answers.read_text())["fine_tuned"] if answers.exists() else {}
-        rows.append({"job": job.name, "status": "done" if metrics else "failed or unfinished",
+        error = job / "error.txt"
+        status = (f"failed: {error.read_text().strip()[:120]}" if error.exists() else
+                  "done" if metrics else "failed or unfinished")
+        rows.append({"job": job.name, "status": status,
                      "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
                      **{k: metrics.get(k) for k in METRICS}, **{k: answers.get(k) for k in ANSWERS},
                      "curve": eval_curve(job)})
@@ -94,8 +97,44 @@ def summarize(sweep_dir) -> List[dict]:
     return rows
 
 
+def jobs(config) -> List[List[str]]:
+    """The overrides of each job of a basic sweep (-m), as Hydra's BasicSweeper splits them: the sweep's
+    hydra.sweeper.params, then the command line."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    arguments += list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
 class SummaryCallback(Callback):
-    """Hydra callback: write the summary when a multirun ends."""
+    """Hydra callback: check every job's config before the first one trains, and write the summary when a
+    multirun ends."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """A bad value in the last job of a long sweep fails now, before the first job trains, not hours later. (A
+        search sweeper such as Optuna picks its jobs as it goes: each is checked when it starts.)"""
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return
+        from hydra import compose
+
+        from . import config as schema
+        from .errors import UserError
+
+        failed, every = {}, jobs(config)  # {message: the jobs it applies to}
+        common = set.intersection(*map(set, every))
+        for n, job in enumerate(every):
+            try:
+                schema.check(compose(config.hydra.job.config_name, overrides=job))
+            except UserError as e:
+                failed.setdefault(str(e), []).append(f"job {n} ({' '.join(o for o in job if o not in common)})")
+        if failed:
+            print("error: the sweep was not started; " + " ".join(
+                f"{'every job' if len(names) == len(every) else ', '.join(names)}: {message}"
+                for message, names in failed.items()), file=sys.stderr)
+            sys.exit(UserError.exit_code)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -1,4 +1,5 @@
 """The command line, in real subprocesses: overrides, -m sweeps, dry runs, resume, bad keys and bad data."""
+import csv
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli, tiny_args
+from conftest import ROOT, TRAIN, cli, tiny_args
 
 
 def state(ckpt):
@@ -47,6 +48,25 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, tiny_dir):
     assert ranks == [4, 4, 8, 8]
     overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert sum("lora.r=8" in o and "train.lr=0.0002" in o for o in overrides) == 1
+
+
+def test_a_sweep_checks_every_job_first_and_goes_on_past_a_failed_one(tmp_path, tiny_dir):
+    # a bad value in any job fails the sweep before the first job trains (it used to train job 0, then stop at 1)
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_args(tiny_dir, "unused", "train.max_steps=1") if not a.startswith("hydra.run.dir")]
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,-1", "train.lr=1e-4,-2")
+    assert r.returncode == 2 and not sweep.exists()
+    assert r.stderr.startswith("error: the sweep was not started; job 1 (lora.r=4 train.lr=-2): Invalid configuration: "
+                               "train.lr=-2.0 must be positive. job 2 (lora.r=-1 train.lr=0.0001): ")
+    # a job that fails at its start (here its data) is listed with its error; the sweep goes on, exit status 1
+    (tmp_path / "bad.json").write_text('[{"question": "q", "answer": ""}]')
+    args = [a for a in args if not a.startswith("data.train_path")]
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", f"data.train_path={tmp_path / 'bad.json'},{TRAIN}")
+    assert r.returncode == 1 and f"error: 1 sweep job(s) failed: {sweep / '0'} (each holds its error.txt)" in r.stderr
+    assert "record 1: field 'answer' is empty" in (sweep / "0" / "error.txt").read_text()
+    assert (sweep / "1" / "final_model" / "COMPLETE").exists()
+    rows = {row["job"]: row for row in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows["1"]["status"] == "done" and rows["0"]["status"].startswith("failed: 1 invalid record(s) in ")
 
 
 def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):

@@ -125,6 +125,11 @@ def test_the_yaml_sweep_recipe_composes():
     with initialize_config_dir(str(tmp), version_base="1.3"):
         cfg = compose("sweep_lora_rank_lr", overrides=["output_dir=/tmp/x"], return_hydra_config=True)
     assert dict(cfg.hydra.sweeper.params) == {"lora.r": "8,32", "train.lr": "1e-4,4e-4"}
+    # the jobs that the sweep's config check (sweep_report.jobs, before the first job trains) composes
+    from sft_recipes.sweep_report import jobs
+
+    assert sorted(map(sorted, jobs(cfg))) == sorted(sorted([f"lora.r={r}", f"train.lr={lr}", "output_dir=/tmp/x"])
+                                                    for r in (8, 32) for lr in ("0.0001", "0.0004"))
 
 
 def test_optuna_search_minimizes_the_validation_loss(tmp_path, tiny_dir):
