@@ -33,9 +33,10 @@ def main(cfg):
         if cfg.debug:
             raise
         print(f"error: {e}" if e.exit_code else str(e), file=sys.stderr if e.exit_code else sys.stdout)
-        if e.exit_code and in_sweep():  # the other jobs still run; the summary lists this one with its error
-            (Path(cfg.output_dir) / "error.txt").write_text(f"{e}\n")
-            _failed_jobs.append(cfg.output_dir)
+        if in_sweep():  # the other jobs still run; the summary lists a failed one with its error
+            if e.exit_code:
+                (Path(cfg.output_dir) / "error.txt").write_text(f"{e}\n")
+                _failed_jobs.append(cfg.output_dir)
             return None
         _leave_as_found(Path(cfg.output_dir))
         sys.exit(e.exit_code)
