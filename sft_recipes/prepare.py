@@ -260,6 +260,13 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
               "duplicates": asdict(dup) if dup else None,
               "leaks": [r.where for r in leaks[:MAX_LISTED]], "leak_count": len(leaks),
               "warnings": [w for r in reports for w in r.warnings]}
+    if not val_spec and opts.val_fraction > 0 and opts.split_by == "source":
+        records = train_records + val_records
+        if unsourced := sum(not r.source for r in records):
+            which = ("no record has a source" if unsourced == len(records) else
+                     f"{unsourced} of {len(records)} records have no source")
+            report["warnings"].append(f"data.split_by=source: {which}; each such record is a group of its own, as "
+                                      "with data.split_by=record")
     if leaks:
         report["warnings"].append(f"{len(leaks)} validation question(s) also appear in the training data "
                                   f"(e.g. {leaks[0].where}): the validation loss will be optimistic")

@@ -88,6 +88,21 @@ def test_split_by_source_keeps_sources_whole_and_leaks_are_found():
     assert data.overlap(records, [copy, data.Record("Brand new?", "y")]) == [copy]
 
 
+def test_split_by_source_says_when_records_have_no_source(tmp_path, tokenizer):
+    import json
+
+    records = [{"question": f"What is {i} + {i}?", "answer": f"It is {2 * i}.", **({"source": "ch1"} if i < 3 else {})}
+               for i in range(12)]
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    warnings = lambda: prepare.prepare(str(tmp_path / "qa.json"), None, tokenizer, templates.get("chat"),  # noqa: E731
+                                       prepare.Options(max_length=128, val_fraction=0.25, split_by="source")
+                                       ).report["warnings"]
+    assert ("data.split_by=source: 9 of 12 records have no source; each such record is a group of its own, as with "
+            "data.split_by=record") in warnings()
+    (tmp_path / "qa.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "source"} for r in records]))
+    assert any(w.startswith("data.split_by=source: no record has a source;") for w in warnings())
+
+
 @pytest.mark.parametrize("template", ["chat", "chat_with_source", "tutor"])
 def test_fast_path_equals_the_reference_token_for_token(tokenizer, template):
     records = data.load_records(TRAIN) + [data.Record(q, a, s, f"extra {i}") for i, (q, a, s) in enumerate([

@@ -7,7 +7,17 @@
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 PY="${PYTHON:-python3}"
-ROOT="${SFT_RECIPES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sft_recipes}/llama.cpp-$VERSION"
+# CPU flags: on x86-64 with AVX2, AVX2/FMA/F16C and no more. A native build (-march=native) also compiles ggml's AMX
+# kernels where the CPU reports AMX, and on this project's machines (Xeon with AMX, in a VM) every matrix product there
+# ended in a general protection fault: llama-completion crashed at its first token.
+if [[ "$(uname -m)" == x86_64 ]] && grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  FLAVOUR=avx2
+  CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+else
+  FLAVOUR=native
+  CPU_FLAGS=(-DGGML_NATIVE=ON)
+fi
+ROOT="${SFT_RECIPES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sft_recipes}/llama.cpp-$VERSION-$FLAVOUR"
 BIN="$ROOT/build/bin"
 if [[ -x "$BIN/llama-completion" && -x "$BIN/llama-tokenize" && -x "$BIN/llama-quantize" ]]; then echo "$BIN"; exit 0; fi
 
@@ -20,7 +30,7 @@ trap 'rm -rf "$work"' EXIT
   src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   cmake -S "$src" -B "$work/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${CPU_FLAGS[@]}" -DBUILD_SHARED_LIBS=OFF
   cmake --build "$work/build" -j "$(nproc)" --target llama-completion llama-tokenize llama-quantize
 } >&2
 rm -rf "$ROOT/build"
