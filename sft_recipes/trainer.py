@@ -355,6 +355,9 @@ class Trainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        # every process writes its own RNG state into the folder: the main one renames it into place only after all
+        # have (without this, another process's write could find the folder gone: a crash in 1 of ~10 CPU launches)
+        self.accelerator.wait_for_everyone()
         best = self.state.best_model_checkpoint
         if best and Path(best).parent == run_dir / ".staging":  # Trainer found the best one where it was written
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)

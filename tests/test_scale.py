@@ -37,6 +37,8 @@ def test_two_processes_on_the_cpu_match_one(tmp_path, tiny_dir, padding_free):
     assert sorted(one_h) == sorted(two_h) == list(range(1, 7))
     # the same 4 samples per optimizer step, split over 2 processes: the same loss curve
     assert all(abs(one_h[s] - two_h[s]) < 2e-2 for s in one_h), (one_h, two_h)
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):  # each process's RNG state, in the folder before it is published
+        assert {p.name for p in (two / checkpoint).glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     state = json.loads((two / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(6 * 4 / 112, rel=1e-3)
     # validation over both processes (the sums of each reduced): the same validation loss as one process
