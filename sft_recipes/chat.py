@@ -6,6 +6,7 @@ questions: `questions=FILE` (JSON, JSONL, CSV, TSV or Parquet; only the question
 `{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
 sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
+`run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-USAGE = ('python -m sft_recipes.chat run_dir=RUN [prompt="..." | questions=FILE [out=FILE.jsonl]] '
+USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N] [prompt="..." | questions=FILE [out=FILE.jsonl]] '
          '[max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
             "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8}
@@ -132,7 +133,8 @@ def _cli(argv):
 
         records = load_questions(args["questions"], dict(cfg.data.columns))
         files = expand(args["questions"])
-        out = Path(args["out"] or Path(args["run_dir"]) / f"answers_{files[0].stem}.jsonl")
+        name = f"answers_{files[0].stem}" + (f"_{Path(args['run_dir']).name}" if runs.is_checkpoint(args["run_dir"]) else "")
+        out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")
         if out.resolve() in {f.resolve() for f in files}:
             raise UserError(f"out={out} is one of the question files; the answers go to another file.")
         if not out.parent.is_dir():

@@ -4,7 +4,8 @@ On the run's validation split (or on other question/answer files: a test set tha
 perplexity of the base model and of base + adapter, then greedy answers from both (the run's chat template,
 stopping at the end-of-turn token) scored against the references with ROUGE-L, token F1 and exact match
 (torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/ (for data=FILE: RUN/eval_<file name>/):
-metrics.json, report.md, predictions.jsonl, metrics.png.
+metrics.json, report.md, predictions.jsonl, metrics.png. run_dir=RUN/checkpoint-N evaluates that checkpoint
+(a finished run's or one still training) into RUN/eval_checkpoint-N/ (RUN/eval_<file name>_checkpoint-N/).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-USAGE = "python -m sft_recipes.evaluate run_dir=RUN [data=FILE] [max_new_tokens=256] [limit=0] [batch_size=8]"
+USAGE = "python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N] [data=FILE] [max_new_tokens=256] [limit=0] [batch_size=8]"
 DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8}
 
 
@@ -33,12 +34,16 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
 
 
 def out_dir(run_dir: Path, data) -> Path:
-    """RUN/eval for the validation split, RUN/eval_<name of the first file> for data=FILE."""
-    if not data:
-        return run_dir / "eval"
-    from .data import expand
+    """RUN/eval for the validation split, RUN/eval_<name of the first file> for data=FILE; for run_dir=RUN/checkpoint-N
+    RUN/eval_checkpoint-N and RUN/eval_<name>_checkpoint-N."""
+    from .runs import is_checkpoint, run_of
 
-    return run_dir / f"eval_{expand(data)[0].stem}"
+    name = "eval"
+    if data:
+        from .data import expand
+
+        name += f"_{expand(data)[0].stem}"
+    return run_of(run_dir) / (f"{name}_{Path(run_dir).name}" if is_checkpoint(run_dir) else name)
 
 
 def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8, data=None) -> dict:
@@ -82,12 +87,13 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
         **{k: round(mean(sc, k), 4) for k in ("rouge_l", "token_f1", "exact_match")},
         "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3)}
-    metrics = {"run_dir": str(run_dir), "data": data or "validation split", "records": len(val_records),
+    metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name, "data": data or "validation split", "records": len(val_records),
                "also_in_training": seen, "max_new_tokens": max_new_tokens,
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
     write(out_dir(run_dir, data), metrics, predictions)
-    card.write(run_dir, cfg)  # the adapter's card gains the base vs fine-tuned table
+    if not runs.is_checkpoint(run_dir):
+        card.write(run_dir, cfg)  # the adapter's card gains the base vs fine-tuned table
     return metrics
 
 
@@ -99,7 +105,8 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
     b, t = metrics["base"], metrics["fine_tuned"]
-    lines = [f"# Evaluation of {metrics['run_dir']}", "",
+    lines = [f"# Evaluation of {metrics['run_dir']}" + (f" at {metrics['adapter']}" if metrics["adapter"] != "final_model"
+                                                         else ""), "",
              f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
              f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
                                                        "in the training data." if metrics["also_in_training"] else ""),

@@ -37,6 +37,10 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
     run_dir = Path(run_dir)
+    if runs.is_checkpoint(run_dir):  # RUN/merged and its card describe the run's final_model
+        raise UserError(f"run_dir={run_dir} is a checkpoint; merge writes the run's final_model into RUN/merged: give "
+                        f"run_dir={run_dir.parent}. To keep the best checkpoint's weights as final_model, train with "
+                        "train.final_model=best (evaluate and chat take a checkpoint).")
     cfg = runs.config(run_dir)
     source = models.source_gguf(cfg.model) if gguf else None
     reader = gguf_export.check(source, gguf, cfg.model.name_or_path) if gguf else None  # before any model loads

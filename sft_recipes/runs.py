@@ -2,7 +2,8 @@
 
 Everything comes from the run itself: `.hydra/config.yaml` (model, quantization, template, data) and
 `final_model/` (the adapter and the tokenizer with the chat template it was trained with), so inference
-renders prompts exactly as training did.
+renders prompts exactly as training did. `run_dir=RUN/checkpoint-N` means that checkpoint's adapter instead
+(evaluate and chat: how good was the run at step N, or is it so far).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .errors import UserError
+from .resume import CHECKPOINT, COMPLETE, RUN_CONFIG, last_checkpoint
 
 
 def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc: str = "") -> Dict[str, object]:
@@ -39,9 +41,9 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
     run = Path(out["run_dir"])
     if run.name == "final_model" and (run.parent / ".hydra").is_dir():  # the adapter's folder: its run is meant
         out["run_dir"] = str(run.parent)
-    elif (run / "adapter_config.json").exists() and (run.parent / ".hydra").is_dir():
-        raise UserError(f"run_dir={run} is a checkpoint; these commands use a run's final_model/: give its run, "
-                        f"run_dir={run.parent} (train.final_model=best saves the best checkpoint's weights there).")
+    elif is_checkpoint(run) and not (run / COMPLETE).exists():
+        raise UserError(f"run_dir={run} is a checkpoint cut short (no {COMPLETE} marker); give a complete one, or the "
+                        f"run, run_dir={run.parent}.")
     return out
 
 
@@ -62,25 +64,47 @@ def main_guard(fn, argv=None) -> int:
         return 130
 
 
+def is_checkpoint(path) -> bool:
+    """Whether run_dir= names one of a run's checkpoint-N folders rather than the run (its final_model/)."""
+    return CHECKPOINT.match(Path(path).name) is not None and (Path(path).parent / ".hydra").is_dir()
+
+
+def run_of(path) -> Path:
+    """The run dir of run_dir=PATH: PATH, or the run a checkpoint belongs to."""
+    return Path(path).parent if is_checkpoint(path) else Path(path)
+
+
+def adapter_dir(path) -> Path:
+    """The adapter (and tokenizer) that run_dir=PATH means: RUN/final_model, or the checkpoint PATH itself."""
+    return Path(path) if is_checkpoint(path) else Path(path) / "final_model"
+
+
 def config(run_dir) -> object:
-    path = Path(run_dir) / ".hydra" / "config.yaml"
+    """The run's config (for a checkpoint: the config it was trained with, kept in its run_config.yaml)."""
+    run = run_of(run_dir)
+    path = run / ".hydra" / "config.yaml"
     if not path.exists():
         raise UserError(f"{run_dir} is not a run dir: {path} is missing.")
     from .config import Config
 
+    if is_checkpoint(run_dir) and (Path(run_dir) / RUN_CONFIG).exists():
+        path = Path(run_dir) / RUN_CONFIG
     # onto the schema: typed, and keys added since the run was made get their defaults
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
-    if not (Path(run_dir) / "final_model" / "adapter_config.json").exists():
-        raise UserError(f"{run_dir} holds a dry run: it trained nothing." if cfg.dry_run else
-                        f"{run_dir} has no final_model/ adapter yet (is the run finished? continue it with "
-                        f"python -m sft_recipes resume_from={run_dir}).")
+    if not (adapter_dir(run_dir) / "adapter_config.json").exists():
+        if cfg.dry_run:
+            raise UserError(f"{run_dir} holds a dry run: it trained nothing.")
+        newest = last_checkpoint(run)
+        raise UserError(f"{run_dir} has no final_model/ adapter yet (is the run finished? continue it with python -m "
+                        f"sft_recipes resume_from={run_dir}" + (f", or give its newest checkpoint: run_dir={newest}"
+                                                                if newest else "") + ").")
     return cfg
 
 
 def tokenizer(run_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(run_dir) / "final_model")
+    return AutoTokenizer.from_pretrained(adapter_dir(run_dir))
 
 
 def base_model(cfg):
@@ -93,11 +117,10 @@ def base_model(cfg):
 
 
 def adapter_model(cfg, run_dir, base=None):
-    """The run's adapter on `base` (default: the base model as trained)."""
+    """The run's adapter (or the checkpoint's) on `base` (default: the base model as trained)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base if base is not None else base_model(cfg),
-                                     Path(run_dir) / "final_model").eval()
+    return PeftModel.from_pretrained(base if base is not None else base_model(cfg), adapter_dir(run_dir)).eval()
 
 
 def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> List[dict]:

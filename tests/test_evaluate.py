@@ -207,12 +207,38 @@ def test_cli_arguments_are_checked(tiny_run):
                          ("batch_size=0", "batch_size=0 must be positive")]:  # (limit=-1 left out the last record)
         with pytest.raises(UserError, match=message):
             evaluate._cli([f"run_dir={tiny_run}", arg])
-    # the adapter's folder stands for its run; a checkpoint is named as one
+    # the adapter's folder stands for its run
     from sft_recipes.runs import parse_args
 
     assert parse_args([f"run_dir={tiny_run / 'final_model'}"], evaluate.DEFAULTS, "")["run_dir"] == str(tiny_run)
-    with pytest.raises(UserError, match=f"run_dir={tiny_run / 'checkpoint-3'} is a checkpoint; .* run_dir={tiny_run} "):
-        parse_args([f"run_dir={tiny_run / 'checkpoint-3'}"], evaluate.DEFAULTS, "")
+
+
+def test_evaluate_and_chat_take_a_checkpoint(tiny_run, tmp_path, capsys):
+    from sft_recipes import chat
+    from sft_recipes.resume import last_checkpoint
+    from sft_recipes.runs import parse_args
+
+    checkpoint = last_checkpoint(tiny_run)
+    assert checkpoint.name == "checkpoint-3"  # the last step's: the same weights as final_model
+    card = (tiny_run / "final_model" / "README.md").read_bytes()
+    evaluate._cli([f"run_dir={checkpoint}", "limit=3", "max_new_tokens=8"])  # as eval.after_train did
+    assert f"Report: {tiny_run / 'eval_checkpoint-3' / 'report.md'}" in capsys.readouterr().out
+    at_checkpoint = json.loads((tiny_run / "eval_checkpoint-3" / "metrics.json").read_text())
+    final = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    assert at_checkpoint["adapter"] == "checkpoint-3" and final["adapter"] == "final_model"
+    assert {k: at_checkpoint[k] for k in ("base", "fine_tuned")} == {k: final[k] for k in ("base", "fine_tuned")}
+    assert "at checkpoint-3" in (tiny_run / "eval_checkpoint-3" / "report.md").read_text()
+    assert (tiny_run / "final_model" / "README.md").read_bytes() == card  # the card is final_model's alone
+    questions = tmp_path / "new.jsonl"
+    questions.write_text('{"question": "What is a mean?"}\n')
+    chat._cli([f"run_dir={checkpoint}", f"questions={questions}", "max_new_tokens=4"])
+    assert len((tiny_run / "answers_new_checkpoint-3.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(UserError, match=f"run_dir={checkpoint} is a checkpoint; merge .* run_dir={tiny_run}\\. "):
+        merge._cli([f"run_dir={checkpoint}"])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "checkpoint-9").mkdir()  # a save cut short: no COMPLETE marker
+    with pytest.raises(UserError, match="checkpoint-9 is a checkpoint cut short .* give a complete one"):
+        parse_args([f"run_dir={tmp_path / 'checkpoint-9'}"], evaluate.DEFAULTS, "")
 
 
 @pytest.mark.parametrize("module", [evaluate, chat, merge])

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TRAIN, VAL, cli, loss_history
+from sft_recipes import runs
+from sft_recipes.errors import UserError
 from sft_recipes.trainer import COMPLETE, Guard, NonFiniteError
 
 STEPS = 30
@@ -64,8 +66,12 @@ def test_sigkill_mid_training_resumes_the_same_curve(tmp_path, tiny_dir, referen
     code, _, _ = start_and_hit(tiny_dir, out, signal.SIGKILL, at)
     assert code == -signal.SIGKILL
     assert not (out / "final_model").exists()
-    # a checkpoint folder cut short (no completion marker, a truncated file) is ignored, with a warning
+    # evaluate/chat on the unfinished run: continue it, or take one of its checkpoints
     good = max((p for p in out.glob("checkpoint-*") if (p / COMPLETE).exists()), key=lambda p: int(p.name[11:]))
+    with pytest.raises(UserError, match=f"has no final_model/ adapter yet .* resume_from={out}, or give its newest "
+                                        f"checkpoint: run_dir={good}\\)"):
+        runs.config(out)
+    # a checkpoint folder cut short (no completion marker, a truncated file) is ignored, with a warning
     broken = out / "checkpoint-29"
     if broken.exists():
         shutil.rmtree(broken)
