@@ -180,6 +180,14 @@ def run_dir(root: str, resume_from) -> str:
     return _run_dirs[key]
 
 
+def sweep_dir(root: str) -> str:
+    """hydra.sweep.dir: a new timestamped folder under root (`_2`, ... for sweeps started in the same second)."""
+    key = (root, "-m")
+    if key not in _run_dirs:
+        _run_dirs[key] = claim(f"{root}/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    return _run_dirs[key]
+
+
 def claim(path: str) -> str:
     """Make the new run's folder, or `path_2`, `path_3`, ... where another run took it: runs started in the same
     second (a shell loop starting several) each get their own. The processes of one launch share the folder."""
@@ -198,9 +206,11 @@ def claim(path: str) -> str:
 
 
 def register() -> None:
-    """The schema as `base_config` in Hydra's ConfigStore, and the `sft_run_dir` resolver of conf/train.yaml."""
+    """The schema as `base_config` in Hydra's ConfigStore, and the `sft_run_dir`, `sft_sweep_dir` resolvers of
+    conf/train.yaml."""
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("sft_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("sft_sweep_dir", sweep_dir, replace=True)
 
 
 DTYPES = ("bfloat16", "float16", "float32")

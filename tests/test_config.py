@@ -131,7 +131,8 @@ def test_cross_field_checks_name_the_fix(override, message):
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    """hydra.run.dir's default, outputs/<time>: each process (here: the resolver's cache emptied) claims a folder."""
+    """hydra.run.dir's default, outputs/<time>, and hydra.sweep.dir's, multirun/<time>: each process (here: the
+    resolver's cache emptied) claims a folder; within one process the same one."""
     from datetime import datetime
 
     class Frozen(datetime):
@@ -146,6 +147,10 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         dirs.append(config.run_dir(str(tmp_path / "outputs"), None))
     assert [Path(d).name for d in dirs] == ["2026-11-27_04-00-00", "2026-11-27_04-00-00_2", "2026-11-27_04-00-00_3"]
     assert all(Path(d).is_dir() for d in dirs)
+    sweeps = [config.sweep_dir(str(tmp_path / "multirun")), config.sweep_dir(str(tmp_path / "multirun"))]
+    monkeypatch.setattr(config, "_run_dirs", {})
+    sweeps.append(config.sweep_dir(str(tmp_path / "multirun")))  # another sweep
+    assert [Path(d).name for d in sweeps] == ["2026-11-27_04-00-00", "2026-11-27_04-00-00", "2026-11-27_04-00-00_2"]
     monkeypatch.setenv("WORLD_SIZE", "2")  # the processes of one launch share their launcher's folder
     assert config.claim(dirs[0]) == dirs[0]
 
