@@ -150,7 +150,8 @@ def _cli(argv):
                         sampling_args(args["temperature"], args["top_p"]))
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
-            converse(cfg, ask, args["prompt"], "base" if args["base"] else "fine-tuned")
+            at = f" ({Path(args['run_dir']).name})" if runs.is_checkpoint(args["run_dir"]) else ""
+            converse(cfg, ask, args["prompt"], "base" if args["base"] else f"fine-tuned{at}")
 
 
 if __name__ == "__main__":
