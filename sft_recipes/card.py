@@ -109,8 +109,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     folder = run_dir / ("merged" if merged else "final_model")
     m = read_json(run_dir / "metrics.json") or {}
     stats = read_json(run_dir / "data_stats.json") or {}
-    evals = [m for p in sorted(run_dir.glob("eval*/metrics.json"))  # eval/ (validation), eval_<file>/
-             if (m := read_json(p)) and m.get("adapter", "final_model") == "final_model"]  # not a checkpoint's
+    evals = [read_json(p) for p in sorted(run_dir.glob("eval*/metrics.json"))]  # eval/ (validation), eval_<file>/
+    evals = [e for e in evals if e.get("adapter", "final_model") == "final_model"]  # not eval_checkpoint-N/
     merge = read_json(run_dir / "merged" / "merge_report.json") if merged else None
     adapter = read_json(run_dir / "final_model" / "adapter_config.json") or {}
     hub = hub_id(cfg.model.name_or_path)

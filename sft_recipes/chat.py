@@ -133,8 +133,8 @@ def _cli(argv):
 
         records = load_questions(args["questions"], dict(cfg.data.columns))
         files = expand(args["questions"])
-        name = f"answers_{files[0].stem}" + (f"_{Path(args['run_dir']).name}" if runs.is_checkpoint(args["run_dir"]) else "")
-        out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")
+        at = f"_{Path(args['run_dir']).name}" if runs.is_checkpoint(args["run_dir"]) else ""
+        out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"answers_{files[0].stem}{at}.jsonl")
         if out.resolve() in {f.resolve() for f in files}:
             raise UserError(f"out={out} is one of the question files; the answers go to another file.")
         if not out.parent.is_dir():

@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-USAGE = "python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N] [data=FILE] [max_new_tokens=256] [limit=0] [batch_size=8]"
+USAGE = ("python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N] [data=FILE] [max_new_tokens=256] [limit=0] "
+         "[batch_size=8]")
 DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8}
 
 
@@ -87,7 +88,8 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
         **{k: round(mean(sc, k), 4) for k in ("rouge_l", "token_f1", "exact_match")},
         "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3)}
-    metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name, "data": data or "validation split", "records": len(val_records),
+    metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name,
+               "data": data or "validation split", "records": len(val_records),
                "also_in_training": seen, "max_new_tokens": max_new_tokens,
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
@@ -105,8 +107,8 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
     b, t = metrics["base"], metrics["fine_tuned"]
-    lines = [f"# Evaluation of {metrics['run_dir']}" + (f" at {metrics['adapter']}" if metrics["adapter"] != "final_model"
-                                                         else ""), "",
+    at = f" at {metrics['adapter']}" if metrics["adapter"] != "final_model" else ""
+    lines = [f"# Evaluation of {metrics['run_dir']}{at}", "",
              f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
              f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
                                                        "in the training data." if metrics["also_in_training"] else ""),

@@ -228,7 +228,11 @@ def test_evaluate_and_chat_take_a_checkpoint(tiny_run, tmp_path, capsys):
     assert at_checkpoint["adapter"] == "checkpoint-3" and final["adapter"] == "final_model"
     assert {k: at_checkpoint[k] for k in ("base", "fine_tuned")} == {k: final[k] for k in ("base", "fine_tuned")}
     assert "at checkpoint-3" in (tiny_run / "eval_checkpoint-3" / "report.md").read_text()
-    assert (tiny_run / "final_model" / "README.md").read_bytes() == card  # the card is final_model's alone
+    assert (tiny_run / "final_model" / "README.md").read_bytes() == card  # the card is final_model's alone,
+    from sft_recipes import card as model_card, runs
+
+    assert model_card.render(tiny_run, runs.config(tiny_run)) == card.decode()  # also when it is written again
+    assert "| saved weights | step 3 of 3 |" in card.decode() and "| rouge l |" in card.decode()
     questions = tmp_path / "new.jsonl"
     questions.write_text('{"question": "What is a mean?"}\n')
     chat._cli([f"run_dir={checkpoint}", f"questions={questions}", "max_new_tokens=4"])
