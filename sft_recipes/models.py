@@ -171,11 +171,29 @@ def load_model(path: str, dtype: str, quantization_config=None, attn_implementat
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), quantization_config=quantization_config, device_map=device_map,
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise UserError(f"Could not load the model from {path}: {e}") from None
+    if getattr(quantization_config, "load_in_8bit", False) and device_map is None:
+        int8_as_in_training(model)
+    return model
+
+
+def int8_as_in_training(model) -> None:
+    """bitsandbytes' 8-bit layers on the CPU compute a training step with de-quantized weights (MatMul8bitFp), but
+    an eval-mode forward with int8 inputs (MatMul8bitLt): another result than training's, 2-3x slower here, and a
+    log line per layer per call. Each such layer computes as in training, so validation, evaluate and chat see what
+    training saw. (The layer has no dropout: its training flag selects only this path.)"""
+    import bitsandbytes as bnb
+
+    def as_in_training(module, args):
+        module.training = True
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.register_forward_pre_hook(as_in_training)
 
 
 def meta_model(path: str, trust_remote_code: bool = False):

@@ -266,3 +266,22 @@ def test_padding_free_and_packed_batches_keep_samples_apart(tiny_dir, rows, attn
         together = per_token_losses({k: packed[k] for k in ("input_ids", "position_ids", "labels")})
     assert together.shape == alone.shape
     assert torch.allclose(together, alone, atol=1e-4), (together - alone).abs().max()
+
+
+def test_int8_layers_compute_validation_as_training_does_on_the_cpu(tiny_dir, rows, caplog):
+    """bitsandbytes' 8-bit layers on the CPU train with de-quantized weights but would evaluate with int8 inputs
+    (another result, 2-3x slower, a log line per layer per call): validation and inference take the training path."""
+    from sft_recipes import models
+
+    cfg = make("quantization=int8", "lora.dropout=0.0")
+    model = get_peft_model(models.load_model(tiny_dir, "bfloat16", build.bnb_config(cfg.quantization), "sdpa"),
+                           build.lora_config(cfg.lora))
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    losses = []
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            losses.append(model(**inputs).loss.item())
+    assert losses[0] == losses[1]
+    assert "MatMul8bitLt" not in caplog.text
