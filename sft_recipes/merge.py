@@ -69,7 +69,8 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     del merged, base  # the copies below are read back from the files
 
     # how much did merging change the model? loss on the validation split, adapter vs merged (reloaded plain)
-    report = {"dtype": dtype, "merged_into": "de-quantized 4-bit weights" if quantized else "base weights"}
+    report = {"dtype": dtype,
+              "merged_into": f"de-quantized {cfg.quantization.bits}-bit weights" if quantized else "base weights"}
     _, rows = runs.validation(cfg, tok, limit)
     if rows is not None:
         plain = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()

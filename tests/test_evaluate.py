@@ -96,6 +96,25 @@ def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     assert (a - m).abs().max() / a.abs().max() < 0.02  # bf16 compute in the 4-bit adapter vs float32 merged
 
 
+def test_an_int8_run_validates_as_it_trains_and_merges_into_its_de_quantized_weights(tmp_path, tiny_dir):
+    """quantization=int8 end to end: the run (its validation as training computes, no bitsandbytes line per layer),
+    then merge, into the 8-bit weights de-quantized."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "int8"
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", f"model.name_or_path={tiny_dir}", "model.embedded=null",
+                        "quantization=int8", "preset=fast_test", f"data.train_path={TRAIN}", f"data.val_path={VAL}",
+                        "train.max_steps=2", "train.report_to=[]", f"hydra.run.dir={run}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval_loss" in r.stdout and "MatMul8bitLt" not in r.stdout + r.stderr
+    report = merge.merge(run, dtype="float32", limit=2)
+    assert report["merged_into"] == "de-quantized 8-bit weights" and report["relative_difference"] < 0.01
+    plain = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+    assert not isinstance(plain, PeftModel) and getattr(plain.config, "quantization_config", None) is None
+
+
 def card_code_runs(card: str) -> str:
     """Run the card's Python example as written (fewer new tokens); returns what it printed."""
     code = card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=256", "max_new_tokens=4")
