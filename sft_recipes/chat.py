@@ -6,6 +6,7 @@ questions: `questions=FILE` (JSON, JSONL, CSV, TSV or Parquet; only the question
 `{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
 sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
+With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
 `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import threading
 from pathlib import Path
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N] [prompt="..." | questions=FILE [out=FILE.jsonl]] '
-         '[max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
+         '[source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
-            "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8}
+            "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8, "source": ""}
 
 
 def sampling_args(temperature: float, top_p: float) -> dict:
@@ -48,12 +49,12 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperatu
     return "".join(pieces).strip()
 
 
-def converse(cfg, ask, prompt: str, who: str) -> None:
+def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
     """One answer to `prompt`, or the interactive loop: history, /reset, /exit."""
     from . import runs
 
     if prompt:
-        print(ask(runs.messages(cfg, prompt)))
+        print(ask(runs.messages(cfg, prompt, source=source)))
         return
     history = []
     print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves.")
@@ -72,7 +73,7 @@ def converse(cfg, ask, prompt: str, who: str) -> None:
         if not line:
             continue
         print("model> ", end="", flush=True)
-        reply = ask(runs.messages(cfg, line, history), stream=lambda piece: print(piece, end="", flush=True))
+        reply = ask(runs.messages(cfg, line, history, source), stream=lambda piece: print(piece, end="", flush=True))
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
@@ -97,20 +98,20 @@ def load_questions(spec, columns: dict):
 
 
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
-                sampling: dict) -> None:
-    """Answer every record's question; JSON lines into `out`, written whole at the end (a file that is there
-    already is replaced only then)."""
+                sampling: dict, source: str = "") -> None:
+    """Answer every record's question (with its source, else `source`); JSON lines into `out`, written whole at the
+    end (a file that is there already is replaced only then)."""
     import json
     import os
 
     from . import runs
 
-    answers = runs.generate(model, tok, [runs.messages(cfg, r.question, source=r.source) for r in records],
+    answers = runs.generate(model, tok, [runs.messages(cfg, r.question, source=r.source or source) for r in records],
                             max_new_tokens, batch_size, sampling)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
         for r, (text, stopped) in zip(records, answers):
-            f.write(json.dumps({"question": r.question, "answer": text, "source": r.source,
+            f.write(json.dumps({"question": r.question, "answer": text, "source": r.source or source,
                                 "stopped_at_end_of_turn": stopped}, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
 
@@ -122,12 +123,14 @@ def _cli(argv):
 
     from . import runs
     from .errors import UserError
+    from .train import template_of
 
     args = runs.parse_args(argv, DEFAULTS, USAGE, __doc__)
     if args["temperature"] < 0 or not 0 < args["top_p"] <= 1:
         raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
                         "greedy) and top_p in (0, 1].")
     cfg = runs.config(args["run_dir"])
+    records = []
     if args["questions"]:  # read and check them before any model loads
         from .data import expand
 
@@ -139,6 +142,10 @@ def _cli(argv):
             raise UserError(f"out={out} is one of the question files; the answers go to another file.")
         if not out.parent.is_dir():
             raise UserError(f"out={out}: the folder {out.parent} does not exist.")
+    user = template_of(cfg).user
+    if "{source}" in user and not args["source"] and not (records and all(r.source for r in records)):
+        print(f"note: this run's prompts name a source (data.template={cfg.data.template}: {user!r}); "
+              f"source=\"...\" gives one{' to questions without their own' if records else ''}.", file=sys.stderr)
     tok = runs.tokenizer(args["run_dir"])
     model = runs.adapter_model(cfg, args["run_dir"])
     set_seed(args["seed"])
@@ -147,11 +154,11 @@ def _cli(argv):
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
         if args["questions"]:
             answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],
-                        sampling_args(args["temperature"], args["top_p"]))
+                        sampling_args(args["temperature"], args["top_p"]), args["source"])
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
             at = f" ({Path(args['run_dir']).name})" if runs.is_checkpoint(args["run_dir"]) else ""
-            converse(cfg, ask, args["prompt"], "base" if args["base"] else f"fine-tuned{at}")
+            converse(cfg, ask, args["prompt"], "base" if args["base"] else f"fine-tuned{at}", args["source"])
 
 
 if __name__ == "__main__":

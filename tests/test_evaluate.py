@@ -78,6 +78,25 @@ def test_chat_samples_with_a_seed_and_talks_to_the_base_model(tiny_run, capsys):
     assert base.returncode == 0 and "Chat with the base model" in base.stdout, base.stderr[-2000:]
 
 
+def test_chat_gives_the_source_a_template_names(tiny_run, tmp_path, capsys):
+    """data.template=chat_with_source puts the source in the prompt: chat says so and takes source="..."."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("merged", "eval*", "checkpoint-*"))
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("template: chat\n", "template: chat_with_source\n"))
+    chat._cli([f"run_dir={run}", "prompt=What is a mean?", "max_new_tokens=2"])
+    assert "note: this run's prompts name a source (data.template=chat_with_source: 'Source: {source}" \
+        in capsys.readouterr().err
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "What is a mean?"}\n{"question": "And a mode?", "source": "Ch. 2"}\n')
+    chat._cli([f"run_dir={run}", f"questions={questions}", "source=Ch. 1", "max_new_tokens=2"])
+    assert "note:" not in capsys.readouterr().err
+    answers = [json.loads(line) for line in (run / "answers_q.jsonl").read_text().splitlines()]
+    assert [a["source"] for a in answers] == ["Ch. 1", "Ch. 2"]  # a record's own source comes first
+
+
 def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
