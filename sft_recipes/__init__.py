@@ -19,8 +19,18 @@ class _DropNoise(logging.Filter):
         return "kernels-community" not in record.getMessage()
 
 
+def terminal() -> bool:
+    """Whether progress bars go to a terminal; into a file (a Slurm or nohup log, a pipe) they are lines instead."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def quiet_logs() -> None:
     import warnings
+
+    if not terminal():  # transformers' "Loading weights" bar: a carriage-return line per update in a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes"):

@@ -181,6 +181,18 @@ def load_model(path: str, dtype: str, quantization_config=None, attn_implementat
     return model
 
 
+def for_training(model) -> None:
+    """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
+    forward (a validation, sample answers) and keeps them so: training then runs through a kernel with no backward,
+    whose gradients PyTorch warns are "silently incorrect" (LoRA's gradients in q, k, v were all wrong after one
+    validation). A model that trains keeps its training form; evaluate and chat, which only infer, repack."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def int8_as_in_training(model) -> None:
     """bitsandbytes' 8-bit layers on the CPU compute a training step with de-quantized weights (MatMul8bitFp), but
     an eval-mode forward with int8 inputs (MatMul8bitLt): another result than training's, 2-3x slower here, and a

@@ -76,6 +76,33 @@ class Progress(ProgressCallback):
             self.training_bar.write(self.log.line)
 
 
+class LogLines(TrainerCallback):
+    """Without a terminal (a Slurm or nohup log, a pipe): no progress bars; each log is printed as training_log.txt's
+    line with the steps done and the time left."""
+
+    def __init__(self, log: TrainingLog):
+        self.log = log
+        self.start = None  # (time, step) when this process began training
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = (time.perf_counter(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not self.log.line or self.start is None:
+            return
+        began, first = self.start
+        done, left = state.global_step - first, state.max_steps - state.global_step
+        eta = f", {duration((time.perf_counter() - began) / done * left)} left" if done and left else ""
+        print(f"{self.log.line} [{state.global_step}/{state.max_steps}{eta}]", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """1:02:03, 2:03 or 3 s."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}" if s >= 60 \
+        else f"{s} s"
+
+
 class SampleAnswers(TrainerCallback):
     """eval.samples=N: after each validation, greedy answers to the first N validation questions (prompted as in
     training), appended to RUN/samples.md with the references. Generation reads no random state and leaves the model

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 from omegaconf import OmegaConf
 
-from . import build, card, conf_dir, config, models, prepare, report, templates
+from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
 from .resume import finished, keep_trained_settings, last_checkpoint, resume_point, set_on_command_line, value
 from .trainer import NonFiniteError, publish
@@ -266,6 +266,7 @@ def run(cfg) -> Optional[Path]:
         print(f"warning: {plan.advice}")
     # train.sft_args and lora.peft_args fail here, before any model
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
+    args.disable_tqdm = not terminal()  # a log file gets lines, not bars
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)
     if peft_config is not None:
@@ -275,7 +276,7 @@ def run(cfg) -> Optional[Path]:
         return None
 
     import torch
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .estimate import PeakMemory
     from .trainer import Guard, Trainer
@@ -290,6 +291,7 @@ def run(cfg) -> Optional[Path]:
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    models.for_training(model)
     if adapter:  # continue training that adapter instead of a new one
         model = models.load_adapter(model, cfg.model.adapter)
     try:
@@ -311,6 +313,8 @@ def run(cfg) -> Optional[Path]:
                         f"{OmegaConf.to_container(cfg.lora.peft_args)}: {type(e).__name__}: {e}") from e
     if trainer.pop_callback(ProgressCallback):  # the same bars, each log as training_log.txt's line
         trainer.add_callback(report.Progress(log))
+    elif trainer.pop_callback(PrinterCallback):  # no terminal: each log as that line, with the time left
+        trainer.add_callback(report.LogLines(log))
     if trainer.is_world_process_zero():
         plan_lines(plan, args, val_ds is not None)
         print(f"Run dir: {out}", flush=True)

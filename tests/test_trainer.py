@@ -285,3 +285,31 @@ def test_int8_layers_compute_validation_as_training_does_on_the_cpu(tiny_dir, ro
             losses.append(model(**inputs).loss.item())
     assert losses[0] == losses[1]
     assert "MatMul8bitLt" not in caplog.text
+
+
+def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows, recwarn):
+    """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
+    forward, for good; its kernel then has no backward ("silently incorrect" gradients). A run's model keeps its
+    training form through validations and sample answers: the gradients after one are the gradients before it."""
+    from sft_recipes import models
+
+    cfg = make("quantization=nf4", "lora.dropout=0.0")
+    model = get_peft_model(models.load_model(tiny_dir, "bfloat16", build.bnb_config(cfg.quantization), "sdpa"),
+                           build.lora_config(cfg.lora))
+    models.for_training(model)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(**inputs).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)  # a validation
+    after = grads()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
