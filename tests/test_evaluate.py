@@ -1,6 +1,7 @@
 """Evaluate, chat and merge: metrics against hand-computed cases, each command end to end on the tiny model,
 and once on the embedded model (the adapter must beat the base model)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,8 @@ def tiny_run(tmp_path_factory, tiny_dir):
                         f"hydra.run.dir={out}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Evaluation (base -> fine-tuned): loss" in r.stdout
+    # no terminal: no progress bars (no carriage returns), a line per log with the steps done
+    assert "\r" not in r.stdout + r.stderr and re.search(r"^step=3 epoch=\S+ loss=.* \[3/3\]$", r.stdout, re.M)
     return out
 
 

@@ -334,3 +334,9 @@ def test_tokens_per_second_leave_out_validation_and_saving(tmp_path, monkeypatch
     state.global_step = 3
     log.on_log(args, state, control, logs={"loss": 2.0, "num_tokens": 300})
     assert log.line.endswith(" tokens/s=100.0") and log.tokens_per_s == 100.0  # 200 tokens in 2 s of steps, not 12
+
+
+def test_time_left_reads_as_a_clock():
+    from sft_recipes.report import duration
+
+    assert [duration(s) for s in (3.4, 59.6, 75, 3725)] == ["3 s", "1:00", "1:15", "1:02:05"]
