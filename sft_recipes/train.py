@@ -58,8 +58,8 @@ def prepare_data(cfg, tokenizer) -> prepare.Prepared:
 
 
 # Fewer optimizer steps than this rarely take LoRA far from the base: on the sample data (112 records)
-# preset=low_memory lora.r=32 reached a validation loss of 2.19 in 21 steps, 1.93 in 84 and 1.89 in 336
-# (train.grad_accum 16, 4, 1; 2 min 56 s, 2 min 55 s, 3 min 15 s on 2 CPU cores). README: "Few optimizer steps".
+# preset=low_memory lora.r=32 reached a validation loss of 2.19 in 21 steps, 1.93 in 84 and 1.88 in 336
+# (train.grad_accum 16, 4, 1; 4 to 5 1/2 minutes each on 2 CPU cores). README: "Few optimizer steps".
 MIN_STEPS = 50
 
 
@@ -134,7 +134,7 @@ def step_plan(cfg, data) -> Plan:
         more = (f"train.grad_accum=1 gives {unaccumulated} steps" if unaccumulated > total else
                 "a smaller train.batch_size, more train.epochs or more data give more")
         advice = (f"only {total} optimizer step{'' if total == 1 else 's'} in all: few for LoRA to learn from (on "
-                  "the sample data, preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.89 in 336, "
+                  "the sample data, preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.88 in 336, "
                   f"in about the same time); {more}.")
     return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 
