@@ -7,6 +7,8 @@ naming the id and the way out.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -185,13 +187,31 @@ def for_training(model) -> None:
     """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
     forward (a validation, sample answers) and keeps them so: training then runs through a kernel with no backward,
     whose gradients PyTorch warns are "silently incorrect" (LoRA's gradients in q, k, v were all wrong after one
-    validation). A model that trains keeps its training form (its sample answers, eval.samples, decode more slowly);
-    evaluate and chat, which only infer, keep the repacking, whose kernel decoded 2.5 to 9 times faster here."""
+    validation). A model that trains keeps its training form (its sample answers, eval.samples, repack only while they
+    generate); evaluate and chat, which only infer, keep the repacking, whose kernel decoded 2.5 to 9 times faster."""
     import bitsandbytes as bnb
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextlib.contextmanager
+def repacked_for_inference(model):
+    """Generation by a model that trains (eval.samples) with bitsandbytes' faster repacked 4-bit kernel; after it, each
+    layer's weight and quantization state are put back as they were, so training goes on exactly as before."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
+    saved = [(m, m.weight.data, copy.copy(m.weight.quant_state), m.support_avx512bf16_for_cpu) for m in layers]
+    try:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = has_avx512bf16()
+        yield
+    finally:
+        for m, data, quant_state, repacks in saved:
+            m.weight.data, m.weight.quant_state, m.support_avx512bf16_for_cpu = data, quant_state, repacks
 
 
 def int8_as_in_training(model) -> None:

@@ -290,7 +290,10 @@ def test_int8_layers_compute_validation_as_training_does_on_the_cpu(tiny_dir, ro
 def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows, recwarn):
     """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
     forward, for good; its kernel then has no backward ("silently incorrect" gradients). A run's model keeps its
-    training form through validations and sample answers: the gradients after one are the gradients before it."""
+    training form through validations, and sample answers repack only while they generate: the gradients after
+    either are the gradients before."""
+    from bitsandbytes.functional import has_avx512bf16
+
     from sft_recipes import models
 
     cfg = make("quantization=nf4", "lora.dropout=0.0")
@@ -312,4 +315,15 @@ def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows
         model(**inputs)  # a validation
     after = grads()
     assert all(torch.equal(before[n], after[n]) for n in before)
+    # sample answers (eval.samples) generate with the repacked kernel where there is one, then put the weights back
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    weight = layer.weight.data.clone()
+    model.eval()
+    with models.repacked_for_inference(model):
+        model.generate(input_ids=inputs["input_ids"][:1, :8], max_new_tokens=3, do_sample=False)
+        assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == has_avx512bf16()
+    assert torch.equal(layer.weight.data.view(torch.uint8), weight.view(torch.uint8))  # (4-bit codes stored as bf16)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    again = grads()
+    assert all(torch.equal(before[n], again[n]) for n in before)
     assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
