@@ -201,17 +201,18 @@ def repacked_for_inference(model):
     """Generation by a model that trains (eval.samples) with bitsandbytes' faster repacked 4-bit kernel; after it, each
     layer's weight and quantization state are put back as they were, so training goes on exactly as before."""
     import bitsandbytes as bnb
-    from bitsandbytes.functional import has_avx512bf16
 
+    repacks = getattr(bnb.functional, "has_avx512bf16", lambda: False)()  # (a bitsandbytes 0.50 function)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
-    saved = [(m, m.weight.data, copy.copy(m.weight.quant_state), m.support_avx512bf16_for_cpu) for m in layers]
+    saved = [(m, m.weight.data, copy.copy(m.weight.quant_state), getattr(m, "support_avx512bf16_for_cpu", False))
+             for m in layers]
     try:
         for m in layers:
-            m.support_avx512bf16_for_cpu = has_avx512bf16()
+            m.support_avx512bf16_for_cpu = repacks
         yield
     finally:
-        for m, data, quant_state, repacks in saved:
-            m.weight.data, m.weight.quant_state, m.support_avx512bf16_for_cpu = data, quant_state, repacks
+        for m, data, quant_state, flag in saved:
+            m.weight.data, m.weight.quant_state, m.support_avx512bf16_for_cpu = data, quant_state, flag
 
 
 def int8_as_in_training(model) -> None:
