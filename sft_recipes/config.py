@@ -159,9 +159,9 @@ _run_dirs: dict = {}
 
 
 def run_dir(root: str, resume_from) -> str:
-    """hydra.run.dir: a new timestamped folder under root, or the run that resume_from continues in place: for
-    resume_from=auto the newest run there that has a checkpoint (so the same command continues the stopped run),
-    for resume_from=RUN (or RUN's newest checkpoint) that run."""
+    """hydra.run.dir (and hydra.sweep.dir, with resume_from null): a new timestamped folder under root, or the run
+    that resume_from continues in place: for resume_from=auto the newest run there that has a checkpoint (so the same
+    command continues the stopped run), for resume_from=RUN (or RUN's newest checkpoint) that run."""
     key = (root, resume_from)
     if key not in _run_dirs:
         from .resume import continued_run, last_checkpoint
@@ -177,14 +177,6 @@ def run_dir(root: str, resume_from) -> str:
 
             started = datetime.fromtimestamp(psutil.Process(os.getppid()).create_time())
         _run_dirs[key] = str(newest) if newest else claim(f"{root}/{started:%Y-%m-%d_%H-%M-%S}")
-    return _run_dirs[key]
-
-
-def sweep_dir(root: str) -> str:
-    """hydra.sweep.dir: a new timestamped folder under root (`_2`, ... for sweeps started in the same second)."""
-    key = (root, "-m")
-    if key not in _run_dirs:
-        _run_dirs[key] = claim(f"{root}/{datetime.now():%Y-%m-%d_%H-%M-%S}")
     return _run_dirs[key]
 
 
@@ -206,11 +198,9 @@ def claim(path: str) -> str:
 
 
 def register() -> None:
-    """The schema as `base_config` in Hydra's ConfigStore, and the `sft_run_dir`, `sft_sweep_dir` resolvers of
-    conf/train.yaml."""
+    """The schema as `base_config` in Hydra's ConfigStore, and the `sft_run_dir` resolver of conf/train.yaml."""
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("sft_run_dir", run_dir, replace=True)
-    OmegaConf.register_new_resolver("sft_sweep_dir", sweep_dir, replace=True)
 
 
 DTYPES = ("bfloat16", "float16", "float32")

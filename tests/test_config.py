@@ -147,9 +147,9 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         dirs.append(config.run_dir(str(tmp_path / "outputs"), None))
     assert [Path(d).name for d in dirs] == ["2026-11-27_04-00-00", "2026-11-27_04-00-00_2", "2026-11-27_04-00-00_3"]
     assert all(Path(d).is_dir() for d in dirs)
-    sweeps = [config.sweep_dir(str(tmp_path / "multirun")), config.sweep_dir(str(tmp_path / "multirun"))]
+    sweeps = [config.run_dir(str(tmp_path / "multirun"), None), config.run_dir(str(tmp_path / "multirun"), None)]
     monkeypatch.setattr(config, "_run_dirs", {})
-    sweeps.append(config.sweep_dir(str(tmp_path / "multirun")))  # another sweep
+    sweeps.append(config.run_dir(str(tmp_path / "multirun"), None))  # another sweep
     assert [Path(d).name for d in sweeps] == ["2026-11-27_04-00-00", "2026-11-27_04-00-00", "2026-11-27_04-00-00_2"]
     monkeypatch.setenv("WORLD_SIZE", "2")  # the processes of one launch share their launcher's folder
     assert config.claim(dirs[0]) == dirs[0]
