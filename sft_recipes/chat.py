@@ -130,14 +130,15 @@ def _cli(argv):
         raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
                         "greedy) and top_p in (0, 1].")
     cfg = runs.config(args["run_dir"])
+    checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
     if args["questions"]:  # read and check them before any model loads
         from .data import expand
 
         records = load_questions(args["questions"], dict(cfg.data.columns))
         files = expand(args["questions"])
-        at = f"_{Path(args['run_dir']).name}" if runs.is_checkpoint(args["run_dir"]) else ""
-        out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"answers_{files[0].stem}{at}.jsonl")
+        name = f"answers_{files[0].stem}" + (f"_{checkpoint}" if checkpoint else "")
+        out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")
         if out.resolve() in {f.resolve() for f in files}:
             raise UserError(f"out={out} is one of the question files; the answers go to another file.")
         if not out.parent.is_dir():
@@ -157,8 +158,8 @@ def _cli(argv):
                         sampling_args(args["temperature"], args["top_p"]), args["source"])
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
-            at = f" ({Path(args['run_dir']).name})" if runs.is_checkpoint(args["run_dir"]) else ""
-            converse(cfg, ask, args["prompt"], "base" if args["base"] else f"fine-tuned{at}", args["source"])
+            who = "base" if args["base"] else "fine-tuned" + (f" ({checkpoint})" if checkpoint else "")
+            converse(cfg, ask, args["prompt"], who, args["source"])
 
 
 if __name__ == "__main__":
