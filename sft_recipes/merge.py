@@ -79,11 +79,13 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
                       relative_difference=round(abs(m - a) / a, 5), records=len(rows))
         if gguf:
             del plain
+            bars = hf_logging.is_progress_bar_enabled()  # (off without a terminal: sft_recipes.quiet_logs)
             hf_logging.disable_progress_bar()  # transformers' bar over de-quantizing each GGUF tensor
             try:
                 g = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_name, dtype=torch.float32).eval()
             finally:
-                hf_logging.enable_progress_bar()
+                if bars:
+                    hf_logging.enable_progress_bar()
             loss = runs.mean_loss(g, rows)
             report.update(gguf_loss=round(loss, 5), gguf_relative_difference=round(abs(loss - a) / a, 5))
     if gguf:

@@ -115,14 +115,12 @@ class SampleAnswers(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
-        from .models import repacked_for_inference
         from .runs import generate
 
         training = model.training
         model.eval()
         try:
-            with repacked_for_inference(model):
-                answers = generate(model, self.tok, self.conversations, self.max_new_tokens, use_cache=True)
+            answers = generate(model, self.tok, self.conversations, self.max_new_tokens, use_cache=True)
         finally:
             model.train(training)
         cell = lambda text: text.replace("\n", " ")  # noqa: E731

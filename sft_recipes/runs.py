@@ -135,8 +135,16 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
              sampling: Optional[dict] = None, use_cache: Optional[bool] = None):
     """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
-    with left padding (the tokenizer's own padding side is left as it was); stops at the end-of-turn token.
+    with left padding (the tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit
+    layers on the CPU use bitsandbytes' inference layout while it runs (models.repacked_for_inference).
     Returns [(text, stopped at end-of-turn)]."""
+    from .models import repacked_for_inference
+
+    with repacked_for_inference(model):
+        return _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache)
+
+
+def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache):
     import torch
 
     out = []

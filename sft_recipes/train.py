@@ -291,7 +291,6 @@ def run(cfg) -> Optional[Path]:
     memory = PeakMemory()
     model = models.load_model(model_path, cfg.model.dtype, build.bnb_config(cfg.quantization),
                               cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    models.for_training(model)
     if adapter:  # continue training that adapter instead of a new one
         model = models.load_adapter(model, cfg.model.adapter)
     try:

@@ -289,9 +289,9 @@ def test_int8_layers_compute_validation_as_training_does_on_the_cpu(tiny_dir, ro
 
 def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows, recwarn):
     """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
-    forward, for good; its kernel then has no backward ("silently incorrect" gradients). A run's model keeps its
-    training form through validations, and sample answers repack only while they generate: the gradients after
-    either are the gradients before."""
+    forward, for good; its kernel then has no backward ("silently incorrect" gradients). A model from load_model keeps
+    its training form through validations, and generation (sample answers, evaluate, chat) repacks only while it runs:
+    the gradients after either are the gradients before."""
     from bitsandbytes.functional import has_avx512bf16
 
     from sft_recipes import models
@@ -299,7 +299,6 @@ def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows
     cfg = make("quantization=nf4", "lora.dropout=0.0")
     model = get_peft_model(models.load_model(tiny_dir, "bfloat16", build.bnb_config(cfg.quantization), "sdpa"),
                            build.lora_config(cfg.lora))
-    models.for_training(model)
     batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
