@@ -205,7 +205,6 @@ def use_adapter_lora(cfg) -> None:
     """With model.adapter, the adapter's own LoRA settings are the run's (so its config and card say what trains);
     a different value set on the command line is refused. A run dir means its final_model/."""
     if (final := Path(cfg.model.adapter) / "final_model").is_dir():
-        print(f"model.adapter: the adapter of the run {cfg.model.adapter}, {final}")
         cfg.model.adapter = str(final)
     lora = models.adapter_lora(cfg.model.adapter)
     now = {k: sorted(v) if k == "target_modules" else v for k, v in OmegaConf.to_container(cfg.lora).items()}
@@ -216,11 +215,10 @@ def use_adapter_lora(cfg) -> None:
                         clash) + "; this command sets " + ", ".join(f"lora.{k}={value(now[k])}" for k in clash)
                         + ". Training an adapter further keeps its LoRA settings: drop the override, or train a new "
                         "adapter without model.adapter.")
-    if differ:
-        print(f"LoRA settings from the adapter {cfg.model.adapter}: "
-              + ", ".join(f"lora.{k}={value(v)}" for k, v in differ.items()))
-        for k, v in differ.items():
-            cfg.lora[k] = v
+    print(f"Training further from the adapter {cfg.model.adapter} (a fresh optimizer and schedule)"
+          + (": its LoRA settings " + ", ".join(f"lora.{k}={value(v)}" for k, v in differ.items()) if differ else ""))
+    for k, v in differ.items():
+        cfg.lora[k] = v
 
 
 def run(cfg) -> Optional[Path]:

@@ -231,7 +231,9 @@ def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     second = tmp_path / "second"
     run(second, tiny_dir, "preset=fast_test", "quantization=nf4", f"model.adapter={first}",  # the run: its final_model
         "train.max_steps=2", "train.lr=1e-12", "data.val_path=null")
-    assert "LoRA settings from the adapter" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (f"Training further from the adapter {first / 'final_model'} (a fresh optimizer and schedule): its LoRA "
+            "settings lora.r=8") in out
     config = json.loads((second / "final_model" / "adapter_config.json").read_text())
     assert config["r"] == 8 and any(m.endswith("gate_proj") for m in config["target_modules"])
     after = load_file(second / "final_model" / "adapter_model.safetensors")
