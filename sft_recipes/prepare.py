@@ -170,6 +170,19 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
     return _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt)), stats
 
 
+TRUNCATED_WARN = 0.05  # the share of cut training answers that earns a warning
+
+
+def truncation_warning(stats: Stats, max_length: int) -> str:
+    """Many answers cut: the model never sees how they end (nor the end-of-turn token that closes them)."""
+    p99, longest = stats.percentile(0.99), max(stats.lengths)
+    fits = (f"data.max_length={p99} keeps 99 % whole, {longest} all" if p99 < longest else
+            f"data.max_length={longest} keeps them all")
+    return (f"{stats.truncated} of {stats.records} training answers ({100 * stats.truncated / stats.records:.0f} %) "
+            f"are cut at data.max_length={max_length} tokens: the model learns them without their end (and the "
+            f"end-of-turn token that closes them); {fits} (or data.overlong=drop leaves them out).")
+
+
 def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt):
     """input_ids and labels columns built as Arrow list arrays straight from numpy (fast for 100k rows)."""
     import itertools
@@ -282,6 +295,8 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                 f"{st.question_too_long} record(s) dropped: the prompt alone (system prompt, question and "
                 f"template) fills data.max_length={opts.max_length} tokens, leaving no room for the answer "
                 f"({'; '.join(st.question_too_long_at)}). Raise data.max_length or shorten them.")
+    if train_stats.truncated >= TRUNCATED_WARN * train_stats.records:
+        report["warnings"].append(truncation_warning(train_stats, opts.max_length))
     if key is not None:
         cache_save(key, train, val, {"train_stats": asdict(train_stats),
                                      "val_stats": asdict(val_stats) if val_stats else None, "report": report})

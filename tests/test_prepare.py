@@ -142,6 +142,12 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     opts.max_length = 64
     third = prepare.prepare(str(TRAIN), str(VAL), tokenizer, tmpl, opts)
     assert not third.from_cache and third.train_stats.truncated > 0
+    # most answers cut: a warning with the lengths that keep them whole (none when few or none are cut)
+    st = third.train_stats
+    assert (f"{st.truncated} of 112 training answers ({100 * st.truncated / 112:.0f} %) are cut at data.max_length=64 "
+            f"tokens" in " ".join(third.report["warnings"]))
+    assert f"data.max_length={st.percentile(0.99)} keeps 99 % whole, {max(st.lengths)} all" in third.report["warnings"][-1]
+    assert not [w for w in first.report["warnings"] if "are cut at" in w]
     data_file = tmp_path / "copy.json"
     data_file.write_text(TRAIN.read_text())
     prepare.prepare(str(data_file), str(VAL), tokenizer, tmpl, opts)
