@@ -102,11 +102,23 @@ def _read_table(path: Path) -> List[dict]:
     import datasets
 
     loader, options = {".tsv": ("csv", {"sep": "\t"})}.get(path.suffix, (path.suffix[1:], {}))
+    if path.suffix == ".csv":
+        options = {"sep": _csv_separator(path)}
     try:
         ds = datasets.load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as e:  # the loaders raise many types; all mean "cannot read this file"
         raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e}).") from None
     return ds.to_list()
+
+
+def _csv_separator(path: Path) -> str:
+    """',' unless the header line has none and another separator: Excel writes ';' where the decimal mark is ','."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(65536).decode("utf-8-sig", errors="replace")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}).") from None
+    return "," if "," in header else next((sep for sep in (";", "\t", "|") if sep in header), ",")
 
 
 def _column_hint(missing: set, extra: dict) -> str:

@@ -33,8 +33,14 @@ def test_jsonl_and_json_give_the_same_records(tmp_path):
     (tmp_path / "c.json").write_bytes(bom + json.dumps(rows, indent=1).replace("\n", "\r\n").encode())
     (tmp_path / "d.jsonl").write_bytes(bom + "\r\n".join(map(json.dumps, rows)).encode() + b"\r\n")
     (tmp_path / "e.jsonl").write_bytes("\r\n".join(map(json.dumps, rows)).encode("utf-16"))  # PowerShell 5's `>`
-    for name in ("c.json", "d.jsonl", "e.jsonl"):
-        assert [r.as_dict() for r in data.load_records(tmp_path / name)] == [r.as_dict() for r in a]
+    # CSV with ',' or, as Excel writes it where the decimal mark is ',', with ';' (a ',' inside a field stays text)
+    table = [{"question": "Q1?", "answer": "A1.", "source": ""}, {"question": "Q2?", "answer": "A2, with a comma.",
+                                                                   "source": "S"}]
+    (tmp_path / "f.csv").write_bytes(bom + b'question,answer,source\r\nQ1?,A1.,\r\nQ2?,"A2, with a comma.",S\r\n')
+    (tmp_path / "g.csv").write_text('question;answer;source\nQ1?;A1.;\nQ2?;A2, with a comma.;S\n')
+    for name in ("c.json", "d.jsonl", "e.jsonl", "f.csv", "g.csv"):
+        want = table if name.endswith(".csv") else [r.as_dict() for r in a]
+        assert [r.as_dict() for r in data.load_records(tmp_path / name)] == want, name
 
 
 BROKEN = Path(__file__).parent / "broken"
