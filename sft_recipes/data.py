@@ -1,6 +1,6 @@
 """Question/answer/source records: read, validate, deduplicate and split. No tokenizer, no Hydra here.
 
-Input: a JSON array, JSON lines, CSV, TSV or Parquet file, a folder or glob of such files, or a list of these.
+Input: a JSON array, JSON lines, CSV (`,` or `;`), TSV or Parquet file (CSV and TSV cells are all text), a folder or glob of such files, or a list of these.
 Every invalid record is reported (up to MAX_LISTED, then a count) with its file, record or line number and
 field, in one `UserError`; unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
@@ -55,7 +55,10 @@ def _read_text(path: Path) -> str:
         raw = path.read_bytes()
         return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8.") from None
+        line = raw[:e.start].count(b"\n") + 1
+        excel = " (Excel: Save As, CSV UTF-8)" if path.suffix in (".csv", ".tsv") else ""
+        raise UserError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); save the file as "
+                        f"UTF-8{excel}.") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror}).") from None
 
@@ -98,27 +101,33 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
 
 
 def _read_table(path: Path) -> List[dict]:
-    """CSV, TSV or Parquet rows through `datasets` (all columns as they are typed there)."""
-    import datasets
+    """CSV and TSV rows as text (a cell of digits is text too), Parquet rows as `datasets` types them."""
+    if path.suffix == ".parquet":
+        import datasets
 
-    loader, options = {".tsv": ("csv", {"sep": "\t"})}.get(path.suffix, (path.suffix[1:], {}))
-    if path.suffix == ".csv":
-        options = {"sep": _csv_separator(path)}
+        try:
+            return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+        except Exception as e:  # the loader raises many types; all mean "cannot read this file"
+            raise UserError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}).") from None
+    import csv
+    import io
+
+    text = _read_text(path)  # (a byte-order mark, UTF-16, or a message naming the line that is not UTF-8)
+    header = next(iter(text.splitlines()), "")
+    # ',' unless the header line has none: Excel writes ';' where the decimal mark is ','
+    sep = "\t" if path.suffix == ".tsv" else "," if "," in header else next(
+        (s for s in (";", "\t", "|") if s in header), ",")
+    extra = object()
     try:
-        ds = datasets.load_dataset(loader, data_files=str(path), split="train", **options)
-    except Exception as e:  # the loaders raise many types; all mean "cannot read this file"
-        raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(e).__name__}: {e}).") from None
-    return ds.to_list()
-
-
-def _csv_separator(path: Path) -> str:
-    """',' unless the header line has none and another separator: Excel writes ';' where the decimal mark is ','."""
-    try:
-        with open(path, "rb") as f:
-            header = f.readline(65536).decode("utf-8-sig", errors="replace")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror}).") from None
-    return "," if "," in header else next((sep for sep in (";", "\t", "|") if sep in header), ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep, restkey=extra)
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({e}).") from None
+    if long := [n for n, row in enumerate(rows, 1) if extra in row]:
+        raise UserError(f"{path}: {len(long)} row(s) have more cells than the header's {len(reader.fieldnames)} "
+                        f"columns ({', '.join(reader.fieldnames)}): row(s) {', '.join(map(str, long[:MAX_LISTED]))}. "
+                        f"A field that holds a '{sep}' must be in double quotes.")
+    return rows
 
 
 def _column_hint(missing: set, extra: dict) -> str:

@@ -41,6 +41,9 @@ def test_jsonl_and_json_give_the_same_records(tmp_path):
     for name in ("c.json", "d.jsonl", "e.jsonl", "f.csv", "g.csv"):
         want = table if name.endswith(".csv") else [r.as_dict() for r in a]
         assert [r.as_dict() for r in data.load_records(tmp_path / name)] == want, name
+    # a cell is text, digits too (pandas would type a column of numbers and refuse it as "not a string")
+    (tmp_path / "h.csv").write_text("question,answer\nWhat is 6 x 7?,42\nWhat is pi to two places?,3.14\n")
+    assert [r.answer for r in data.load_records(tmp_path / "h.csv")] == ["42", "3.14"]
 
 
 BROKEN = Path(__file__).parent / "broken"

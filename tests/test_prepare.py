@@ -25,9 +25,10 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(value=json_values, suffix=st.sampled_from([".json", ".jsonl"]), raw=st.binary(max_size=40))
-def test_random_input_never_crashes_with_anything_but_our_error(tmp_path, value, suffix, raw):
-    for content in (json.dumps(value).encode(), raw):
+@given(value=json_values, suffix=st.sampled_from([".json", ".jsonl", ".csv", ".tsv"]), raw=st.binary(max_size=40),
+       table=st.text(alphabet='questionasw,;|"\t\r\n \x00', max_size=60))
+def test_random_input_never_crashes_with_anything_but_our_error(tmp_path, value, suffix, raw, table):
+    for content in (json.dumps(value).encode(), raw, table.encode()):
         path = tmp_path / f"f{suffix}"
         path.write_bytes(content)
         try:
