@@ -42,6 +42,10 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperatu
     worker.start()
     pieces = []
     for piece in streamer:
+        if not pieces:  # (a model that opens with a newline: the answer starts at its first word)
+            piece = piece.lstrip()
+            if not piece:
+                continue
         pieces.append(piece)
         if stream:
             stream(piece)
