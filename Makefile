@@ -11,6 +11,7 @@ TORCH_INDEX ?=
 # The tested versions of the libraries we wrap (constraints.txt); `make install CONSTRAINTS=` leaves them open.
 CONSTRAINTS ?= constraints.txt
 ARGS    ?=
+RUN     ?= latest
 
 PHONY_EXTRA := train-multi sweep
 .PHONY: help install train test check dry-run validate bench eval chat merge clean $(PHONY_EXTRA)
@@ -41,13 +42,13 @@ sweep: $(STAMP) ## the example sweep (LoRA rank x learning rate) on the embedded
 dry-run: $(STAMP) ## validate config and data, show statistics and one training example, train nothing
 	$(PY) -m sft_recipes dry_run=true $(ARGS)
 
-eval: $(STAMP) ## evaluate a run against its base model: make eval RUN=outputs/<time>
+eval: $(STAMP) ## evaluate a run against its base model (RUN=outputs/<time>; default: the newest finished run)
 	$(PY) -m sft_recipes.evaluate run_dir=$(RUN) $(ARGS)
 
-chat: $(STAMP) ## chat with a run's fine-tuned model: make chat RUN=outputs/<time>
+chat: $(STAMP) ## chat with a run's fine-tuned model (RUN=outputs/<time>; default: the newest)
 	$(PY) -m sft_recipes.chat run_dir=$(RUN) $(ARGS)
 
-merge: $(STAMP) ## merge a run's adapter into RUN/merged: make merge RUN=outputs/<time> [ARGS=gguf=q8_0]
+merge: $(STAMP) ## merge a run's adapter into RUN/merged (RUN=outputs/<time>, default the newest) [ARGS=gguf=q8_0]
 	$(PY) -m sft_recipes.merge run_dir=$(RUN) $(ARGS)
 
 validate: $(STAMP) ## check the sample data files (or FILES=...) without loading a model

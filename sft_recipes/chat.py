@@ -15,8 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N] [prompt="..." | questions=FILE [out=FILE.jsonl]] '
-         '[source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] [batch_size=8]')
+USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
+         '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] '
+         '[batch_size=8]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
             "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8, "source": ""}
 

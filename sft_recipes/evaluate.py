@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-USAGE = ("python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N] [data=FILE] [max_new_tokens=256] [limit=0] "
-         "[batch_size=8]")
+USAGE = ("python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N]|latest [data=FILE] [max_new_tokens=256] "
+         "[limit=0] [batch_size=8]")
 DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8}
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-USAGE = "python -m sft_recipes.merge run_dir=RUN [dtype=bfloat16|float32] [limit=0] [gguf=q8_0|q4_k_m|...]"
+USAGE = "python -m sft_recipes.merge run_dir=RUN|latest [dtype=bfloat16|float32] [limit=0] [gguf=q8_0|q4_k_m|...]"
 DEFAULTS = {"run_dir": None, "dtype": "bfloat16", "limit": 0, "gguf": None}
 
 

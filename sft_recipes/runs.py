@@ -37,7 +37,10 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
         if kind is int and out[key] < (1 if defaults[key] > 0 else 0):  # counts: positive where the default is
             raise UserError(f"{key}={value} must be {'positive' if defaults[key] > 0 else '0 or positive'}.")
     if out.get("run_dir") in (None, ""):
-        raise UserError(f"run_dir is required. Usage: {usage}")
+        raise UserError(f"run_dir is required (run_dir=latest: the newest finished run under outputs/). Usage: {usage}")
+    if out["run_dir"] == "latest":
+        out["run_dir"] = str(latest())
+        print(f"run_dir=latest: {out['run_dir']}", file=sys.stderr)
     run = Path(out["run_dir"])
     if run.name == "final_model" and (run.parent / ".hydra").is_dir():  # the adapter's folder: its run is meant
         out["run_dir"] = str(run.parent)
@@ -45,6 +48,15 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
         raise UserError(f"run_dir={run} is a checkpoint cut short (no {COMPLETE} marker); give a complete one, or the "
                         f"run, run_dir={run.parent}.")
     return out
+
+
+def latest(root: str = "outputs") -> Path:
+    """run_dir=latest: the run under root (relative to where the command runs) whose final_model/ was saved last."""
+    finished = [p.parent.parent for p in Path(root).glob(f"*/final_model/{COMPLETE}")]
+    if not finished:
+        raise UserError(f"run_dir=latest: no finished run under {Path(root).resolve()} (a folder with final_model/); "
+                        "give the run's folder, run_dir=RUN.")
+    return max(finished, key=lambda p: (p / "final_model" / COMPLETE).stat().st_mtime)
 
 
 def main_guard(fn, argv=None) -> int:

@@ -64,6 +64,27 @@ def test_chat_one_shot_and_interactive(tiny_run):
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
 
 
+def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
+    """run_dir=latest (make chat/eval/merge without RUN): the run under ./outputs whose final_model/ was saved last;
+    a run without final_model/ (a dry run, one still training) is not one."""
+    import os
+
+    from sft_recipes import runs
+
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(UserError, match="run_dir=latest: no finished run under"):
+        runs.latest(str(tmp_path / "outputs"))
+    (tmp_path / "outputs" / "2026-01-01_00-00-00").symlink_to(tiny_run)
+    (tmp_path / "outputs" / "2026-12-31_00-00-00").mkdir()  # started later, not finished
+    (tmp_path / "outputs" / "2025-01-01_00-00-00" / "final_model").mkdir(parents=True)
+    (tmp_path / "outputs" / "2025-01-01_00-00-00" / "final_model" / "COMPLETE").touch()
+    os.utime(tmp_path / "outputs" / "2025-01-01_00-00-00" / "final_model" / "COMPLETE", (0, 0))  # finished long ago
+    one = subprocess.run([sys.executable, "-m", "sft_recipes.chat", "run_dir=latest", "prompt=What is a mean?",
+                          "max_new_tokens=3"], capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "run_dir=latest: outputs/2026-01-01_00-00-00" in one.stderr
+
+
 def test_chat_samples_with_a_seed_and_talks_to_the_base_model(tiny_run, capsys):
     from sft_recipes import chat
 
