@@ -160,9 +160,13 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) 
 
 def plan_lines(plan: Plan, args, has_val: bool) -> tuple[str, str]:
     """Print, and return, what the optimizer steps and the learning rate will be."""
-    every = lambda n: "step" if n == 1 else f"{n} steps"  # noqa: E731
-    steps = (f"{plan.text}; a checkpoint every {every(args.save_steps)} (train.save_steps)"
-             + (f", a validation every {every(args.eval_steps)}" if has_val else ""))
+    def when(n: int) -> str:  # (the last step always saves and validates)
+        if n >= plan.steps:
+            return "at the end"
+        return "every step" if n == 1 else f"every {n} steps" + (" and at the end" if plan.steps % n else "")
+
+    steps = (f"{plan.text}; a checkpoint {when(args.save_steps)} (train.save_steps)"
+             + (f", a validation {when(args.eval_steps)}" if has_val else ""))
     lr = schedule(args, plan.steps)
     print(f"Optimizer steps: {steps}")
     print(f"Learning rate: {lr}")

@@ -283,6 +283,6 @@ def test_unset_save_steps_validates_along_a_short_run(tokenizer, capsys, tmp_pat
     # the README's main command: 21 steps, so a checkpoint and a validation every 5 (not only at the end)
     train.run(make("preset=low_memory", "lora.r=32", "dry_run=true", f"output_dir={tmp_path}"))
     out = capsys.readouterr().out
-    assert "Optimizer steps: 21 (7 per epoch, 1 x 16 samples per step); a checkpoint every 5 steps " \
-           "(train.save_steps), a validation every 5 steps" in out
+    assert "Optimizer steps: 21 (7 per epoch, 1 x 16 samples per step); a checkpoint every 5 steps and at the end " \
+           "(train.save_steps), a validation every 5 steps and at the end" in out
     assert "Learning rate: 0.0002, cosine, after 1 warmup step from 0.0001 (train.lr" in out
