@@ -61,6 +61,11 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
     if prompt:
         print(ask(runs.messages(cfg, prompt, source=source)))
         return
+    if sys.stdin.isatty():
+        try:  # line editing, and the up arrow for earlier questions, in input()
+            import readline  # noqa: F401
+        except ImportError:  # (Windows)
+            pass
     history = []
     print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves.")
     while True:

@@ -64,6 +64,42 @@ def test_chat_one_shot_and_interactive(tiny_run):
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
 
 
+def test_chat_in_a_terminal_edits_lines_and_recalls_questions(tiny_run):
+    """In a terminal, input() has line editing: the up arrow brings back the last question, backspace edits it."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: chat on the pseudo-terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "max_new_tokens=2"],
+                  {**os.environ, "TERM": "xterm"})  # (readline's echo as an xterm gets it, whatever CI's TERM is)
+    out = b""
+
+    def until(text: bytes, times: int = 1, timeout: float = 120) -> None:
+        nonlocal out
+        end = time.time() + timeout
+        while out.count(text) < times and time.time() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # the child has exited
+                    return
+
+    until(b"you> ")
+    os.write(fd, b"What is a mean?\r")
+    until(b"you> ", 2)  # answered
+    os.write(fd, b"\x1b[A" + b"\x7f" * 5 + b"median?\r")  # up arrow, 5 backspaces over "mean?", then "median?"
+    until(b"you> ", 3)
+    os.write(fd, b"/exit\r")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out[-2000:]
+    assert b"What is a mean?" + b"\x08\x1b[K" * 5 + b"median?" in out and b"^[[A" not in out  # recalled, edited
+
+
 def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
     """run_dir=latest (make chat/eval/merge without RUN): the run under ./outputs whose final_model/ was saved last;
     a run without final_model/ (a dry run, one still training) is not one."""
