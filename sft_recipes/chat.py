@@ -1,7 +1,7 @@
 """`python -m sft_recipes.chat run_dir=RUN`: talk to the fine-tuned model.
 
-Interactive: a prompt with history, tokens streamed as they are generated, `/reset` to forget the history,
-`/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. A file of
+Interactive: a prompt with history (and line editing in a terminal), tokens streamed as they are generated,
+Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. A file of
 questions: `questions=FILE` (JSON, JSONL, CSV, TSV or Parquet; only the question field is needed) writes
 `{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
@@ -30,26 +30,40 @@ def sampling_args(temperature: float, top_p: float) -> dict:
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperature: float = 0.0,
            top_p: float = 1.0) -> str:
     """The answer to a conversation: greedy, or sampled when temperature > 0; with `stream`, each piece of text is
-    passed to it as it comes."""
+    passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on)."""
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **sampling_args(temperature, top_p), eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, streamer=streamer)
+                  pad_token_id=tok.pad_token_id, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]))
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
-    worker.start()
     pieces = []
-    for piece in streamer:
-        if not pieces:  # (a model that opens with a newline: the answer starts at its first word)
-            piece = piece.lstrip()
-            if not piece:
-                continue
-        pieces.append(piece)
-        if stream:
-            stream(piece)
+    try:
+        worker.start()
+        for piece in streamer:
+            if not pieces:  # (a model that opens with a newline: the answer starts at its first word)
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+            pieces.append(piece)
+            if stream:
+                stream(piece)
+    except KeyboardInterrupt:
+        stop.set()
+        if worker.is_alive():
+            worker.join()
+        if not stream:
+            raise
+        stream(" [stopped]")
     worker.join()
     return "".join(pieces).strip()
 
@@ -67,7 +81,7 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
         except ImportError:  # (Windows)
             pass
     history = []
-    print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves.")
+    print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves, Ctrl-C stops an answer.")
     while True:
         try:
             line = input("you> ").strip()
@@ -83,7 +97,11 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
         if not line:
             continue
         print("model> ", end="", flush=True)
-        reply = ask(runs.messages(cfg, line, history, source), stream=lambda piece: print(piece, end="", flush=True))
+        try:
+            reply = ask(runs.messages(cfg, line, history, source), stream=lambda piece: print(piece, end="", flush=True))
+        except KeyboardInterrupt:  # (before the answer began)
+            print(" [stopped]")
+            continue
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 

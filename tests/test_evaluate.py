@@ -64,40 +64,75 @@ def test_chat_one_shot_and_interactive(tiny_run):
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
 
 
-def test_chat_in_a_terminal_edits_lines_and_recalls_questions(tiny_run):
-    """In a terminal, input() has line editing: the up arrow brings back the last question, backspace edits it."""
-    import os
-    import pty
-    import select
-    import time
+class Terminal:
+    """`python -m sft_recipes.chat ARGS` on a pseudo-terminal, as a person at a terminal runs it."""
 
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: chat on the pseudo-terminal
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "max_new_tokens=2"],
-                  {**os.environ, "TERM": "xterm"})  # (readline's echo as an xterm gets it, whatever CI's TERM is)
-    out = b""
+    def __init__(self, *args: str):
+        import os
+        import pty
 
-    def until(text: bytes, times: int = 1, timeout: float = 120) -> None:
-        nonlocal out
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "sft_recipes.chat", *args],
+                      {**os.environ, "TERM": "xterm"})  # (readline's echo as an xterm gets it, whatever CI's TERM is)
+        self.out = b""
+
+    def until(self, text: bytes, times: int = 1, timeout: float = 120, more: int = 0) -> None:
+        """Read until `text` has been printed `times` times, and `more` bytes after it."""
+        import os
+        import select
+        import time
+
         end = time.time() + timeout
-        while out.count(text) < times and time.time() < end:
-            if select.select([fd], [], [], 0.2)[0]:
+        while (self.out.count(text) < times or len(self.out) - self.out.rfind(text) - len(text) < more) and \
+                time.time() < end:
+            if select.select([self.fd], [], [], 0.2)[0]:
                 try:
-                    out += os.read(fd, 4096)
+                    self.out += os.read(self.fd, 4096)
                 except OSError:  # the child has exited
                     return
 
-    until(b"you> ")
-    os.write(fd, b"What is a mean?\r")
-    until(b"you> ", 2)  # answered
-    os.write(fd, b"\x1b[A" + b"\x7f" * 5 + b"median?\r")  # up arrow, 5 backspaces over "mean?", then "median?"
-    until(b"you> ", 3)
-    os.write(fd, b"/exit\r")
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0, out[-2000:]
-    assert b"What is a mean?" + b"\x08\x1b[K" * 5 + b"median?" in out and b"^[[A" not in out  # recalled, edited
+    def type(self, keys: bytes) -> None:
+        import os
+
+        os.write(self.fd, keys)
+
+    def exit_code(self) -> int:
+        import os
+
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_chat_in_a_terminal_edits_lines_and_recalls_questions(tiny_run):
+    """In a terminal, input() has line editing: the up arrow brings back the last question, backspace edits it."""
+    term = Terminal(f"run_dir={tiny_run}", "max_new_tokens=2")
+    term.until(b"you> ")
+    term.type(b"What is a mean?\r")
+    term.until(b"you> ", 2)  # answered
+    term.type(b"\x1b[A" + b"\x7f" * 5 + b"median?\r")  # up arrow, 5 backspaces over "mean?", then "median?"
+    term.until(b"you> ", 3)
+    term.type(b"/exit\r")
+    assert term.exit_code() == 0, term.out[-2000:]
+    assert b"What is a mean?" + b"\x08\x1b[K" * 5 + b"median?" in term.out and b"^[[A" not in term.out
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_run):
+    term = Terminal(f"run_dir={tiny_run}", "max_new_tokens=900")  # (the random tiny model rarely stops by itself)
+    term.until(b"you> ")
+    term.type(b"What is a mean?\r")
+    term.until(b"model> ", more=20)  # some words of the answer
+    term.type(b"\x03")  # Ctrl-C
+    term.until(b"you> ", 2)
+    term.type(b"And a median?\r")
+    term.until(b"model> ", 2)
+    term.type(b"\x03")  # at once: before or as the answer begins
+    term.until(b"you> ", 3)
+    term.type(b"/exit\r")
+    assert term.exit_code() == 0, term.out[-2000:]
+    assert term.out.count(b" [stopped]\r\nyou> ") == 2, term.out[-2000:]
 
 
 def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
