@@ -10,11 +10,13 @@ merged/merge_report.json.
 `gguf=q8_0` (or q4_k_m, q5_k_m, q6_k: llama.cpp's k-quants, made by its llama-quantize; q4_1, q4_0, f16,
 bf16, f32) also writes merged/model.Q8_0.gguf for llama.cpp, Ollama and LM Studio, from the float32 merge,
 when the base came as a GGUF file: that file gives the tokenizer and settings (sft_recipes.gguf_export). The
-GGUF file, read back with transformers, is validated like the merged model.
+GGUF file, read back with transformers, is validated like the merged model. A new merge replaces merged/ but keeps
+the GGUF files of other types that an earlier merge made from the same adapter (q8_0, then q4_k_m: both stay).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -56,11 +58,18 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     out = run_dir / "merged"
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
     gguf_name = gguf_export.file_name(gguf) if gguf else None
+    digest = adapter_digest(run_dir)
+    earlier = earlier_gguf(out, digest, gguf_name)
     try:
         if gguf:  # from the float32 merge, before it is cast to dtype
             gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf, reader)
         merged.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        for name in earlier:  # a second link: until the new merged/ is in place, the old one stays whole
+            try:
+                os.link(out / name, tmp / name)
+            except OSError:  # (a file system without hard links)
+                shutil.copy2(out / name, tmp / name)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -69,7 +78,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     del merged, base  # the copies below are read back from the files
 
     # how much did merging change the model? loss on the validation split, adapter vs merged (reloaded plain)
-    report = {"dtype": dtype,
+    report = {"dtype": dtype, "adapter_sha256": digest,
               "merged_into": f"de-quantized {cfg.quantization.bits}-bit weights" if quantized else "base weights"}
     _, rows = runs.validation(cfg, tok, limit)
     if rows is not None:
@@ -90,9 +99,37 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
             report.update(gguf_loss=round(loss, 5), gguf_relative_difference=round(abs(loss - a) / a, 5))
     if gguf:
         report.update(gguf_file=gguf_name, gguf_type=gguf)
+    if earlier:
+        report["earlier_gguf"] = earlier
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     card.write(run_dir, cfg, merged=True)
     return report
+
+
+def adapter_digest(run_dir: Path) -> str:
+    """The SHA-256 of the run's adapter weights: which adapter a merge was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(run_dir) / "final_model" / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def earlier_gguf(out: Path, digest: str, new_name: Optional[str]) -> dict:
+    """The GGUF files in an earlier merged/ that this merge keeps: those made from the same adapter (a run trained on
+    since would leave stale ones), of another type than the new one, with what the earlier report said of them."""
+    try:
+        old = json.loads((out / "merge_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("adapter_sha256") != digest:
+        return {}
+    known = dict(old.get("earlier_gguf", {}))
+    if old.get("gguf_file"):
+        known[old["gguf_file"]] = {k: old[k] for k in ("gguf_type", "gguf_loss", "gguf_relative_difference") if k in old}
+    return {name: facts for name, facts in known.items() if name != new_name and (out / name).is_file()}
 
 
 def _cli(argv):
@@ -105,6 +142,8 @@ def _cli(argv):
     print(f"Merged model: {out} (AutoModelForCausalLM.from_pretrained loads it)")
     if args["gguf"]:
         print(f"GGUF: {out / report['gguf_file']} (llama.cpp, Ollama, LM Studio)")
+    if report.get("earlier_gguf"):
+        print(f"Kept from an earlier merge of the same adapter: {', '.join(report['earlier_gguf'])}")
 
 
 if __name__ == "__main__":

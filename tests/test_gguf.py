@@ -129,10 +129,34 @@ def test_llama_cpp_runs_the_fine_tuned_gguf(embedded_run, llama_cpp):
     assert answer.split()[:4] == ours.split()[:4], (answer, ours)
 
     # llama.cpp's k-quants, through its llama-quantize: 4 bits that keep the loss, unlike q4_1 on this model
+    q8 = (embedded_run / "merged" / "model.Q8_0.gguf").read_bytes()
     report = merge.merge(embedded_run, dtype="float32", limit=8, gguf="q4_k_m")
     assert report["gguf_file"] == "model.Q4_K_M.gguf" and report["gguf_relative_difference"] < 0.05
     types = {t.tensor_type.name for t in gguf.GGUFReader(embedded_run / "merged" / "model.Q4_K_M.gguf").tensors}
     assert "Q4_K" in types
+    # the q8_0 file of the same adapter is kept, and the report still has its loss
+    assert (embedded_run / "merged" / "model.Q8_0.gguf").read_bytes() == q8
+    assert report["earlier_gguf"]["model.Q8_0.gguf"]["gguf_type"] == "q8_0"
+
+
+def test_a_merge_keeps_earlier_gguf_files_of_the_same_adapter_only(tmp_path):
+    """What an earlier merged/ leaves to the next merge: GGUF files of other types made from the same adapter."""
+    from sft_recipes import merge
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    for name in ("model.Q8_0.gguf", "model.F16.gguf", "model.Q4_K_M.gguf"):
+        (out / name).write_bytes(b"GGUF")
+    report = {"adapter_sha256": "abc", "gguf_file": "model.Q4_K_M.gguf", "gguf_type": "q4_k_m", "gguf_loss": 1.9,
+              "earlier_gguf": {"model.Q8_0.gguf": {"gguf_type": "q8_0"}, "model.Q6_K.gguf": {"gguf_type": "q6_k"}}}
+    (out / "merge_report.json").write_text(json.dumps(report))
+    # the same adapter, a new q8_0: the q4_k_m file stays (with its loss), not the one being replaced, not a file the
+    # report does not know (F16), not one that is gone (Q6_K)
+    assert merge.earlier_gguf(out, "abc", "model.Q8_0.gguf") == {
+        "model.Q4_K_M.gguf": {"gguf_type": "q4_k_m", "gguf_loss": 1.9}}
+    assert merge.earlier_gguf(out, "abc", None).keys() == {"model.Q4_K_M.gguf", "model.Q8_0.gguf"}
+    assert merge.earlier_gguf(out, "another adapter", None) == {}  # trained on since: stale files go
+    assert merge.earlier_gguf(tmp_path / "none", "abc", None) == {}
 
 
 @pytest.mark.slow
