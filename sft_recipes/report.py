@@ -191,15 +191,17 @@ def write_metrics(trainer, path: Path, wall_s: float, peak_bytes: int,
     return metrics
 
 
-def memory_estimate(cfg, model_path: str, seq_len: int):
-    """(trainable, total parameters, estimated peak bytes per term), from the model config: no weights loaded."""
+def memory_estimate(cfg, model_path: str, seq_len: int, model=None):
+    """(trainable, total parameters, estimated peak bytes per term), from the model config: no weights loaded.
+    `model`: the weightless PEFT model of this config, if one was built already."""
     from peft import get_peft_model
 
     from . import build, estimate
     from .models import meta_model
 
-    base = meta_model(model_path, cfg.model.trust_remote_code)
-    model = get_peft_model(base, build.lora_config(cfg.lora))
+    if model is None:
+        model = get_peft_model(meta_model(model_path, cfg.model.trust_remote_code), build.lora_config(cfg.lora))
+    base = model.get_base_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     q = cfg.quantization

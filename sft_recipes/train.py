@@ -76,9 +76,10 @@ def within_context(cfg, model_path: str, data: prepare.Prepared) -> None:
                         "(data.overlong says whether longer records are cut or left out).")
 
 
-def lora_fits(cfg, model_path: str, peft_config) -> None:
+def lora_fits(cfg, model_path: str, peft_config):
     """PEFT's own checks of lora.target_modules (and lora.peft_args) on the model's architecture, before any weights
-    load; a refusal names the model's linear layers."""
+    load; a refusal names the model's linear layers. Returns that weightless PEFT model (None for an architecture
+    that cannot be built without weights), which the dry run counts parameters on."""
     import copy
 
     import torch
@@ -87,9 +88,9 @@ def lora_fits(cfg, model_path: str, peft_config) -> None:
     try:
         meta = models.meta_model(model_path, cfg.model.trust_remote_code)
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
-        return
+        return None
     try:
-        get_peft_model(meta, copy.deepcopy(peft_config))
+        return get_peft_model(meta, copy.deepcopy(peft_config))
     except (ValueError, TypeError) as e:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
                         - {"lm_head"})
@@ -139,9 +140,10 @@ def step_plan(cfg, data) -> Plan:
     return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
 
 
-def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path) -> None:
-    """Report what a run would do, write data_report.md and token_lengths.png, train nothing."""
-    trainable, total, parts = report.memory_estimate(cfg, model_path, plan.longest)
+def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, meta=None) -> None:
+    """Report what a run would do, write data_report.md and token_lengths.png, train nothing. `meta`: the weightless
+    PEFT model lora_fits built, if it did."""
+    trainable, total, parts = report.memory_estimate(cfg, model_path, plan.longest, meta)
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r}, alpha {build.lora_alpha(cfg.lora)} on {list(cfg.lora.target_modules)}")
@@ -272,10 +274,9 @@ def run(cfg) -> Optional[Path]:
     args.disable_tqdm = not terminal()  # a log file gets lines, not bars
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)
-    if peft_config is not None:
-        lora_fits(cfg, model_path, peft_config)
+    meta = lora_fits(cfg, model_path, peft_config) if peft_config is not None else None
     if cfg.dry_run:
-        dry_run(cfg, model_path, tokenizer, data, plan, args, out)
+        dry_run(cfg, model_path, tokenizer, data, plan, args, out, meta)
         return None
 
     import torch
