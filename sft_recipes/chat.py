@@ -135,7 +135,7 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
     from . import runs
 
     answers = runs.generate(model, tok, [runs.messages(cfg, r.question, source=r.source or source) for r in records],
-                            max_new_tokens, batch_size, sampling)
+                            max_new_tokens, batch_size, sampling, progress="questions")
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
         for r, (text, stopped) in zip(records, answers):

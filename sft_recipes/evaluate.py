@@ -72,9 +72,9 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
     conversations = [runs.messages(cfg, r.question, source=r.source) for r in val_records]  # as in training
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
-        base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size)
+        base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="base model")
     tuned_loss = runs.mean_loss(model, rows)
-    tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size)
+    tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="fine-tuned")
 
     predictions, base_scores, tuned_scores = [], [], []
     for r, (base, base_stop), (tuned, tuned_stop) in zip(val_records, base_answers, tuned_answers):

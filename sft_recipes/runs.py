@@ -145,20 +145,47 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> 
 
 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
-             sampling: Optional[dict] = None, use_cache: Optional[bool] = None):
+             sampling: Optional[dict] = None, use_cache: Optional[bool] = None, progress: str = ""):
     """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
     with left padding (the tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit
-    layers on the CPU use bitsandbytes' inference layout while it runs (models.repacked_for_inference).
+    layers on the CPU use bitsandbytes' inference layout while it runs (models.repacked_for_inference). With
+    `progress` (a label), answers done and the time left go to stderr when there is more than one batch.
     Returns [(text, stopped at end-of-turn)]."""
     from .models import repacked_for_inference
 
     with repacked_for_inference(model):
-        return _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache)
+        return _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress)
 
 
-def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache):
+class Progress:
+    """`label: 16/200 answers, 4:10 left` on stderr: one line rewritten in a terminal, else a line per tenth."""
+
+    def __init__(self, label: str, total: int):
+        import time
+
+        from . import terminal
+
+        self.label, self.total, self.began, self.tty, self.shown = label, total, time.perf_counter(), terminal(), -1
+
+    def update(self, done: int) -> None:
+        import time
+
+        from .report import duration
+
+        tenth = 10 * done // self.total
+        if not self.tty and tenth == self.shown:
+            return
+        self.shown = tenth
+        left = (time.perf_counter() - self.began) / done * (self.total - done)
+        line = f"{self.label}: {done}/{self.total} answers" + (f", {duration(left)} left" if done < self.total else "")
+        print(f"\r{line}\033[K" if self.tty else line, end="\n" if not self.tty or done == self.total else "",
+              file=sys.stderr, flush=True)
+
+
+def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress):
     import torch
 
+    shown = Progress(progress, len(conversations)) if progress and len(conversations) > batch_size else None
     out = []
     device = next(model.parameters()).device
     for i in range(0, len(conversations), batch_size):
@@ -178,6 +205,8 @@ def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, u
             if stopped:
                 row = row[:row.index(tok.eos_token_id)]
             out.append((tok.decode(row, skip_special_tokens=True).strip(), stopped))
+        if shown:
+            shown.update(len(out))
     return out
 
 

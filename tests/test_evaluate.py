@@ -303,8 +303,10 @@ def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
 
     questions = tmp_path / "exam.jsonl"
     questions.write_text('{"question": "What is a mean?"}\n{"question": "What is a median?", "source": "Ch. 2"}\n')
-    chat._cli([f"run_dir={tiny_run}", f"questions={questions}", "max_new_tokens=4"])
-    assert f"2 answers (fine-tuned model): {tiny_run / 'answers_exam.jsonl'}" in capsys.readouterr().out
+    chat._cli([f"run_dir={tiny_run}", f"questions={questions}", "max_new_tokens=4", "batch_size=1"])
+    out, err = capsys.readouterr()
+    assert f"2 answers (fine-tuned model): {tiny_run / 'answers_exam.jsonl'}" in out
+    assert re.search(r"^questions: 1/2 answers, .* left\nquestions: 2/2 answers$", err, re.M)  # (not a terminal)
     rows = [json.loads(line) for line in (tiny_run / "answers_exam.jsonl").read_text().splitlines()]
     assert [(r["question"], r["source"]) for r in rows] == [("What is a mean?", ""), ("What is a median?", "Ch. 2")]
     assert all(isinstance(r["answer"], str) and isinstance(r["stopped_at_end_of_turn"], bool) for r in rows)
