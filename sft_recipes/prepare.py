@@ -170,6 +170,23 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
     return _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt)), stats
 
 
+def special_token_text(records: Sequence[Record], tokenizer) -> Optional[str]:
+    """Text in the records that the tokenizer reads as one of its special tokens, not as text: '<|im_end|>' inside an
+    answer teaches the model to end its turn there (data exported from chat logs, say)."""
+    import re
+
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
+        tokenizer.all_special_tokens)
+    pattern = re.compile("|".join(map(re.escape, sorted(filter(None, specials), key=len, reverse=True))))
+    found = [f"{r.where}, {name}: {m.group()!r}" for r in records for name in ("question", "answer", "source")
+             if (m := pattern.search(getattr(r, name)))]
+    if not found:
+        return None
+    return (f"{len(found)} field(s) hold text that the tokenizer reads as one of its special tokens, not as text "
+            f"({'; '.join(found[:5])}{'; ...' if len(found) > 5 else ''}): the model trains on that token there (an "
+            "end-of-turn token inside an answer teaches it to stop there). Remove or rewrite that text.")
+
+
 TRUNCATED_WARN = 0.05  # the share of cut training answers that earns a warning
 
 
@@ -283,6 +300,8 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
     if leaks:
         report["warnings"].append(f"{len(leaks)} validation question(s) also appear in the training data "
                                   f"(e.g. {leaks[0].where}): the validation loss will be optimistic")
+    if warning := special_token_text(train_records + val_records, tokenizer):
+        report["warnings"].append(warning)
     train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,
                                   opts.system_prompt)
     val = val_stats = None

@@ -132,6 +132,19 @@ def test_plain_template_falls_back_to_the_reference(embedded_dir):
     assert tok.decode(ds[0]["input_ids"]).startswith("System: You are a helpful assistant.\nUser: ")
 
 
+def test_special_token_text_in_the_data_is_warned_about(tmp_path, tokenizer):
+    """'<|im_end|>' typed inside an answer is read as the end-of-turn token, not as text: a warning names each place."""
+    rows = [rec("What is a mean?", "The average. Thanks!<|im_end|>"), rec("How do I copy <filename> here?", "Use cp.")]
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(rows))
+    prepared = prepare.prepare(str(path), None, tokenizer, templates.get("chat"), prepare.Options(max_length=512))
+    assert (f"2 field(s) hold text that the tokenizer reads as one of its special tokens, not as text ({path}, record 1, "
+            f"answer: '<|im_end|>'; {path}, record 2, question: '<filename>')") in " ".join(prepared.report["warnings"])
+    assert tokenizer.eos_token_id in prepared.train[0]["input_ids"][:-1]  # (what the warning is about)
+    clean = prepare.prepare(str(TRAIN), None, tokenizer, templates.get("chat"), prepare.Options(max_length=512))
+    assert not [w for w in clean.report["warnings"] if "special tokens" in w]
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, tokenizer):
     tmpl = templates.get("chat")
     opts = prepare.Options(max_length=512, cache_dir=str(tmp_path / "cache"))
