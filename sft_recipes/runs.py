@@ -103,6 +103,7 @@ def config(run_dir) -> object:
         path = Path(run_dir) / RUN_CONFIG
     # onto the schema: typed, and keys added since the run was made get their defaults
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    from_launch_dir(cfg, run)
     if not (adapter_dir(run_dir) / "adapter_config.json").exists():
         if cfg.dry_run:
             raise UserError(f"{run_dir} holds a dry run: it trained nothing.")
@@ -111,6 +112,31 @@ def config(run_dir) -> object:
                         f"sft_recipes resume_from={run_dir}" + (f", or give its newest checkpoint: run_dir={newest}"
                                                                 if newest else "") + ").")
     return cfg
+
+
+PATH_KEYS = ("data.train_path", "data.val_path", "data.template_files", "model.name_or_path", "model.adapter")
+
+
+def from_launch_dir(cfg, run: Path) -> None:
+    """Relative paths in the run's config (data files, a model folder) meant the folder training ran in (Hydra keeps
+    it in .hydra/hydra.yaml): from another folder, each that is not found here is taken from there."""
+    import glob
+
+    try:
+        launched = Path(OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.cwd)
+    except Exception:  # (no hydra.yaml: a config written by hand or by a test)
+        return
+    if launched == Path.cwd():
+        return
+
+    def moved(p):
+        if not isinstance(p, str) or p == "auto" or Path(p).is_absolute() or glob.glob(p):
+            return p
+        return str(launched / p) if glob.glob(str(launched / p)) else p
+
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        OmegaConf.update(cfg, key, [moved(v) for v in value] if OmegaConf.is_list(value) else moved(value))
 
 
 def tokenizer(run_dir):

@@ -135,6 +135,30 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_run):
     assert term.out.count(b" [stopped]\r\nyou> ") == 2, term.out[-2000:]
 
 
+def test_relative_paths_of_a_run_are_found_from_another_folder(tmp_path, monkeypatch):
+    """evaluate/chat/merge run from another folder than training: the run's relative paths meant the launch folder."""
+    from omegaconf import OmegaConf
+
+    from sft_recipes import runs
+    from test_config import make
+
+    launch, run, elsewhere = tmp_path / "project", tmp_path / "project" / "outputs" / "run", tmp_path / "elsewhere"
+    for folder in (run / ".hydra", elsewhere):
+        folder.mkdir(parents=True)
+    (launch / "qa.json").write_text("[]")
+    (launch / "mine.yaml").write_text("[]")
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(launch)}}}, run / ".hydra" / "hydra.yaml")
+    cfg = make("data.train_path=qa.json", "data.template_files=[mine.yaml]", "data.val_path=auto")
+    monkeypatch.chdir(elsewhere)
+    runs.from_launch_dir(cfg, run)
+    assert cfg.data.train_path == str(launch / "qa.json") and list(cfg.data.template_files) == [str(launch / "mine.yaml")]
+    assert cfg.data.val_path == "auto" and cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (elsewhere / "qa.json").write_text("[]")  # a file of that name here is the one meant
+    cfg = make("data.train_path=qa.json")
+    runs.from_launch_dir(cfg, run)
+    assert cfg.data.train_path == "qa.json"
+
+
 def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
     """run_dir=latest (make chat/eval/merge without RUN): the run under ./outputs whose final_model/ was saved last;
     a run without final_model/ (a dry run, one still training) is not one."""
