@@ -1,9 +1,10 @@
 """`python -m sft_recipes.chat run_dir=RUN`: talk to the fine-tuned model.
 
 Interactive: a prompt with history (and line editing in a terminal), tokens streamed as they are generated,
-Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts: `prompt="..."` prints the answer and exits. A file of
-questions: `questions=FILE` (JSON, JSONL, CSV, TSV or Parquet; only the question field is needed) writes
-`{question, answer, source, stopped_at_end_of_turn}` lines to `out` (RUN/answers_<file name>.jsonl). The run's
+Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts:
+`prompt="..."` prints the answer and exits. A file of questions: `questions=FILE` (JSON, JSONL, CSV, TSV or
+Parquet; only the question field is needed) writes `{question, answer, source, stopped_at_end_of_turn}` lines to
+`out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
 sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
 With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
@@ -57,14 +58,14 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperatu
             pieces.append(piece)
             if stream:
                 stream(piece)
+        worker.join()
     except KeyboardInterrupt:
         stop.set()
-        if worker.is_alive():
+        if worker.is_alive():  # (not when Ctrl-C came before it started)
             worker.join()
         if not stream:
             raise
         stream(" [stopped]")
-    worker.join()
     return "".join(pieces).strip()
 
 
@@ -98,7 +99,8 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
             continue
         print("model> ", end="", flush=True)
         try:
-            reply = ask(runs.messages(cfg, line, history, source), stream=lambda piece: print(piece, end="", flush=True))
+            reply = ask(runs.messages(cfg, line, history, source),
+                        stream=lambda piece: print(piece, end="", flush=True))
         except KeyboardInterrupt:  # (before the answer began)
             print(" [stopped]")
             continue
@@ -180,15 +182,15 @@ def _cli(argv):
     set_seed(args["seed"])
     ask = lambda conversation, stream=None: answer(  # noqa: E731
         model, tok, conversation, args["max_new_tokens"], stream, args["temperature"], args["top_p"])
-    # generation only: bitsandbytes' faster 4-bit inference layout for the whole session
-    with model.disable_adapter() if args["base"] else contextlib.nullcontext(), models.repacked_for_inference(model):
-        if args["questions"]:
+    with model.disable_adapter() if args["base"] else contextlib.nullcontext():
+        if args["questions"]:  # (runs.generate repacks the 4-bit layers for inference itself)
             answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],
                         sampling_args(args["temperature"], args["top_p"]), args["source"])
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
             who = "base" if args["base"] else "fine-tuned" + (f" ({checkpoint})" if checkpoint else "")
-            converse(cfg, ask, args["prompt"], who, args["source"])
+            with models.repacked_for_inference(model):  # generation only: the faster 4-bit layout for the session
+                converse(cfg, ask, args["prompt"], who, args["source"])
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def earlier_gguf(out: Path, digest: str, new_name: Optional[str]) -> dict:
         return {}
     known = dict(old.get("earlier_gguf", {}))
     if old.get("gguf_file"):
-        known[old["gguf_file"]] = {k: old[k] for k in ("gguf_type", "gguf_loss", "gguf_relative_difference") if k in old}
+        facts = ("gguf_type", "gguf_loss", "gguf_relative_difference")
+        known[old["gguf_file"]] = {k: old[k] for k in facts if k in old}
     return {name: facts for name, facts in known.items() if name != new_name and (out / name).is_file()}
 
 
