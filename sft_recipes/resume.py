@@ -2,6 +2,8 @@
 resuming with the settings the checkpoint was trained with (each checkpoint holds them in run_config.yaml)."""
 from __future__ import annotations
 
+import copy
+import glob
 import json
 import os
 import re
@@ -64,6 +66,20 @@ MAY_CHANGE_ON_RESUME = {
     "train.compile", "train.compile_options", "train.compile_checkpoint", "train.activation_offloading",
     "train.gradient_checkpointing", "model.attn_implementation", "data.cache", "eval"}
 NOT_KEPT = ("resume_from", "dry_run", "debug")  # about this command, not about the run
+PATH_KEYS = ("data.train_path", "data.val_path", "data.template_files", "model.name_or_path", "model.adapter")
+
+
+def run_config(cfg) -> str:
+    """RUN_CONFIG's text: the config with its relative paths that exist here (data files, a model folder) made
+    absolute, so that a resume from another folder trains on the same files."""
+    def absolute(p):
+        return os.path.abspath(p) if isinstance(p, str) and not os.path.isabs(p) and glob.glob(p) else p
+
+    cfg = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        if (v := OmegaConf.select(cfg, key)) is not None:
+            OmegaConf.update(cfg, key, [absolute(p) for p in v] if OmegaConf.is_list(v) else absolute(v), merge=False)
+    return config.recorded(cfg)
 
 
 def settings(plain: dict) -> dict:
@@ -86,7 +102,7 @@ def keep_trained_settings(cfg, checkpoint: Path):
     if not (checkpoint / RUN_CONFIG).exists():  # a checkpoint from before this file: resumed as configured
         return cfg
     saved = settings(yaml.safe_load((checkpoint / RUN_CONFIG).read_text()))
-    now = settings(yaml.safe_load(config.recorded(cfg)))
+    now = settings(yaml.safe_load(run_config(cfg)))  # (data.train_path=qa.json is the file the run saved absolute)
     changed = {k: v for k, v in saved.items() if k in now and now[k] != v}
     may_change = lambda k: k in MAY_CHANGE_ON_RESUME or k.split(".")[0] in MAY_CHANGE_ON_RESUME  # noqa: E731
     set_here = set_on_command_line if HydraConfig.initialized() else may_change

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .errors import UserError
-from .resume import CHECKPOINT, COMPLETE, RUN_CONFIG, last_checkpoint
+from .resume import CHECKPOINT, COMPLETE, PATH_KEYS, RUN_CONFIG, last_checkpoint
 
 
 def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc: str = "") -> Dict[str, object]:
@@ -113,8 +113,6 @@ def config(run_dir) -> object:
                                                                 if newest else "") + ").")
     return cfg
 
-
-PATH_KEYS = ("data.train_path", "data.val_path", "data.template_files", "model.name_or_path", "model.adapter")
 
 
 def from_launch_dir(cfg, run: Path) -> None:

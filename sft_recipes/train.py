@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import finished, keep_trained_settings, last_checkpoint, resume_point, set_on_command_line, value
+from .resume import (finished, keep_trained_settings, last_checkpoint, resume_point, run_config, set_on_command_line,
+                     value)
 from .trainer import NonFiniteError, publish
 
 
@@ -234,12 +235,11 @@ def run(cfg) -> Optional[Path]:
     from transformers import set_seed
 
     datasets.disable_progress_bars()
-    config.check(cfg)
     out = Path(cfg.output_dir)
     checkpoint = None if cfg.dry_run else resume_point(cfg, out)
-    if checkpoint:
+    if checkpoint:  # (checked after: the defaults in place of the run's own data files need not exist)
         cfg = keep_trained_settings(cfg, checkpoint)
-        config.check(cfg)
+    config.check(cfg)
     if cfg.model.adapter and not checkpoint:  # (a resumed run kept the LoRA settings it was trained with)
         use_adapter_lora(cfg)
     if cfg.dry_run:
@@ -306,7 +306,7 @@ def run(cfg) -> Optional[Path]:
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
-            run_config=config.recorded(cfg),
+            run_config=run_config(cfg),
             **build.compile_kwargs(cfg),
         )
     except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights

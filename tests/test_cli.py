@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TRAIN, cli, tiny_args
+from conftest import ROOT, TRAIN, VAL, cli, tiny_args
 
 
 def state(ckpt):
@@ -173,6 +173,35 @@ def test_resume_from_a_run_or_its_checkpoint(tmp_path, tiny_dir):
     r = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={dry}", "prompt=hi"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and f"{dry} holds a dry run: it trained nothing." in r.stderr
+
+
+def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, tiny_dir, monkeypatch):
+    # a run on the user's own files (relative paths, none of the defaults' files there): resume_from alone, from the
+    # same folder or another, trains on the same files (each checkpoint holds their absolute paths); it failed on
+    # the default data.train_path before the run's own settings were read
+    import shutil
+
+    from sft_recipes import runs
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    shutil.copy(TRAIN, project / "qa.json"), shutil.copy(VAL, project / "qa_val.json")
+    args = [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",
+            "data.train_path=qa.json", "train.report_to=[]", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
+    assert cli(*args, "hydra.run.dir=outputs/run", cwd=project).returncode == 0
+    run = project / "outputs" / "run"
+    loss = lambda: next(h["loss"] for h in state(run / "checkpoint-4")["log_history"] if h["step"] == 4)  # noqa: E731
+    first = loss()
+    for where, resume in ((project, "resume_from=auto"), (elsewhere, f"resume_from={run}")):
+        shutil.rmtree(run / "checkpoint-4"), shutil.rmtree(run / "final_model")
+        r = cli(resume, *(["hydra.run.dir=outputs/run"] if where == project else []), cwd=where)
+        assert r.returncode == 0, r.stderr[-3000:]
+        kept = next(line for line in r.stdout.splitlines() if line.startswith("Resuming with the settings"))
+        assert f"data.train_path={project / 'qa.json'}, " in kept and f"model.name_or_path={tiny_dir}, " in kept
+        assert f"Validation data: {project / 'qa_val.json'} (beside the training file" in r.stdout
+        assert abs(loss() - first) < 1e-3
+    monkeypatch.chdir(elsewhere)  # evaluate, chat and merge from there find the files too
+    assert runs.config(run).data.train_path == str(project / "qa.json")
 
 
 def test_help_shows_usage_groups_and_the_config(tmp_path):
