@@ -58,16 +58,17 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
     if not val_records:
         raise UserError(f"The run {run_dir} has no validation split (data.val_path or data.val_fraction); "
                         "evaluate on a file with data=PATH.")
-    seen = 0
-    if data:  # questions the adapter was trained on make the scores optimistic: count them
+    seen, earlier = 0, runs.ancestors(cfg)
+    if data or earlier:  # questions the adapter was trained on make the scores optimistic: count them
         from .data import overlap
-        from .prepare import load_and_split
-        from .train import data_options, data_paths
 
-        seen = len(overlap(load_and_split(data_paths(cfg)[0], None, data_options(cfg))[0], val_records))
+        trained = (runs.training_records(cfg) if data else []) + [r for a in earlier for r in runs.training_records(a)]
+        seen = len(overlap(trained, val_records))
         if seen:
-            print(f"warning: {seen} of the {len(val_records)} questions in {data} also appear in the training data: "
-                  "their scores will be optimistic")
+            print(f"warning: {seen} of the {len(val_records)} questions in {data or 'the validation split'} also "
+                  "appear in the training data" + (" (of this run or of the runs whose adapter it trained further, "
+                                                   "model.adapter)" if earlier else "")
+                  + ": their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.messages(cfg, r.question, source=r.source) for r in val_records]  # as in training
     with model.disable_adapter():

@@ -253,6 +253,31 @@ def validation(cfg, tok, limit: int = 0, data=None):
     return records, rows
 
 
+def ancestors(cfg) -> list:
+    """The configs of the runs whose adapter this run trained further (model.adapter: a run dir, its final_model or
+    one of its checkpoints), nearest first; the chain ends at an adapter folder that is not part of a run."""
+    found, adapter = [], cfg.model.adapter
+    while adapter and len(found) < 100:
+        path = Path(adapter)
+        try:
+            found.append(config(path.parent if path.name == "final_model" else path))
+        except UserError:
+            break
+        adapter = found[-1].model.adapter
+    return found
+
+
+def training_records(cfg) -> list:
+    """The records a run trained on (its training split), read again from its files; none when they are gone."""
+    from . import prepare
+    from .train import data_options, data_paths
+
+    try:
+        return prepare.load_and_split(data_paths(cfg)[0], None, data_options(cfg))[0]
+    except UserError:
+        return []
+
+
 def mean_loss(model, rows) -> float:
     """Mean per-token loss over tokenized rows (input_ids + labels), one row at a time: no padding."""
     import torch

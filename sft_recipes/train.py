@@ -58,6 +58,20 @@ def prepare_data(cfg, tokenizer) -> prepare.Prepared:
     return prepare.prepare(*data_paths(cfg), tokenizer, template, data_options(cfg))
 
 
+def adapter_leaks(cfg, data: prepare.Prepared) -> list:
+    """With model.adapter: a warning when validation questions trained that adapter (or the ones it came from)."""
+    from . import runs
+    from .data import overlap
+
+    if not (cfg.model.adapter and data.val_stats and (earlier := runs.ancestors(cfg))):
+        return []
+    val = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1]
+    if not (seen := overlap([r for a in earlier for r in runs.training_records(a)], val)):
+        return []
+    return [f"{len(seen)} validation question(s) trained the adapter this run starts from (model.adapter="
+            f"{cfg.model.adapter}; e.g. {seen[0].where}): the validation loss will be optimistic"]
+
+
 # Fewer optimizer steps than this rarely take LoRA far from the base: on the sample data (112 records)
 # preset=low_memory lora.r=32 reached a validation loss of 2.19 in 21 steps, 1.93 in 84 and 1.88 in 336
 # (train.grad_accum 16, 4, 1; 4 to 5 1/2 minutes each on 2 CPU cores). README: "Few optimizer steps".
@@ -256,7 +270,7 @@ def run(cfg) -> Optional[Path]:
     print(report.data_summary("Training data", train_stats))
     if val_stats:
         print(report.data_summary("Validation data", val_stats))
-    for warning in data.report["warnings"]:
+    for warning in data.report["warnings"] + adapter_leaks(cfg, data):
         print(f"warning: {warning}")
     if data.report["duplicates"] and (dup := data.report["duplicates"])["exact"] + dup["normalized"]:
         print(f"Dropped {dup['exact']} exact and {dup['normalized']} normalized duplicate(s) "

@@ -276,6 +276,23 @@ def test_what_resume_from_a_path_continues(tmp_path):
     assert checkpoint_of(tmp_path) is None and continued_run(tmp_path) is None
 
 
+def test_questions_that_trained_the_starting_adapter_are_warned_about(tmp_path, tiny_dir):
+    # an adapter trained on the validation questions, then trained further on other data: the validation loss and
+    # evaluate's scores are optimistic, though this run's own training data holds none of those questions
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli(*tiny_args(tiny_dir, first, f"data.train_path={VAL}", "data.val_path=null", "train.max_steps=1")
+               ).returncode == 0
+    r = cli(*tiny_args(tiny_dir, second, f"model.adapter={first}", "train.max_steps=1"))  # trains on TRAIN, validates on VAL
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"warning: 20 validation question(s) trained the adapter this run starts from (model.adapter="
+            f"{first / 'final_model'}; e.g. {VAL}, record 1): the validation loss will be optimistic") in r.stdout
+    r = subprocess.run([sys.executable, "-m", "sft_recipes.evaluate", f"run_dir={second}", "limit=2",
+                        "max_new_tokens=2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: 2 of the 2 questions in the validation split also appear in the training data (of this run or "
+            "of the runs whose adapter it trained further, model.adapter)") in r.stdout
+
+
 def test_lora_settings_that_clash_with_model_adapter_are_refused(tmp_path, tiny_dir):
     # training an adapter further keeps its shape: lora.r=8 on the command line against an r=4 adapter is refused;
     # what the command line does not set (lora.alpha, the targets) is taken from the adapter
