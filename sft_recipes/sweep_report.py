@@ -123,17 +123,27 @@ class SummaryCallback(Callback):
         from . import config as schema
         from .errors import UserError
 
-        failed, every = {}, jobs(config)  # {message: the jobs it applies to}
+        from .resume import holds_run
+
+        failed, every, taken = {}, jobs(config), []  # {message: the jobs it applies to}
         common = set.intersection(*map(set, every))
         for n, job in enumerate(every):
             try:
-                schema.check(compose(config.hydra.job.config_name, overrides=job))
+                cfg = compose(config.hydra.job.config_name, overrides=job)
+                schema.check(cfg)
             except UserError as e:
                 failed.setdefault(str(e), []).append(f"job {n} ({' '.join(o for o in job if o not in common)})")
-        if failed:
-            print("error: the sweep was not started; " + " ".join(
-                f"{'every job' if len(names) == len(every) else ', '.join(names)}: {message}"
-                for message, names in failed.items()), file=sys.stderr)
+                continue
+            if not (cfg.resume_from or cfg.dry_run) and holds_run(Path(config.hydra.sweep.dir) / str(n)):
+                taken.append(str(n))
+        problems = [f"{'every job' if len(names) == len(every) else ', '.join(names)}: {message}"
+                    for message, names in failed.items()]
+        if taken:  # (Hydra would rewrite their .hydra/ files, and each job would fail)
+            problems.append(f"{config.hydra.sweep.dir} already holds the runs of job(s) {', '.join(taken)}. Continue "
+                            "the sweep with resume_from=auto (finished jobs stay as they are), or start it in another "
+                            "folder (hydra.sweep.dir=...).")
+        if problems:
+            print("error: the sweep was not started; " + " ".join(problems), file=sys.stderr)
             sys.exit(UserError.exit_code)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -48,6 +48,18 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, tiny_dir):
     assert ranks == [4, 4, 8, 8]
     overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert sum("lora.r=8" in o and "train.lr=0.0002" in o for o in overrides) == 1
+    # the same sweep again into that folder: refused before any job starts, every file as it was (each job used to
+    # fail, with its .hydra/ files rewritten and an error.txt in a finished run); resume_from=auto leaves them done
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8", "train.lr=1e-4,2e-4")
+    assert r.returncode == 2 and r.stderr == (f"error: the sweep was not started; {sweep} already holds the runs of "
+                                              "job(s) 0, 1, 2, 3. Continue the sweep with resume_from=auto (finished "
+                                              "jobs stay as they are), or start it in another folder "
+                                              "(hydra.sweep.dir=...).\n")
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8", "train.lr=1e-4,2e-4", "resume_from=auto")
+    assert r.returncode == 0 and r.stdout.count("already finished (step 1 of 1)") == 4, r.stderr[-3000:]
+    assert all(p.read_bytes() == before[p] for p in sweep.glob("*/final_model/*"))
 
 
 def test_a_sweep_checks_every_job_first_and_goes_on_past_a_failed_one(tmp_path, tiny_dir):
