@@ -62,8 +62,10 @@ def stopped(out: Path) -> None:
         print("Stopped by Ctrl-C before training; nothing was written.", file=sys.stderr)
     else:
         last = last_checkpoint(out)
+        from .train import continue_command
+
         print(f"Stopped by Ctrl-C; {f'the last complete checkpoint is {last}' if last else 'no checkpoint yet'}. "
-              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}", file=sys.stderr)
+              f"{continue_command(out)}", file=sys.stderr)
     sys.exit(130)
 
 

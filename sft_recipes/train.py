@@ -243,6 +243,20 @@ def use_adapter_lora(cfg) -> None:
         cfg.lora[k] = v
 
 
+def continue_command(out: Path) -> str:
+    """What continues a stopped run; in a -m sweep, the sweep (its finished jobs stay as they are)."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        argv = [a for a in sys.argv[1:] if not a.startswith(("resume_from=", "hydra.sweep.dir="))]
+        return ("Continue the sweep with: python -m sft_recipes " + shlex.join(argv) + " "
+                + shlex.join([f"hydra.sweep.dir={HydraConfig.get().sweep.dir}", "resume_from=auto"]))
+    return f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}"
+
+
 def run(cfg) -> Optional[Path]:
     """Fine-tune per `cfg` (a composed Hydra config). Returns the final_model folder (None for a dry run)."""
     import datasets
@@ -349,7 +363,7 @@ def run(cfg) -> Optional[Path]:
                         "resume_from=auto to keep the finished steps.") from None
     if guard.stopped_by:
         print(f"Stopped by {guard.stopped_by[0]} at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
-              f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}", flush=True)
+              f"{continue_command(out)}", flush=True)
         raise SystemExit(guard.stopped_by[1])
     state = trainer.state
     if cfg.train.early_stopping_patience and state.global_step < state.max_steps:

@@ -35,9 +35,10 @@ def reference(tmp_path_factory, tiny_dir):
     return out
 
 
-def start_and_hit(tiny_dir, out, sig, at_step):
-    """Start a run, send `sig` once training_log.txt shows step `at_step`; returns the finished process."""
-    proc = subprocess.Popen([sys.executable, "-m", "sft_recipes", *args(tiny_dir, out)], cwd=ROOT,
+def start_and_hit(tiny_dir, out, sig, at_step, command=None):
+    """Start a run (or `command`, writing into `out`), send `sig` once training_log.txt shows step `at_step`; returns
+    the finished process."""
+    proc = subprocess.Popen([sys.executable, "-m", "sft_recipes", *(command or args(tiny_dir, out))], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = out / "training_log.txt", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -109,6 +110,23 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_dir):
     stopped_at = int(stdout.split("Stopped by SIGTERM at step ")[1].split(";")[0])
     assert stopped_at >= at and (out / f"checkpoint-{stopped_at}" / COMPLETE).exists()
     assert f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}" in stdout
+
+
+def test_a_sweep_stopped_by_ctrl_c_continues_with_the_printed_command(tmp_path, tiny_dir):
+    """Ctrl-C in a -m sweep stops it after the step, with a checkpoint; the printed command continues the sweep: the
+    stopped job from its checkpoint, then the jobs that had not started (it named the one job's run dir alone)."""
+    import shlex
+
+    sweep = tmp_path / "sweep"
+    sweep_args = ["-m", *args(tiny_dir, "unused")[:-1], "lora.r=4,8", f"hydra.sweep.dir={sweep}"]
+    code, stdout, _ = start_and_hit(tiny_dir, sweep / "0", signal.SIGINT, 5, sweep_args)
+    assert code == 130 and not (sweep / "1").exists(), stdout[-2000:]
+    command = stdout.split("Continue the sweep with: python -m sft_recipes ")[1].splitlines()[0]
+    assert command.endswith(f" hydra.sweep.dir={sweep} resume_from=auto")
+    r = cli(*shlex.split(command))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resuming from {sweep / '0' / 'checkpoint-'}" in r.stdout
+    assert all((sweep / job / "final_model" / COMPLETE).exists() for job in "01")
 
 
 def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
