@@ -82,11 +82,15 @@ def _leave_as_found(run_dir: Path) -> None:
 
 def precheck(argv) -> None:
     """Before Hydra writes into the run dir (it rewrites .hydra/ there): refuse a folder that already holds a
-    run unless resuming, and one that cannot be written."""
+    run unless resuming (a dry run too), and one that cannot be written."""
     from .resume import refuse_finished
 
     value = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), None)  # noqa: E731
     resuming = value("resume_from") not in (None, "null")
+    dry_run = (value("dry_run") or "").lower() in ("true", "yes", "on")
+    if resuming and dry_run:
+        raise UserError("dry_run=true plans a new run; it does not combine with resume_from (a resumed run continues "
+                        "with the settings its checkpoint holds): drop one of them.")
     run_dir = value("hydra.run.dir")
     if run_dir is None and resuming:
         run_dir = config.run_dir("outputs", value("resume_from"))  # what hydra.run.dir resolves to (conf/train.yaml)
@@ -94,8 +98,8 @@ def precheck(argv) -> None:
         return  # (other processes of a multi-process launch leave this to the main one)
     if resuming:
         _hydra_files.update({p: p.read_bytes() for p in (Path(run_dir) / ".hydra").glob("*.yaml")})
-    if not resuming and "dry_run=true" not in argv:
-        refuse_finished(Path(run_dir))
+    else:
+        refuse_finished(Path(run_dir), dry_run)
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(run_dir) / f".write-test-{os.getpid()}"

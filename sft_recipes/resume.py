@@ -41,11 +41,14 @@ def holds_run(run_dir: Path) -> bool:
     return any((d / n).exists() for n in ("final_model", "training_log.txt")) or any(d.glob("checkpoint-*"))
 
 
-def refuse_finished(run_dir: Path) -> None:
-    """A new run never writes into a folder that already holds one."""
+def refuse_finished(run_dir: Path, dry_run: bool = False) -> None:
+    """A new run (or a dry run, which writes its report and .hydra/ there) never writes into a folder that already
+    holds one."""
     if holds_run(run_dir):
-        raise UserError(f"{run_dir} already holds a run; nothing was changed. Continue it with resume_from=auto, "
-                        "or start a new one in another folder (hydra.run.dir=...).")
+        raise UserError(f"{run_dir} already holds a run; nothing was changed. " + (
+            "A dry run writes its report and config there: give it another folder (hydra.run.dir=...), or none."
+            if dry_run else "Continue it with resume_from=auto, or start a new one in another folder "
+            "(hydra.run.dir=...)."))
 
 
 def finished(run_dir: Path, checkpoint: Path, steps: int) -> bool:

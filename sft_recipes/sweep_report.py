@@ -134,7 +134,7 @@ class SummaryCallback(Callback):
             except UserError as e:
                 failed.setdefault(str(e), []).append(f"job {n} ({' '.join(o for o in job if o not in common)})")
                 continue
-            if not (cfg.resume_from or cfg.dry_run) and holds_run(Path(config.hydra.sweep.dir) / str(n)):
+            if not cfg.resume_from and holds_run(Path(config.hydra.sweep.dir) / str(n)):
                 taken.append(str(n))
         problems = [f"{'every job' if len(names) == len(every) else ', '.join(names)}: {message}"
                     for message, names in failed.items()]

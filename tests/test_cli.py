@@ -177,6 +177,15 @@ def test_resume_from_a_run_or_its_checkpoint(tmp_path, tiny_dir):
             "checkpoint is checkpoint-4)") in r.stdout
     assert (new / "checkpoint-4" / "COMPLETE").exists() and (new / "final_model" / "COMPLETE").exists()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a dry run into the run's folder is refused: it rewrote .hydra/config.yaml (what evaluate, chat and merge read)
+    # and data_stats.json; nor does a dry run combine with resume_from
+    r = cli(*args, "dry_run=true", "quantization=nf4", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == (f"error: {run} already holds a run; nothing was changed. A dry run writes "
+                                              "its report and config there: give it another folder "
+                                              "(hydra.run.dir=...), or none.\n")
+    r = cli(*args, "dry_run=true", f"resume_from={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "dry_run=true plans a new run; it does not combine with resume_from" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # a folder that holds no checkpoint (a dry run's, say) is refused; evaluate/chat/merge say what it is
     dry = tmp_path / "dry"
     assert cli(*tiny_args(tiny_dir, dry, "dry_run=true")).returncode == 0
