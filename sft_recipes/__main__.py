@@ -83,7 +83,7 @@ def _leave_as_found(run_dir: Path) -> None:
 def precheck(argv) -> None:
     """Before Hydra writes into the run dir (it rewrites .hydra/ there): refuse a folder that already holds a
     run unless resuming (a dry run too), and one that cannot be written."""
-    from .resume import refuse_finished
+    from .resume import hold, refuse_finished
 
     value = lambda key: next((a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")), None)  # noqa: E731
     resuming = value("resume_from") not in (None, "null")
@@ -107,6 +107,8 @@ def precheck(argv) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"Cannot write to the run dir {run_dir} ({e.strerror}); choose another hydra.run.dir.") from None
+    if not dry_run:
+        hold(Path(run_dir))
 
 
 def cli() -> None:

@@ -2,6 +2,7 @@
 resuming with the settings the checkpoint was trained with (each checkpoint holds them in run_config.yaml)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
@@ -49,6 +50,47 @@ def refuse_finished(run_dir: Path, dry_run: bool = False) -> None:
             "A dry run writes its report and config there: give it another folder (hydra.run.dir=...), or none."
             if dry_run else "Continue it with resume_from=auto, or start a new one in another folder "
             "(hydra.run.dir=...)."))
+
+
+_held = {}  # run dir -> the open folder this process holds locked
+
+
+def hold(run_dir: Path) -> None:
+    """One process trains in a run dir at a time (a resume started while the run still trains would write the same
+    checkpoints): an exclusive lock on the folder for the rest of this process's life, lifted by the system however
+    the process ends. Where the file system has no locks, nothing is checked."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return
+    key = os.path.realpath(run_dir)
+    if key in _held:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise UserError(f"{run_dir} is in use: another process is training in it; nothing was changed. Wait for "
+                            "it to end, or stop it (Ctrl-C saves a checkpoint), then continue with resume_from=auto."
+                            ) from None
+        return
+    _held[key] = fd
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path):
+    """hold(run_dir) while the block runs (a sweep's process moves on to other run dirs)."""
+    hold(run_dir)
+    try:
+        yield
+    finally:
+        if (fd := _held.pop(os.path.realpath(run_dir), None)) is not None:
+            os.close(fd)
 
 
 def finished(run_dir: Path, checkpoint: Path, steps: int) -> bool:

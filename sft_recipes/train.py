@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import (finished, keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config,
-                     set_on_command_line, value)
+from .resume import (finished, holding, keep_trained_settings, last_checkpoint, refuse_finished, resume_point,
+                     run_config, set_on_command_line, value)
 from .trainer import NonFiniteError, publish
 
 
@@ -259,13 +259,22 @@ def continue_command(out: Path) -> str:
 
 def run(cfg) -> Optional[Path]:
     """Fine-tune per `cfg` (a composed Hydra config). Returns the final_model folder (None for a dry run)."""
+    out = Path(cfg.output_dir)
+    if os.environ.get("RANK", "0") != "0":  # (the main process of a launch guards the run dir)
+        return _run(cfg)
+    if cfg.dry_run:
+        refuse_finished(out, dry_run=True)
+        return _run(cfg)
+    with holding(out):  # one process trains in a run dir at a time
+        return _run(cfg)
+
+
+def _run(cfg) -> Optional[Path]:
     import datasets
     from transformers import set_seed
 
     datasets.disable_progress_bars()
     out = Path(cfg.output_dir)
-    if cfg.dry_run and os.environ.get("RANK", "0") == "0":
-        refuse_finished(out, dry_run=True)
     checkpoint = None if cfg.dry_run else resume_point(cfg, out)
     if checkpoint:  # (checked after: the defaults in place of the run's own data files need not exist)
         cfg = keep_trained_settings(cfg, checkpoint)

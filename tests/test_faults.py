@@ -129,6 +129,25 @@ def test_a_sweep_stopped_by_ctrl_c_continues_with_the_printed_command(tmp_path, 
     assert all((sweep / job / "final_model" / COMPLETE).exists() for job in "01")
 
 
+def test_a_run_dir_trains_in_one_process_at_a_time(tmp_path, tiny_dir):
+    """A resume started while the run still trains (a job requeued before the old one died, a second terminal) is
+    refused: both would write the same checkpoints. The lock goes with the process (SIGKILL included: the tests
+    above resume after one)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sft_recipes", *args(tiny_dir, out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "training_log.txt", time.time() + 300
+    while time.time() < deadline and not (log.exists() and "step=4 " in log.read_text()):
+        time.sleep(0.01)
+    r = cli(*args(tiny_dir, out, "resume_from=auto"))
+    stdout, _ = proc.communicate(timeout=300)
+    assert r.returncode == 2 and r.stderr == (f"error: {out} is in use: another process is training in it; nothing "
+                                              "was changed. Wait for it to end, or stop it (Ctrl-C saves a "
+                                              "checkpoint), then continue with resume_from=auto.\n")
+    assert proc.returncode == 0 and (out / "final_model" / COMPLETE).exists(), stdout[-2000:]
+    assert loss_history(out).keys() == set(range(1, STEPS + 1))  # one process's steps, each once
+
+
 def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
     """Ctrl-C while the data or the model loads (or a second one mid-step): one line, status 130, no traceback."""
     from sft_recipes.__main__ import stopped
