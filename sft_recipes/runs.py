@@ -114,7 +114,6 @@ def config(run_dir) -> object:
     return cfg
 
 
-
 def from_launch_dir(cfg, run: Path) -> None:
     """Relative paths in the run's config (data files, a model folder) meant the folder training ran in (Hydra keeps
     it in .hydra/hydra.yaml): from another folder, each that is not found here is taken from there."""

@@ -122,7 +122,6 @@ class SummaryCallback(Callback):
 
         from . import config as schema
         from .errors import UserError
-
         from .resume import holds_run
 
         failed, every, taken = {}, jobs(config), []  # {message: the jobs it applies to}

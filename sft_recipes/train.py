@@ -270,6 +270,7 @@ def run(cfg) -> Optional[Path]:
 
 
 def _run(cfg) -> Optional[Path]:
+    """run()'s steps, in order: resume point, checks, data, model, trainer, training, saving, report."""
     import datasets
     from transformers import set_seed
 
