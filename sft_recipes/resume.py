@@ -20,6 +20,7 @@ from .errors import UserError
 # Light on imports (no torch): the CLI checks a run dir with these before Hydra starts.
 COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
+DATA_DIGEST = "data.sha256"  # in each checkpoint: the contents of the data files it was trained on
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -125,6 +126,30 @@ def run_config(cfg) -> str:
         if (v := OmegaConf.select(cfg, key)) is not None:
             OmegaConf.update(cfg, key, [absolute(p) for p in v] if OmegaConf.is_list(v) else absolute(v), merge=False)
     return config.recorded(cfg)
+
+
+def data_digest(files) -> str:
+    """SHA-256 of the data files' contents, in order: what DATA_DIGEST holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def data_changed(checkpoint: Path, digest: str) -> Optional[str]:
+    """A warning when the data files' contents differ from those the checkpoint was trained on (same paths, other
+    records: a fix, say); the resumed run goes on with the new ones."""
+    saved = checkpoint / DATA_DIGEST
+    if not saved.exists() or saved.read_text().strip() == digest:
+        return None
+    return (f"the data files changed since {checkpoint.name} was saved: the run goes on with their records as they are "
+            "now, in a new order (this epoch may repeat some and leave out others); to train on them from the start, "
+            f"start a new run with model.adapter={checkpoint}")
 
 
 def settings(plain: dict) -> dict:

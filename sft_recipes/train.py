@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import (finished, holding, keep_trained_settings, last_checkpoint, refuse_finished, resume_point,
-                     run_config, set_on_command_line, value)
+from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, data_digest, finished, holding, keep_trained_settings,
+                     last_checkpoint, refuse_finished, resume_point, run_config, set_on_command_line, value)
 from .trainer import NonFiniteError, publish
 
 
@@ -49,6 +49,14 @@ def data_paths(cfg):
 
     plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
     return data_specs(plain(cfg.data.train_path), plain(cfg.data.val_path))
+
+
+def data_files(cfg) -> list:
+    """The training files, then the validation files, that data_paths names."""
+    from .data import expand
+
+    train_spec, val_spec = data_paths(cfg)
+    return expand(train_spec) + (expand(val_spec) if val_spec else [])
 
 
 def prepare_data(cfg, tokenizer) -> prepare.Prepared:
@@ -307,6 +315,9 @@ def _run(cfg) -> Optional[Path]:
         raise NothingToDo(f"The run in {out} already finished (step {checkpoint.name.split('-')[1]} of "
                           f"{plan.steps}); its adapter is {out / 'final_model'}. Nothing was changed. To train longer, "
                           "resume with a larger train.max_steps or train.epochs.")
+    digest = data_digest(data_files(cfg))
+    if checkpoint and (changed := data_changed(checkpoint, digest)):
+        print(f"warning: {changed}")
     if plan.advice:
         print(f"warning: {plan.advice}")
     # train.sft_args and lora.peft_args fail here, before any model
@@ -346,7 +357,7 @@ def _run(cfg) -> Optional[Path]:
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
-            run_config=run_config(cfg),
+            checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: digest},
             **build.compile_kwargs(cfg),
         )
     except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights

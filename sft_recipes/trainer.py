@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .errors import UserError
-from .resume import COMPLETE, RUN_CONFIG
+from .resume import COMPLETE
 
 
 
@@ -236,9 +236,9 @@ class Trainer(SFTTrainer):
     _summed = 0  # batches whose loss went into _eval_nll
 
     def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
-                 compile_checkpoint: str = "auto", run_config: Optional[str] = None, **kwargs):
+                 compile_checkpoint: str = "auto", checkpoint_files: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.run_config = run_config  # saved in each checkpoint as RUN_CONFIG: what a resumed run keeps
+        self.checkpoint_files = checkpoint_files or {}  # {name: text} written into each checkpoint (resume.py reads)
         if compile:
             n = compile_layers(self.model, compile_options, compile_checkpoint)
             if not n:
@@ -366,8 +366,8 @@ class Trainer(SFTTrainer):
         if self.args.should_save:
             from transformers.trainer_utils import rotate_checkpoints
 
-            if self.run_config:
-                (run_dir / ".staging" / name / RUN_CONFIG).write_text(self.run_config)
+            for file, text in self.checkpoint_files.items():
+                (run_dir / ".staging" / name / file).write_text(text)
             publish(run_dir / ".staging" / name, run_dir / name, f"step {self.state.global_step}")
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

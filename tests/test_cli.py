@@ -220,9 +220,16 @@ def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, 
         kept = next(line for line in r.stdout.splitlines() if line.startswith("Resuming with the settings"))
         assert f"data.train_path={project / 'qa.json'}, " in kept and f"model.name_or_path={tiny_dir}, " in kept
         assert f"Validation data: {project / 'qa_val.json'} (beside the training file" in r.stdout
-        assert abs(loss() - first) < 1e-3
+        assert abs(loss() - first) < 1e-3 and "data files changed" not in r.stdout
     monkeypatch.chdir(elsewhere)  # evaluate, chat and merge from there find the files too
     assert runs.config(run).data.train_path == str(project / "qa.json")
+    # the data file edited since (a record fixed): the resume goes on with it and says so
+    records = json.loads((project / "qa.json").read_text())
+    (project / "qa.json").write_text(json.dumps([{**records[0], "answer": "Fixed."}] + records[1:]))
+    shutil.rmtree(run / "checkpoint-4"), shutil.rmtree(run / "final_model")
+    r = cli(f"resume_from={run}", cwd=elsewhere)
+    assert r.returncode == 0 and ("warning: the data files changed since checkpoint-2 was saved: the run goes on with "
+                                  "their records as they are now") in r.stdout, r.stderr[-2000:]
 
 
 def test_help_shows_usage_groups_and_the_config(tmp_path):
