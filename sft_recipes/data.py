@@ -148,6 +148,16 @@ def without_hint(message: str) -> str:
     return re.split("; (?:" + "|".join(map(re.escape, HINTS)) + ")", message)[0]
 
 
+def _names(raw: dict, cols: Dict[str, str]) -> Dict[str, str]:
+    """Our field -> the record's key for it: the name in `cols`, or else the one key that differs from it only in
+    case or surrounding spaces (a spreadsheet's "Question" column)."""
+    names = {}
+    for key, name in cols.items():
+        alike = [k for k in raw if isinstance(k, str) and k.strip().casefold() == name.casefold()]
+        names[key] = name if name in raw or len(alike) != 1 else alike[0]
+    return names
+
+
 def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt);
@@ -164,11 +174,12 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
             problems.append(f"{at}: expected an object with " + " and ".join(f"'{cols[k]}'" for k in required)
                             + f", found {type(raw).__name__}")
             continue
-        for k in raw.keys() - cols.values():
+        names = _names(raw, cols)
+        for k in raw.keys() - names.values():
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
         bad = False
         for key in FIELDS:
-            name, value = cols[key], raw.get(cols[key])
+            name, value = cols[key], raw.get(names[key])
             if value is None:
                 if key in required:
                     state = "missing" if name not in raw else "empty" if unit == "row" else "null"
@@ -182,8 +193,8 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
                 problems.append(f"{at}: field '{name}' is {'empty' if not value else 'only whitespace'}")
                 bad = True
         if not bad:
-            records.append(Record(raw[cols["question"]], raw.get(cols["answer"]) or "", raw.get(cols["source"]) or "",
-                                  where))
+            records.append(Record(raw[names["question"]], raw.get(names["answer"]) or "",
+                                  raw.get(names["source"]) or "", where))
     if problems:
         shown = "; ".join(problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""

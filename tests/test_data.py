@@ -97,6 +97,19 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
         data.load_records(chat)
 
 
+def test_field_names_in_another_case_are_read(tmp_path):
+    # a spreadsheet's "Question", "Answer", "Source" headers (or " question "): read without a data.columns mapping,
+    # and not warned about as unknown; an exact name wins over one in another case, which is then unknown
+    rep = data.FileReport("x")
+    (r,) = data.load_records(write(tmp_path, "s.csv", "Question, ANSWER ,Source\nWhat is a mode?,The most common "
+                                                      "value.,Ch. 1\n"), report=rep)
+    assert (r.question, r.answer, r.source) == ("What is a mode?", "The most common value.", "Ch. 1") and not rep.warnings
+    (r,) = data.load_records(write(tmp_path, "b.json", json.dumps([{"Question": "a?", "question": "b?", "answer": "x"}])),
+                             report=rep)
+    assert r.question == "b?" and rep.warnings == [f"{tmp_path / 'b.json'}: unknown field(s) ignored: 'Question' (a "
+                                                   "value in 1 of 1 records)"]
+
+
 def test_not_utf8_and_bad_jsonl_line(tmp_path):
     p = tmp_path / "latin1.json"
     p.write_bytes('[{"question": "Qué?", "answer": "Sí"}]'.encode("latin-1"))
