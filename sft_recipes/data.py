@@ -24,6 +24,7 @@ FIELDS = ("question", "answer", "source")
 REQUIRED = ("question", "answer")
 MAX_LISTED = 20
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # named in their error: save them as CSV
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 # How the data.columns hint at the end of an invalid-records message begins (without_hint cuts it there)
 HINTS = ("map other column names", "these records hold chat transcripts", "the records have the field(s)")
@@ -68,6 +69,9 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     a table ("row", the header not counted)."""
     if path.suffix in (".csv", ".tsv", ".parquet"):
         return "row", list(enumerate(_read_table(path), 1))
+    if path.suffix.lower() in SPREADSHEETS:
+        raise UserError(f"{path}: a spreadsheet's own format is not read here; save it as CSV (Excel: File > Save As > "
+                        "CSV UTF-8; LibreOffice and Numbers: export as CSV) and train on the .csv file.")
     text = _read_text(path)
     if not text.strip():
         raise UserError(f"{path}: the file is empty; expected a JSON array or JSON lines of "

@@ -97,7 +97,7 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
         data.load_records(chat)
 
 
-def test_field_names_in_another_case_are_read(tmp_path):
+def test_spreadsheet_headers_in_any_case_are_read_and_a_workbook_is_named(tmp_path):
     # a spreadsheet's "Question", "Answer", "Source" headers (or " question "): read without a data.columns mapping,
     # and not warned about as unknown; an exact name wins over one in another case, which is then unknown
     rep = data.FileReport("x")
@@ -106,6 +106,10 @@ def test_field_names_in_another_case_are_read(tmp_path):
     assert (r.question, r.answer, r.source) == ("What is a mode?", "The most common value.", "Ch. 1") and not rep.warnings
     (r,) = data.load_records(write(tmp_path, "b.json", json.dumps([{"Question": "a?", "question": "b?", "answer": "x"}])),
                              report=rep)
+    book = tmp_path / "qa.xlsx"  # a workbook (a zip file): named as such, not "not UTF-8 text"
+    book.write_bytes(b"PK\x03\x04\x14\x00\x06\x00")
+    with pytest.raises(UserError, match=r"qa.xlsx: a spreadsheet's own format is not read here; save it as CSV"):
+        data.load_records(book)
     assert r.question == "b?" and rep.warnings == [f"{tmp_path / 'b.json'}: unknown field(s) ignored: 'Question' (a "
                                                    "value in 1 of 1 records)"]
 
