@@ -6,7 +6,7 @@ Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to
 Parquet; only the question field is needed) writes `{question, answer, source, stopped_at_end_of_turn}` lines to
 `out` (RUN/answers_<file name>.jsonl). The run's
 chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
-sampled, with `top_p` and `seed`); `base=true` answers with the base model alone, for comparison.
+sampled, with `top_p` and `seed`); `repetition_penalty=1.2` discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
 With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
 `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
 """
@@ -15,22 +15,24 @@ from __future__ import annotations
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
-         '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] [base=false] '
-         '[batch_size=8]')
+         '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] '
+         '[repetition_penalty=1] [base=false] [batch_size=8]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
-            "top_p": 1.0, "seed": 0, "base": False, "batch_size": 8, "source": ""}
+            "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "base": False, "batch_size": 8, "source": ""}
 
 
-def sampling_args(temperature: float, top_p: float) -> dict:
-    """generate's arguments: greedy at temperature 0, else sampled with temperature and top_p."""
-    return dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+def sampling_args(temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> dict:
+    """generate's arguments: greedy at temperature 0, else sampled with temperature and top_p; a repetition penalty
+    above 1 makes tokens already in the conversation less likely (a small model's greedy loops)."""
+    args = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    return {**args, "repetition_penalty": repetition_penalty} if repetition_penalty != 1 else args
 
 
-def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperature: float = 0.0,
-           top_p: float = 1.0) -> str:
-    """The answer to a conversation: greedy, or sampled when temperature > 0; with `stream`, each piece of text is
+def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None) -> str:
+    """The answer to a conversation: greedy, or per `sampling` (sampling_args); with `stream`, each piece of text is
     passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -44,7 +46,7 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, temperatu
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **sampling_args(temperature, top_p), eos_token_id=tok.eos_token_id,
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **(sampling or sampling_args()), eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]))
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
     pieces = []
@@ -156,9 +158,10 @@ def _cli(argv):
     from .train import template_of
 
     args = runs.parse_args(argv, DEFAULTS, USAGE, __doc__)
-    if args["temperature"] < 0 or not 0 < args["top_p"] <= 1:
-        raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}: temperature must be >= 0 (0 is "
-                        "greedy) and top_p in (0, 1].")
+    if args["temperature"] < 0 or not 0 < args["top_p"] <= 1 or args["repetition_penalty"] <= 0:
+        raise UserError(f"temperature={args['temperature']}, top_p={args['top_p']}, repetition_penalty="
+                        f"{args['repetition_penalty']}: temperature must be >= 0 (0 is greedy), top_p in (0, 1] and "
+                        "repetition_penalty positive (1: none).")
     cfg = runs.config(args["run_dir"])
     checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
@@ -180,12 +183,13 @@ def _cli(argv):
     tok = runs.tokenizer(args["run_dir"])
     model = runs.adapter_model(cfg, args["run_dir"])
     set_seed(args["seed"])
+    sampling = sampling_args(args["temperature"], args["top_p"], args["repetition_penalty"])
     ask = lambda conversation, stream=None: answer(  # noqa: E731
-        model, tok, conversation, args["max_new_tokens"], stream, args["temperature"], args["top_p"])
+        model, tok, conversation, args["max_new_tokens"], stream, sampling)
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
         if args["questions"]:  # (runs.generate repacks the 4-bit layers for inference itself)
             answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],
-                        sampling_args(args["temperature"], args["top_p"]), args["source"])
+                        sampling, args["source"])
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
             who = "base" if args["base"] else "fine-tuned" + (f" ({checkpoint})" if checkpoint else "")

@@ -52,8 +52,12 @@ def test_evaluate_after_train_writes_the_report(tiny_run):
 
 def test_chat_one_shot_and_interactive(tiny_run):
     one = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "prompt=What is a mean?",
-                          "max_new_tokens=5"], capture_output=True, text=True, cwd=ROOT)
+                          "max_new_tokens=5", "repetition_penalty=1.2"], capture_output=True, text=True, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
+    from sft_recipes.chat import sampling_args  # what generate gets: greedy unless sampled, a penalty only if set
+
+    assert sampling_args(repetition_penalty=1.2) == {"do_sample": False, "repetition_penalty": 1.2}
+    assert sampling_args(0.7, 0.9) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
     inter = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "max_new_tokens=4"],
                            input="What is a mean?\n/reset\nAnd a median?\n/exit\n", capture_output=True, text=True,
                            cwd=ROOT)
