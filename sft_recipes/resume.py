@@ -115,16 +115,20 @@ NOT_KEPT = ("resume_from", "dry_run", "debug")  # about this command, not about 
 PATH_KEYS = ("data.train_path", "data.val_path", "data.template_files", "model.name_or_path", "model.adapter")
 
 
+def absolute(path):
+    """A relative path (or list of them) that exists from here, made absolute; anything else as it is."""
+    if isinstance(path, (list, tuple)) or OmegaConf.is_list(path):
+        return [absolute(p) for p in path]
+    return os.path.abspath(path) if isinstance(path, str) and not os.path.isabs(path) and glob.glob(path) else path
+
+
 def run_config(cfg) -> str:
     """RUN_CONFIG's text: the config with its relative paths that exist here (data files, a model folder) made
     absolute, so that a resume from another folder trains on the same files."""
-    def absolute(p):
-        return os.path.abspath(p) if isinstance(p, str) and not os.path.isabs(p) and glob.glob(p) else p
-
     cfg = copy.deepcopy(cfg)
     for key in PATH_KEYS:
         if (v := OmegaConf.select(cfg, key)) is not None:
-            OmegaConf.update(cfg, key, [absolute(p) for p in v] if OmegaConf.is_list(v) else absolute(v), merge=False)
+            OmegaConf.update(cfg, key, absolute(v), merge=False)
     return config.recorded(cfg)
 
 
@@ -172,6 +176,7 @@ def keep_trained_settings(cfg, checkpoint: Path):
     if not (checkpoint / RUN_CONFIG).exists():  # a checkpoint from before this file: resumed as configured
         return cfg
     saved = settings(yaml.safe_load((checkpoint / RUN_CONFIG).read_text()))
+    saved.update({k: absolute(saved[k]) for k in PATH_KEYS if k in saved})  # (checkpoints that kept them relative)
     now = settings(yaml.safe_load(run_config(cfg)))  # (data.train_path=qa.json is the file the run saved absolute)
     changed = {k: v for k, v in saved.items() if k in now and now[k] != v}
     may_change = lambda k: k in MAY_CHANGE_ON_RESUME or k.split(".")[0] in MAY_CHANGE_ON_RESUME  # noqa: E731
