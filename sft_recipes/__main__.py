@@ -1,5 +1,6 @@
 """`python -m sft_recipes [overrides]`: the Hydra app that runs one fine-tuning (or a sweep with -m)."""
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -119,6 +120,10 @@ def cli() -> None:
     if os.environ.get("RANK", "0") != "0":  # the other processes of a launch: the main one reports (errors still do)
         sys.stdout = open(os.devnull, "w")
     try:
+        if home := next((a for a in argv if re.match(r"[\w.+]+=~", a)), None):  # (Hydra's message: a lexer's)
+            key, value = home.split("=", 1)
+            raise UserError(f"{home}: Hydra reads a ~ at the start of a value as its own syntax, and no shell "
+                            f"expands it there; write {key}=$HOME{value[1:]} (or quote it: \"{key}='{value}'\").")
         precheck(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -122,6 +122,18 @@ def absolute(path):
     return os.path.abspath(path) if isinstance(path, str) and not os.path.isabs(path) and glob.glob(path) else path
 
 
+def expand_home(cfg) -> None:
+    """A path that starts with ~ ('~/qa.json', quoted on the command line) means the home folder, as in a shell."""
+    def expand(path):
+        if isinstance(path, (list, tuple)) or OmegaConf.is_list(path):
+            return [expand(p) for p in path]
+        return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+    for key in PATH_KEYS:
+        if (v := OmegaConf.select(cfg, key)) is not None and expand(v) != v:
+            OmegaConf.update(cfg, key, expand(v), merge=False)
+
+
 def run_config(cfg) -> str:
     """RUN_CONFIG's text: the config with its relative paths that exist here (data files, a model folder) made
     absolute, so that a resume from another folder trains on the same files."""

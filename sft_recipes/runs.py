@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .errors import UserError
-from .resume import CHECKPOINT, COMPLETE, PATH_KEYS, RUN_CONFIG, last_checkpoint
+from .resume import CHECKPOINT, COMPLETE, PATH_KEYS, RUN_CONFIG, expand_home, last_checkpoint
 
 
 def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc: str = "") -> Dict[str, object]:
@@ -103,6 +103,7 @@ def config(run_dir) -> object:
         path = Path(run_dir) / RUN_CONFIG
     # onto the schema: typed, and keys added since the run was made get their defaults
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    expand_home(cfg)
     from_launch_dir(cfg, run)
     if not (adapter_dir(run_dir) / "adapter_config.json").exists():
         if cfg.dry_run:

@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, data_digest, finished, holding, keep_trained_settings,
-                     last_checkpoint, refuse_finished, resume_point, run_config, set_on_command_line, value)
+from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, data_digest, expand_home, finished, holding,
+                     keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config,
+                     set_on_command_line, value)
 from .trainer import NonFiniteError, publish
 
 
@@ -284,6 +285,7 @@ def _run(cfg) -> Optional[Path]:
 
     datasets.disable_progress_bars()
     out = Path(cfg.output_dir)
+    expand_home(cfg)
     checkpoint = None if cfg.dry_run else resume_point(cfg, out)
     if checkpoint:  # (checked after: the defaults in place of the run's own data files need not exist)
         cfg = keep_trained_settings(cfg, checkpoint)

@@ -321,6 +321,23 @@ def test_questions_that_trained_the_starting_adapter_are_warned_about(tmp_path, 
             "of the runs whose adapter it trained further, model.adapter)") in r.stdout
 
 
+def test_a_path_in_the_home_folder(tmp_path, tiny_dir):
+    # data.train_path=~/qa.json: no shell expands a ~ there and Hydra's lexer refuses it with a cryptic message; ours
+    # says what to write instead, and a quoted '~/qa.json' means the home folder
+    import shutil
+
+    shutil.copy(TRAIN, tmp_path / "qa.json")
+    r = cli(*tiny_args(tiny_dir, tmp_path / "a", "dry_run=true"), "data.train_path=~/qa.json")
+    assert r.returncode == 2 and r.stderr == ("error: data.train_path=~/qa.json: Hydra reads a ~ at the start of a value "
+                                              "as its own syntax, and no shell expands it there; write "
+                                              "data.train_path=$HOME/qa.json (or quote it: \"data.train_path="
+                                              "'~/qa.json'\").\n")
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", *tiny_args(tiny_dir, tmp_path / "b", "dry_run=true"),
+                        "data.train_path='~/qa.json'"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0 and "Training data: 112 records" in r.stdout, r.stderr[-2000:]
+
+
 def test_lora_settings_that_clash_with_model_adapter_are_refused(tmp_path, tiny_dir):
     # training an adapter further keeps its shape: lora.r=8 on the command line against an r=4 adapter is refused;
     # what the command line does not set (lora.alpha, the targets) is taken from the adapter
