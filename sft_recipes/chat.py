@@ -4,9 +4,9 @@ Interactive: a prompt with history (and line editing in a terminal), tokens stre
 Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts:
 `prompt="..."` prints the answer and exits. A file of questions: `questions=FILE` (JSON, JSONL, CSV, TSV or
 Parquet; only the question field is needed) writes `{question, answer, source, stopped_at_end_of_turn}` lines to
-`out` (RUN/answers_<file name>.jsonl). The run's
-chat template and system prompt are used, as in training. Answers are greedy unless `temperature` > 0 (then
-sampled, with `top_p` and `seed`); `repetition_penalty=1.2` discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
+`out` (RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
+Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.2`
+discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
 With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
 `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
 """

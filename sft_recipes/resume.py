@@ -115,32 +115,35 @@ NOT_KEPT = ("resume_from", "dry_run", "debug")  # about this command, not about 
 PATH_KEYS = ("data.train_path", "data.val_path", "data.template_files", "model.name_or_path", "model.adapter")
 
 
-def absolute(path):
-    """A relative path (or list of them) that exists from here, made absolute; anything else as it is."""
-    if isinstance(path, (list, tuple)) or OmegaConf.is_list(path):
-        return [absolute(p) for p in path]
-    return os.path.abspath(path) if isinstance(path, str) and not os.path.isabs(path) and glob.glob(path) else path
+def each_path(value, fn):
+    """fn applied to a path, or to each path of a list; anything else (null) as it is."""
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return [each_path(v, fn) for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def map_paths(cfg, fn) -> None:
+    """fn applied to every path the config names (PATH_KEYS: data and template files, the model folder, an adapter)."""
+    for key in PATH_KEYS:
+        if (v := OmegaConf.select(cfg, key)) is not None:
+            OmegaConf.update(cfg, key, each_path(v, fn), merge=False)
+
+
+def absolute(path: str) -> str:
+    """A relative path that exists from here, made absolute; any other as it is."""
+    return os.path.abspath(path) if not os.path.isabs(path) and glob.glob(path) else path
 
 
 def expand_home(cfg) -> None:
     """A path that starts with ~ ('~/qa.json', quoted on the command line) means the home folder, as in a shell."""
-    def expand(path):
-        if isinstance(path, (list, tuple)) or OmegaConf.is_list(path):
-            return [expand(p) for p in path]
-        return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
-
-    for key in PATH_KEYS:
-        if (v := OmegaConf.select(cfg, key)) is not None and expand(v) != v:
-            OmegaConf.update(cfg, key, expand(v), merge=False)
+    map_paths(cfg, os.path.expanduser)
 
 
 def run_config(cfg) -> str:
     """RUN_CONFIG's text: the config with its relative paths that exist here (data files, a model folder) made
     absolute, so that a resume from another folder trains on the same files."""
     cfg = copy.deepcopy(cfg)
-    for key in PATH_KEYS:
-        if (v := OmegaConf.select(cfg, key)) is not None:
-            OmegaConf.update(cfg, key, absolute(v), merge=False)
+    map_paths(cfg, absolute)
     return config.recorded(cfg)
 
 
@@ -188,7 +191,7 @@ def keep_trained_settings(cfg, checkpoint: Path):
     if not (checkpoint / RUN_CONFIG).exists():  # a checkpoint from before this file: resumed as configured
         return cfg
     saved = settings(yaml.safe_load((checkpoint / RUN_CONFIG).read_text()))
-    saved.update({k: absolute(saved[k]) for k in PATH_KEYS if k in saved})  # (checkpoints that kept them relative)
+    saved.update({k: each_path(saved[k], absolute) for k in PATH_KEYS if k in saved})  # (kept relative before)
     now = settings(yaml.safe_load(run_config(cfg)))  # (data.train_path=qa.json is the file the run saved absolute)
     changed = {k: v for k, v in saved.items() if k in now and now[k] != v}
     may_change = lambda k: k in MAY_CHANGE_ON_RESUME or k.split(".")[0] in MAY_CHANGE_ON_RESUME  # noqa: E731

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 
 from .errors import UserError
-from .resume import CHECKPOINT, COMPLETE, PATH_KEYS, RUN_CONFIG, expand_home, last_checkpoint
+from .resume import CHECKPOINT, COMPLETE, RUN_CONFIG, expand_home, last_checkpoint, map_paths
 
 
 def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc: str = "") -> Dict[str, object]:
@@ -128,13 +128,11 @@ def from_launch_dir(cfg, run: Path) -> None:
         return
 
     def moved(p):
-        if not isinstance(p, str) or p == "auto" or Path(p).is_absolute() or glob.glob(p):
+        if p == "auto" or Path(p).is_absolute() or glob.glob(p):
             return p
         return str(launched / p) if glob.glob(str(launched / p)) else p
 
-    for key in PATH_KEYS:
-        value = OmegaConf.select(cfg, key)
-        OmegaConf.update(cfg, key, [moved(v) for v in value] if OmegaConf.is_list(value) else moved(value))
+    map_paths(cfg, moved)
 
 
 def tokenizer(run_dir):
