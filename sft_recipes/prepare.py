@@ -250,6 +250,7 @@ class Prepared:
     val_stats: Optional[Stats]
     report: dict  # files, duplicates, leaks, warnings: what data_report.md and the dry run show
     from_cache: bool = False
+    digest: str = ""  # data_digest of the files: a resumed run compares it with its checkpoint's
 
 
 def load_and_split(train_spec, val_spec, opts: Options, reports=None):
@@ -272,15 +273,15 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
 
     train_files = expand(train_spec)
     files = train_files + (expand(val_spec) if val_spec else [])
-    key = None
+    digest, key = data_digest(files), None
     if opts.cache_dir:
-        key = Path(opts.cache_dir) / fingerprint(files, tokenizer, template, {
+        key = Path(opts.cache_dir) / fingerprint(files, digest, tokenizer, template, {
             **asdict(opts), "cache_dir": None, "val": bool(val_spec), "train_files": len(train_files)})
         hit = cache_load(key)
         if hit:
             train, val, meta = hit
             return Prepared(train, val, Stats(**meta["train_stats"]),
-                            Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True)
+                            Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True, digest)
     reports: List[FileReport] = []
     train_records, val_records, dup = load_and_split(train_spec, val_spec, opts, reports)
     for r in reports[:len(train_files)]:
@@ -319,21 +320,29 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
     if key is not None:
         cache_save(key, train, val, {"train_stats": asdict(train_stats),
                                      "val_stats": asdict(val_stats) if val_stats else None, "report": report})
-    return Prepared(train, val, train_stats, val_stats, report)
+    return Prepared(train, val, train_stats, val_stats, report, digest=digest)
 
 
 # ---- the prepared-data cache --------------------------------------------------------------------------------
 
-def fingerprint(files: Sequence[Path], tokenizer, template: Template, options: dict) -> str:
-    """Changes whenever anything that shapes the rows changes: file contents, tokenizer, template, options, our code."""
-    h = hashlib.sha256(__version__.encode())
-    for module in ("data.py", "templates.py", "prepare.py"):  # our own code that shapes the rows, as it is now
-        h.update((Path(__file__).parent / module).read_bytes())
+def data_digest(files: Sequence[Path]) -> str:
+    """SHA-256 of the data files' contents, in order."""
+    h = hashlib.sha256()
     for f in files:
-        h.update(str(f).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(files: Sequence[Path], digest: str, tokenizer, template: Template, options: dict) -> str:
+    """Changes whenever anything that shapes the rows changes: file names and contents (digest: data_digest),
+    tokenizer, template, options, our code."""
+    h = hashlib.sha256(__version__.encode())
+    for module in ("data.py", "templates.py", "prepare.py"):  # our own code that shapes the rows, as it is now
+        h.update((Path(__file__).parent / module).read_bytes())
+    h.update("\0".join(map(str, files)).encode() + digest.encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
              else repr(tokenizer).encode())
     h.update(str(tokenizer.chat_template).encode())

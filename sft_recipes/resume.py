@@ -20,7 +20,7 @@ from .errors import UserError
 # Light on imports (no torch): the CLI checks a run dir with these before Hydra starts.
 COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
-DATA_DIGEST = "data.sha256"  # in each checkpoint: the contents of the data files it was trained on
+DATA_DIGEST = "data.sha256"  # in each checkpoint: prepare.data_digest of the data files it was trained on
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -145,19 +145,6 @@ def run_config(cfg) -> str:
     cfg = copy.deepcopy(cfg)
     map_paths(cfg, absolute)
     return config.recorded(cfg)
-
-
-def data_digest(files) -> str:
-    """SHA-256 of the data files' contents, in order: what DATA_DIGEST holds."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def data_changed(checkpoint: Path, digest: str) -> Optional[str]:

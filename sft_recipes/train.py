@@ -12,9 +12,8 @@ from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, data_digest, expand_home, finished, holding,
-                     keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config,
-                     set_on_command_line, value)
+from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, expand_home, finished, holding, keep_trained_settings,
+                     last_checkpoint, refuse_finished, resume_point, run_config, set_on_command_line, value)
 from .trainer import NonFiniteError, publish
 
 
@@ -50,14 +49,6 @@ def data_paths(cfg):
 
     plain = lambda spec: spec if spec is None or isinstance(spec, str) else list(spec)  # noqa: E731
     return data_specs(plain(cfg.data.train_path), plain(cfg.data.val_path))
-
-
-def data_files(cfg) -> list:
-    """The training files, then the validation files, that data_paths names."""
-    from .data import expand
-
-    train_spec, val_spec = data_paths(cfg)
-    return expand(train_spec) + (expand(val_spec) if val_spec else [])
 
 
 def prepare_data(cfg, tokenizer) -> prepare.Prepared:
@@ -317,8 +308,7 @@ def _run(cfg) -> Optional[Path]:
         raise NothingToDo(f"The run in {out} already finished (step {checkpoint.name.split('-')[1]} of "
                           f"{plan.steps}); its adapter is {out / 'final_model'}. Nothing was changed. To train longer, "
                           "resume with a larger train.max_steps or train.epochs.")
-    digest = data_digest(data_files(cfg))
-    if checkpoint and (changed := data_changed(checkpoint, digest)):
+    if checkpoint and (changed := data_changed(checkpoint, data.digest)):
         print(f"warning: {changed}")
     if plan.advice:
         print(f"warning: {plan.advice}")
@@ -359,7 +349,7 @@ def _run(cfg) -> Optional[Path]:
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
-            checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: digest},
+            checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: data.digest},
             **build.compile_kwargs(cfg),
         )
     except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights
