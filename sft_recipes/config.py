@@ -64,7 +64,7 @@ class ColumnsConfig:
 
 @dataclass
 class DataConfig:
-    # a file (JSON, JSONL, CSV, Parquet), a folder, a glob, or a list of these: [a.json,more/*.jsonl]
+    # a file (JSON, JSONL, CSV, TSV, Parquet), a folder (of such files, or a save_to_disk one), a glob, or a list
     train_path: Any = "data/training_data/sft_sample.json"
     # auto: the file beside a single training file named <name>_val<suffix> (sft_sample_val.json here), if there is
     # one; null (or auto without one): split off val_fraction of the training data (0: no validation)

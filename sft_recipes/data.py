@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shlex
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -64,9 +65,18 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read ({e.strerror}).") from None
 
 
+def saved_dataset(folder: Path) -> Optional[str]:
+    """"dataset" for a folder that `datasets`' Dataset.save_to_disk wrote, "dict" for a DatasetDict's, else None."""
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        return "dataset"
+    return "dict" if (folder / "dataset_dict.json").is_file() else None
+
+
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record") or
-    a table ("row", the header not counted)."""
+    a table ("row", the header not counted; a save_to_disk folder's rows too)."""
+    if path.is_dir():  # (expand lets only a save_to_disk Dataset folder through)
+        return "row", list(enumerate(_read_table(path), 1))
     if path.suffix in (".csv", ".tsv", ".parquet"):
         return "row", list(enumerate(_read_table(path), 1))
     if path.suffix.lower() in SPREADSHEETS:
@@ -105,14 +115,18 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
 
 
 def _read_table(path: Path) -> List[dict]:
-    """CSV and TSV rows as text (a cell of digits is text too), Parquet rows as `datasets` types them."""
-    if path.suffix == ".parquet":
+    """CSV and TSV rows as text (a cell of digits is text too), Parquet and save_to_disk rows as `datasets` types
+    them."""
+    if path.suffix == ".parquet" or path.is_dir():
         import datasets
 
         try:
+            if path.is_dir():
+                return datasets.load_from_disk(str(path)).to_list()
             return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
         except Exception as e:  # the loader raises many types; all mean "cannot read this file"
-            raise UserError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e}).") from None
+            what = "a datasets save_to_disk folder" if path.is_dir() else "Parquet"
+            raise UserError(f"{path}: cannot be read as {what} ({type(e).__name__}: {e}).") from None
     import csv
     import io
 
@@ -216,7 +230,8 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
 
 
 def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
-    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.tsv/*.parquet), glob, or a list of these."""
+    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.tsv/*.parquet), glob, or a list of these. A folder
+    that `datasets`' save_to_disk wrote is one entry, read as a whole; a DatasetDict's is refused, naming its splits."""
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     files: List[Path] = []
     for item in map(str, items):
@@ -225,6 +240,10 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
             if not found:
                 raise UserError(f"No data files match {item}.")
             files += found
+        elif Path(item).is_dir() and (saved := saved_dataset(Path(item))):
+            if saved == "dict":
+                raise UserError(_dataset_dict_hint(Path(item)))
+            files.append(Path(item))
         elif Path(item).is_dir():
             found = sorted(f for f in Path(item).iterdir() if f.suffix in SUFFIXES)
             if not found:
@@ -235,6 +254,17 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
         else:
             raise UserError(f"Data file {item} does not exist.")
     return files
+
+
+def _dataset_dict_hint(folder: Path) -> str:
+    """What to write for a DatasetDict folder: its splits are save_to_disk folders of their own."""
+    splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits") or ["train"]
+    train = "train" if "train" in splits else splits[0]
+    held_out = [s for s in splits if s != train and HELD_OUT.search(s.lower())] or [s for s in splits if s != train]
+    name = lambda split: shlex.quote(f"data.train_path={folder / split}")  # noqa: E731
+    return (f"{folder} holds a DatasetDict (datasets' save_to_disk) with the split(s) {', '.join(splits)}: name a "
+            f"split's folder, {name(train)}" + (f" {shlex.quote(f'data.val_path={folder / held_out[0]}')}"
+                                                 if held_out else "") + ".")
 
 
 def data_specs(train_spec, val_spec):

@@ -326,12 +326,14 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
 # ---- the prepared-data cache --------------------------------------------------------------------------------
 
 def data_digest(files: Sequence[Path]) -> str:
-    """SHA-256 of the data files' contents, in order."""
+    """SHA-256 of the data files' contents, in order (a save_to_disk folder: its files', by name)."""
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        for part in sorted(p for p in Path(f).rglob("*") if p.is_file()) if Path(f).is_dir() else [f]:
+            h.update(str(part.relative_to(f)).encode() if part != f else b"")
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 

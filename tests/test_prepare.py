@@ -61,6 +61,36 @@ def test_folder_glob_list_csv_tsv_and_parquet_with_column_mapping(tmp_path):
         data.load_many(str(tmp_path / "*.xml"))
 
 
+def test_datasets_save_to_disk_folders(tmp_path, tokenizer):
+    """A Dataset saved with `datasets`' save_to_disk is read as one table (not its JSON metadata files); a
+    DatasetDict's folder is refused with the splits' folders to name; the prepared-data cache sees an edit."""
+    import datasets
+
+    records = json.loads(TRAIN.read_text())
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:80]),
+                          "test": datasets.Dataset.from_list(records[80:])}).save_to_disk(str(tmp_path / "qa"))
+    with pytest.raises(UserError) as e:
+        data.load_many(str(tmp_path / "qa"))
+    assert str(e.value) == (f"{tmp_path / 'qa'} holds a DatasetDict (datasets' save_to_disk) with the split(s) train, "
+                            f"test: name a split's folder, data.train_path={tmp_path / 'qa' / 'train'} "
+                            f"data.val_path={tmp_path / 'qa' / 'test'}.")
+    train = data.load_many(str(tmp_path / "qa" / "train"))
+    assert [r.as_dict() for r in train] == [{"source": "", **r} for r in records[:80]]
+    assert train[3].where == f"{tmp_path / 'qa' / 'train'}, row 4"
+    opts = prepare.Options(max_length=512, cache_dir=str(tmp_path / "cache"))
+    split = lambda name: str(tmp_path / "qa" / name)  # noqa: E731
+    first = prepare.prepare(split("train"), split("test"), tokenizer, templates.get("chat"), opts)
+    assert (len(first.train), len(first.val)) == (80, 32)
+    assert prepare.prepare(split("train"), split("test"), tokenizer, templates.get("chat"), opts).from_cache
+    datasets.Dataset.from_list(records[:79]).save_to_disk(str(tmp_path / "qa" / "train"))  # one record less
+    again = prepare.prepare(split("train"), split("test"), tokenizer, templates.get("chat"), opts)
+    assert not again.from_cache and len(again.train) == 79 and again.digest != first.digest
+    datasets.Dataset.from_list([rec("Q?", "A.")] + [{"question": "Q2?", "answer": None, "source": "s"}]).save_to_disk(
+        str(tmp_path / "bad"))
+    with pytest.raises(UserError, match=r"1 invalid record\(s\) in .*bad: row 2: field 'answer' is empty"):
+        data.load_many(str(tmp_path / "bad"))
+
+
 def test_all_files_are_checked_before_failing(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"question": "Q"}]))
     (tmp_path / "b.json").write_text("[oops")
