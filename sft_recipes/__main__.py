@@ -45,6 +45,10 @@ def main(cfg):
         if cfg.debug:
             raise
         stopped(Path(cfg.output_dir))
+    except Exception:  # a crash: the traceback, with the resumed run's .hydra/ files as they were
+        if not in_sweep():
+            _leave_as_found(Path(cfg.output_dir))
+        raise
 
 
 def in_sweep() -> bool:

@@ -112,7 +112,7 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
 
 def load_questions(spec, columns: dict):
     """The records of question files, read with the run's column names, or else with the plain ones."""
-    from .data import DEFAULT_COLUMNS, load_many, without_hint
+    from .data import DEFAULT_COLUMNS, load_many, shown, without_hint
     from .errors import UserError
 
     try:
@@ -126,7 +126,7 @@ def load_questions(spec, columns: dict):
             pass
     also = "" if columns == DEFAULT_COLUMNS else ", or from 'question'"
     raise UserError(f"{without_hint(error).rstrip('.')}. (The questions are read from the run's question column, "
-                    f"'{columns['question']}'{also}.)")
+                    f"{shown(columns['question'])}{also}.)")
 
 
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
@@ -166,9 +166,11 @@ def _cli(argv):
     checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
     if args["questions"]:  # read and check them before any model loads
+        from omegaconf import OmegaConf
+
         from .data import expand
 
-        records = load_questions(args["questions"], dict(cfg.data.columns))
+        records = load_questions(args["questions"], OmegaConf.to_container(cfg.data.columns))
         files = expand(args["questions"])
         name = f"answers_{files[0].stem}" + (f"_{checkpoint}" if checkpoint else "")
         out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")

@@ -56,10 +56,11 @@ class QuantizationConfig:
 
 @dataclass
 class ColumnsConfig:
-    """The names of our fields in the input files (e.g. data.columns.question=prompt for a CSV)."""
-    question: str = "question"
-    answer: str = "answer"
-    source: str = "source"
+    """The names of our fields in the input files (e.g. data.columns.question=prompt for a CSV), or a list of names
+    whose texts are joined, one per line ('data.columns.question=[instruction,input]' for Alpaca's records)."""
+    question: Any = "question"
+    answer: Any = "answer"
+    source: Any = "source"
 
 
 @dataclass
@@ -332,6 +333,12 @@ def check(cfg: Config) -> None:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1).")
     if d.split_by not in ("record", "source"):
         problems.append(f"data.split_by={d.split_by} must be record or source.")
+    for key, names in d.columns.items():
+        names = OmegaConf.to_container(names) if OmegaConf.is_list(names) else names
+        if not (isinstance(names, str) and names or isinstance(names, list) and names
+                and all(isinstance(n, str) and n for n in names)):
+            problems.append(f"data.columns.{key}={names} must be a field name, or a list of names whose texts "
+                            f"are joined ('data.columns.{key}=[a,b]').")
     for key, spec in (("train_path", d.train_path), ("val_path", val_spec)):
         if spec is None and key == "val_path":
             continue

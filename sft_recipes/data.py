@@ -156,8 +156,12 @@ def _column_hint(missing: set, extra: dict) -> str:
     if chat := extra.keys() & {"messages", "conversations"}:
         return (f"{HINTS[1]} ('{min(chat)}'), not question/answer pairs: write each user turn as 'question' and the "
                 "assistant's reply as 'answer'")
-    guess = " ".join(f"data.columns.{k}=" + next((a for a in ALIASES[k] if a in extra), "NAME") for k in sorted(
-        missing, key=FIELDS.index))
+    def mapping(key: str) -> str:
+        if key == "question" and {"instruction", "input"} <= extra.keys():  # Alpaca: the input belongs to the question
+            return "'data.columns.question=[instruction,input]'"
+        return f"data.columns.{key}=" + next((a for a in ALIASES[key] if a in extra), "NAME")
+
+    guess = " ".join(mapping(k) for k in sorted(missing, key=FIELDS.index))
     return f"{HINTS[2]} {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
 
 
@@ -166,19 +170,30 @@ def without_hint(message: str) -> str:
     return re.split("; (?:" + "|".join(map(re.escape, HINTS)) + ")", message)[0]
 
 
-def _names(raw: dict, cols: Dict[str, str]) -> Dict[str, str]:
-    """Our field -> the record's key for it: the name in `cols`, or else the one key that differs from it only in
-    case or surrounding spaces (a spreadsheet's "Question" column)."""
-    names = {}
-    for key, name in cols.items():
-        alike = [k for k in raw if isinstance(k, str) and k.strip().casefold() == name.casefold()]
-        names[key] = name if name in raw or len(alike) != 1 else alike[0]
-    return names
+Columns = Dict[str, Union[str, List[str]]]  # our field -> the file's name for it, or the names joined into it
 
 
-def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = None,
+def listed(name: Union[str, Sequence[str]]) -> List[str]:
+    """A data.columns value as a list of names: a name, or several whose texts are joined (Alpaca's instruction
+    and input into the question)."""
+    return [name] if isinstance(name, str) else list(name)
+
+
+def shown(name: Union[str, Sequence[str]]) -> str:
+    return " + ".join(f"'{n}'" for n in listed(name))
+
+
+def _key(raw: dict, name: str) -> str:
+    """The record's key for a field name: the name, or else the one key that differs from it only in case or
+    surrounding spaces (a spreadsheet's "Question" column)."""
+    alike = [k for k in raw if isinstance(k, str) and k.strip().casefold() == name.casefold()]
+    return name if name in raw or len(alike) != 1 else alike[0]
+
+
+def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
-    """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt);
+    """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt), or to
+    a list of names whose non-empty texts are joined, one per line (question -> [instruction, input]);
     `required` (question and answer) must be non-empty strings, the other fields strings if present."""
     p = Path(path)
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
@@ -189,44 +204,57 @@ def load_records(path: Union[str, Path], columns: Optional[Dict[str, str]] = Non
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
-            problems.append(f"{at}: expected an object with " + " and ".join(f"'{cols[k]}'" for k in required)
+            problems.append(f"{at}: expected an object with " + " and ".join(shown(cols[k]) for k in required)
                             + f", found {type(raw).__name__}")
             continue
-        names = _names(raw, cols)
-        for k in raw.keys() - names.values():
+        keys = {key: [_key(raw, name) for name in listed(cols[key])] for key in FIELDS}
+        for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
-        bad = False
+        text, bad = {}, False
         for key in FIELDS:
-            name, value = cols[key], raw.get(names[key])
-            if value is None:
-                if key in required:
-                    state = "missing" if name not in raw else "empty" if unit == "row" else "null"
-                    problems.append(f"{at}: field '{name}' is {state}")
-                    bad = True
-                    missing.add(key)
-            elif not isinstance(value, str):
-                problems.append(f"{at}: field '{name}' must be a string, found {type(value).__name__}")
+            names, values = listed(cols[key]), [raw.get(k) for k in keys[key]]
+            if wrong := [(name, v) for name, v in zip(names, values) if v is not None and not isinstance(v, str)]:
+                problems += [f"{at}: field '{name}' must be a string, found {type(v).__name__}" for name, v in wrong]
                 bad = True
-            elif key in required and not value.strip():
-                problems.append(f"{at}: field '{name}' is {'empty' if not value else 'only whitespace'}")
-                bad = True
+                continue
+            text[key] = "\n".join(v for v in values if v and v.strip()) if len(names) > 1 else values[0] or ""
+            if key not in required or text[key].strip():
+                continue
+            bad = True
+            if len(names) > 1:
+                problems.append(f"{at}: fields {shown(names)} are all missing or empty")
+                missing.add(key)
+            elif values[0] is None:
+                state = "missing" if keys[key][0] not in raw else "empty" if unit == "row" else "null"
+                problems.append(f"{at}: field '{names[0]}' is {state}")
+                missing.add(key)
+            else:
+                problems.append(f"{at}: field '{names[0]}' is {'empty' if not values[0] else 'only whitespace'}")
         if not bad:
-            records.append(Record(raw[names["question"]], raw.get(names["answer"]) or "",
-                                  raw.get(names["source"]) or "", where))
+            records.append(Record(text["question"], text["answer"], text["source"], where))
     if problems:
-        shown = "; ".join(problems[:MAX_LISTED])
+        listing = "; ".join(problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        optional = " and ".join(f"'{cols[k]}'" for k in FIELDS if k not in required)
-        raise UserError(f"{len(problems)} invalid record(s) in {p}: {shown}{more}. Each record needs non-empty "
-                        "string fields " + " and ".join(f"'{cols[k]}'" for k in required) + f" ({optional} "
+        optional = " and ".join(shown(cols[k]) for k in FIELDS if k not in required)
+        raise UserError(f"{len(problems)} invalid record(s) in {p}: {listing}{more}. Each record needs non-empty "
+                        "string fields " + " and ".join(shown(cols[k]) for k in required) + f" ({optional} "
                         f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'}"
                         f"); {_column_hint(missing, extra)}.")
     if report is not None:
         report.records = len(records)
         if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
             report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
-                f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items())))
+                f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))
+                + _join_hint(cols["question"], [k for k, n in extra.items() if n and k in ALIASES["question"]]))
     return records
+
+
+def _join_hint(question, ignored: List[str]) -> str:
+    """For an ignored field that often holds part of the question (Alpaca's 'input'): the mapping that joins it."""
+    if not ignored:
+        return ""
+    names = ",".join(listed(question) + ignored)
+    return f"; 'data.columns.question=[{names}]' joins {shown(ignored)} to the question, one per line"
 
 
 def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
@@ -300,7 +328,7 @@ def held_out_warning(path: Union[str, Path]) -> Optional[str]:
     return None
 
 
-def load_many(spec, columns: Optional[Dict[str, str]] = None,
+def load_many(spec, columns: Optional[Columns] = None,
               reports: Optional[List[FileReport]] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """All records of all files in `spec`; every file is validated before the first error is raised."""
     records, errors = [], []
@@ -395,7 +423,7 @@ def overlap(train: Iterable[Record], val: Iterable[Record]) -> List[Record]:
     return [r for r in val if normalize(r.question) in seen]
 
 
-def validate_main(paths: List[str], columns: Optional[Dict[str, str]] = None) -> int:
+def validate_main(paths: List[str], columns: Optional[Columns] = None) -> int:
     """Check files and print a summary table; 0 if all are valid, 2 otherwise."""
     rows, status = [], 0
     for path in expand(paths) if paths else []:
@@ -424,13 +452,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="validate files, folders or globs and print a summary table")
     v.add_argument("paths", nargs="+")
-    v.add_argument("--column", action="append", default=[], metavar="FIELD=NAME",
-                   help="map a field to a column name, e.g. --column question=prompt")
+    v.add_argument("--column", action="append", default=[], metavar="FIELD=NAME[,NAME]",
+                   help="map a field to a column name, e.g. --column question=prompt; several names are joined, one "
+                        "per line (--column question=instruction,input)")
     args = parser.parse_args(argv)
     # CSV and Parquet are read through datasets: no progress bars, and no import of it for JSON files
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
-        columns = dict(c.split("=", 1) for c in args.column)
+        columns = {k: names.split(",") if "," in names else names
+                   for k, names in (c.split("=", 1) for c in args.column)}
         return validate_main(args.paths, columns)
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

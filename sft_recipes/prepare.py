@@ -238,7 +238,7 @@ class Options:
     split_by: str = "record"
     seed: int = 42
     system_prompt: Optional[str] = None
-    columns: Optional[Dict[str, str]] = None
+    columns: Optional[dict] = None  # data.columns (sft_recipes.data.load_records)
     cache_dir: Optional[str] = None  # None: no cache
 
 

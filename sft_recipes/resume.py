@@ -190,8 +190,9 @@ def keep_trained_settings(cfg, checkpoint: Path):
                         "validation and compilation): drop the override, or start a new run without resume_from (with "
                         f"model.adapter={checkpoint} it starts from this checkpoint's adapter).")
     if kept := {k: v for k, v in changed.items() if not set_here(k)}:
-        for k, v in kept.items():
-            OmegaConf.update(cfg, k, v, merge=False)
+        for k, v in kept.items():  # a typed group of keys (data.columns) takes the saved values; a dict is replaced
+            node = OmegaConf.select(cfg, k)
+            OmegaConf.update(cfg, k, v, merge=OmegaConf.is_dict(node) and OmegaConf.get_type(node) is not dict)
         print("Resuming with the settings the run was trained with: "
               + ", ".join(f"{k}={value(v)}" for k, v in kept.items()))
         if HydraConfig.initialized() and os.environ.get("RANK", "0") == "0":
@@ -210,7 +211,8 @@ def set_on_command_line(key: str) -> bool:
         return False
     given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
     group = key.split(".")[0]
-    return key in given or group in given or ("preset" in given and group in ("train", "data"))
+    return (key in given or group in given or any(g.startswith(f"{key}.") for g in given)  # data.columns.question=
+            or ("preset" in given and group in ("train", "data")))
 
 
 def value(v) -> str:

@@ -199,16 +199,20 @@ def test_resume_from_a_run_or_its_checkpoint(tmp_path, tiny_dir):
 def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, tiny_dir, monkeypatch):
     # a run on the user's own files (relative paths, none of the defaults' files there): resume_from alone, from the
     # same folder or another, trains on the same files (each checkpoint holds their absolute paths); it failed on
-    # the default data.train_path before the run's own settings were read
+    # the default data.train_path before the run's own settings were read. The files are Alpaca's (data.columns,
+    # with a list: a resume that kept data.columns failed on its typed config)
     import shutil
 
     from sft_recipes import runs
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir(), elsewhere.mkdir()
-    shutil.copy(TRAIN, project / "qa.json"), shutil.copy(VAL, project / "qa_val.json")
+    for source, name in ((TRAIN, "qa.json"), (VAL, "qa_val.json")):
+        (project / name).write_text(json.dumps([{"instruction": r["question"], "input": "", "output": r["answer"]}
+                                                for r in json.loads(source.read_text())]))
     args = [f"model.name_or_path={tiny_dir}", "model.embedded=null", "quantization=none", "preset=fast_test",
-            "data.train_path=qa.json", "train.report_to=[]", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
+            "data.train_path=qa.json", "data.columns.question=[instruction,input]", "data.columns.answer=output",
+            "train.report_to=[]", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
     assert cli(*args, "hydra.run.dir=outputs/run", cwd=project).returncode == 0
     run = project / "outputs" / "run"
     loss = lambda: next(h["loss"] for h in state(run / "checkpoint-4")["log_history"] if h["step"] == 4)  # noqa: E731
@@ -219,13 +223,14 @@ def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, 
         assert r.returncode == 0, r.stderr[-3000:]
         kept = next(line for line in r.stdout.splitlines() if line.startswith("Resuming with the settings"))
         assert f"data.train_path={project / 'qa.json'}, " in kept and f"model.name_or_path={tiny_dir}, " in kept
+        assert 'data.columns={"question": ["instruction", "input"], "answer": "output", "source": "source"}' in kept
         assert f"Validation data: {project / 'qa_val.json'} (beside the training file" in r.stdout
         assert abs(loss() - first) < 1e-3 and "data files changed" not in r.stdout
     monkeypatch.chdir(elsewhere)  # evaluate, chat and merge from there find the files too
     assert runs.config(run).data.train_path == str(project / "qa.json")
     # the data file edited since (a record fixed): the resume goes on with it and says so
     records = json.loads((project / "qa.json").read_text())
-    (project / "qa.json").write_text(json.dumps([{**records[0], "answer": "Fixed."}] + records[1:]))
+    (project / "qa.json").write_text(json.dumps([{**records[0], "output": "Fixed."}] + records[1:]))
     shutil.rmtree(run / "checkpoint-4"), shutil.rmtree(run / "final_model")
     r = cli(f"resume_from={run}", cwd=elsewhere)
     assert r.returncode == 0 and ("warning: the data files changed since checkpoint-2 was saved: the run goes on with "

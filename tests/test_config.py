@@ -123,6 +123,8 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("model.attn_implementation=spda", "model.attn_implementation=spda is not one of eager, "),
     ("model.attn_implementation=flash_attention_2", "flash_attention_2 needs a CUDA GPU and the flash_attn package"),
     ("train.report_to=[tensorboard,swanlab]", "train.report_to: swanlab is not installed here; install it or leave it out"),
+    ("data.columns.question=[]", "data.columns.question=[] must be a field name, or a list of names whose texts are"),
+    ("data.columns.answer=[output,3]", "data.columns.answer=['output', 3] must be a field name"),
 ])
 def test_cross_field_checks_name_the_fix(override, message):
     pattern = message.replace("[", r"\[").replace("|", r"\|").replace("(", r"\(").replace(")", r"\)")

@@ -80,7 +80,25 @@ def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
     rows = [{"question": "Q", "answer": "A", "id": 3, "input": "context"}, {"question": "Q2", "answer": "A", "input": ""}]
     records = data.load_records(write(tmp_path, "x.json", json.dumps(rows)), report=rep)
     assert len(records) == 2 and rep.warnings == [f"{tmp_path / 'x.json'}: unknown field(s) ignored: 'id' (a value in "
-                                                  "1 of 2 records), 'input' (a value in 1 of 2 records)"]
+                                                  "1 of 2 records), 'input' (a value in 1 of 2 records); 'data.columns."
+                                                  "question=[question,input]' joins 'input' to the question, one per line"]
+
+
+def test_several_columns_join_into_one_field(tmp_path):
+    """Alpaca's instruction and input make the question: the non-empty texts, one per line."""
+    rows = [{"instruction": "Summarize.", "input": "The mean is the sum over the count.", "output": "sum / n"},
+            {"instruction": "What is a median?", "input": "", "output": "The middle value."},
+            {"instruction": "  ", "input": None, "output": "A."}, {"instruction": "Q", "input": 3, "output": "A."}]
+    path = write(tmp_path, "alpaca.json", json.dumps(rows))
+    columns = {"question": ["instruction", "input"], "answer": "output"}
+    with pytest.raises(UserError) as e:
+        data.load_records(path, columns)
+    assert (f"2 invalid record(s) in {path}: record 3: fields 'instruction' + 'input' are all missing or empty; record "
+            "4: field 'input' must be a string, found int. Each record needs non-empty string fields 'instruction' + "
+            "'input' and 'output' ('source' is an optional string)") in str(e.value)
+    records = data.load_records(write(tmp_path, "ok.json", json.dumps(rows[:2])), columns)
+    assert [(r.question, r.answer) for r in records] == [("Summarize.\nThe mean is the sum over the count.", "sum / n"),
+                                                         ("What is a median?", "The middle value.")]
 
 
 def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
@@ -88,8 +106,8 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
     with pytest.raises(UserError) as e:
         data.load_records(alpaca)
     assert str(e.value).endswith("the records have the field(s) 'input', 'instruction', 'output': map them with "
-                                 "data.columns.question=instruction data.columns.answer=output.")
-    (r,) = data.load_records(alpaca, {"question": "instruction", "answer": "output"})  # the hint, followed
+                                 "'data.columns.question=[instruction,input]' data.columns.answer=output.")
+    (r,) = data.load_records(alpaca, {"question": ["instruction", "input"], "answer": "output"})  # the hint, followed
     assert (r.question, r.answer) == ("Q?", "A.")
     chat = write(tmp_path, "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "Q?"},
                                                                   {"role": "assistant", "content": "A."}]}))

@@ -255,3 +255,8 @@ def test_validate_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sft_recipes.data", "validate", str(ROOT / "tests" / "broken")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "INVALID" in bad.stdout and "Traceback" not in bad.stderr
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "Summarize.", "input": "Text.", "output": "A."}) + "\n")
+    mapped = subprocess.run([sys.executable, "-m", "sft_recipes.data", "validate", str(alpaca), "--column",
+                             "question=instruction,input", "--column", "answer=output"], capture_output=True, text=True)
+    assert mapped.returncode == 0 and " ok " in mapped.stdout and "ignored" not in mapped.stdout, mapped.stdout
