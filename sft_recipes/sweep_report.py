@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import List
@@ -151,6 +152,10 @@ class SummaryCallback(Callback):
         if sweep_dir.is_dir():
             rows = summarize(sweep_dir)
             print(f"Sweep summary ({len(rows)} jobs): {sweep_dir / 'summary.md'}")
+            if (best := rows[0] if rows else None) and best["status"] == "done" and best["best_eval_loss"] is not None:
+                print(f"Lowest validation loss: job {best['job']} ({best['overrides'] or 'the only job'}), "
+                      f"{best['best_eval_loss']:.4f}. Ask it questions: python -m sft_recipes.chat "
+                      f"run_dir={shlex.quote(str(sweep_dir / best['job']))}")
 
 
 def main(argv=None) -> int:

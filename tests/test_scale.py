@@ -95,6 +95,9 @@ def test_sweep_summary_from_a_real_multirun(tmp_path, tiny_dir):
     assert "| lora.r=4 |" in md.replace("| done ", "") or "lora.r=4" in md
     losses = [float(row.split(",")[3]) for row in rows[1:]]
     assert losses == sorted(losses)  # best validation loss first
+    best = rows[1].split(",")
+    assert (f"Lowest validation loss: job {best[0]} ({best[2]}), {losses[0]:.4f}. Ask it questions: python -m "
+            f"sft_recipes.chat run_dir={sweep / best[0]}") in r.stdout
     assert (sweep / "summary.png").stat().st_size > 1000
     (sweep / "summary.csv").unlink()
     again = subprocess.run([sys.executable, "-m", "sft_recipes.sweep_report", str(sweep)], capture_output=True,
