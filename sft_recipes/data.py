@@ -73,8 +73,8 @@ def saved_dataset(folder: Path) -> Optional[str]:
 
 
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
-    """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record") or
-    a table ("row", the header not counted; a save_to_disk folder's rows too)."""
+    """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record"; or in the one
+    list of an object, {"data": [...]}) or a table ("row", the header not counted; a save_to_disk folder's rows too)."""
     if path.is_dir():  # (expand lets only a save_to_disk Dataset folder through)
         return "row", list(enumerate(_read_table(path), 1))
     if path.suffix in (".csv", ".tsv", ".parquet"):
@@ -104,12 +104,13 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
                             f"JSON; {', '.join(SUFFIXES)} name the formats read here)")
                     raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}){kind}.") from None
         return "line", rows
+    lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
+    if len(lists) == 1 and all(isinstance(r, dict) for r in value[lists[0]]):  # {"data": [records], "version": ...}
+        value = value[lists[0]]
     if not isinstance(value, list):
-        found = f"a {type(value).__name__}"
-        if isinstance(value, dict):
-            lists = [k for k, v in value.items() if isinstance(v, list)]
-            found = (f"an object; the records may be the list under '{lists[0]}': save that list alone" if lists
-                     else f"an object with the key(s) {', '.join(map(repr, value))}")
+        found = (f"an object with the lists {', '.join(map(repr, lists))}: save the records to train on in a file of "
+                 "their own" if lists else f"an object with the key(s) {', '.join(map(repr, value))}"
+                 if isinstance(value, dict) else f"a {type(value).__name__}")
         raise UserError(f"{path}: expected a JSON array of records, found {found}.")
     return "record", list(enumerate(value, 1))
 

@@ -84,6 +84,16 @@ def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
                                                   "question=[question,input]' joins 'input' to the question, one per line"]
 
 
+def test_records_in_the_one_list_of_an_object_are_read(tmp_path):
+    """{"version": ..., "data": [records]}, as many exports write it: the one list is the records."""
+    path = write(tmp_path, "wrapped.json", json.dumps({"version": "1.0", "data": [{"question": "Q?", "answer": "A."},
+                                                                                  {"question": "Q2?"}]}))
+    with pytest.raises(UserError, match=r"wrapped.json: record 2: field 'answer' is missing"):
+        data.load_records(path)
+    path = write(tmp_path, "wrapped.json", json.dumps({"version": "1.0", "data": [{"question": "Q?", "answer": "A."}]}))
+    assert [r.question for r in data.load_records(path)] == ["Q?"]
+
+
 def test_several_columns_join_into_one_field(tmp_path):
     """Alpaca's instruction and input make the question: the non-empty texts, one per line."""
     rows = [{"instruction": "Summarize.", "input": "The mean is the sum over the count.", "output": "sum / n"},
