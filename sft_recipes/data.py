@@ -28,7 +28,7 @@ SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # named in their error: save them as CSV
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 # How the data.columns hint at the end of an invalid-records message begins (without_hint cuts it there)
-HINTS = ("map other column names", "these records hold chat transcripts", "the records have the field(s)")
+HINTS = ("map other column names", "the records have the field(s)")
 # Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
 ALIASES = {"question": ("instruction", "prompt", "query", "input", "q"),
            "answer": ("output", "response", "completion", "target", "a")}
@@ -40,6 +40,7 @@ class Record:
     answer: str
     source: str = ""
     where: str = ""  # "FILE, record N" (or line N) for messages
+    system: Optional[str] = None  # a chat transcript's system message (prepare checks it is the run's system prompt)
 
     def as_dict(self) -> dict:
         return {"question": self.question, "answer": self.answer, "source": self.source}
@@ -154,16 +155,13 @@ def _column_hint(missing: set, extra: dict) -> str:
     way it can begin is in HINTS."""
     if not (missing and extra):
         return f"{HINTS[0]} with data.columns.question=NAME etc"
-    if chat := extra.keys() & {"messages", "conversations"}:
-        return (f"{HINTS[1]} ('{min(chat)}'), not question/answer pairs: write each user turn as 'question' and the "
-                "assistant's reply as 'answer'")
     def mapping(key: str) -> str:
         if key == "question" and {"instruction", "input"} <= extra.keys():  # Alpaca: the input belongs to the question
             return "'data.columns.question=[instruction,input]'"
         return f"data.columns.{key}=" + next((a for a in ALIASES[key] if a in extra), "NAME")
 
     guess = " ".join(mapping(k) for k in sorted(missing, key=FIELDS.index))
-    return f"{HINTS[2]} {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
+    return f"{HINTS[1]} {', '.join(map(repr, sorted(extra)))}: map them with {guess}"
 
 
 def without_hint(message: str) -> str:
@@ -191,6 +189,33 @@ def _key(raw: dict, name: str) -> str:
     return name if name in raw or len(alike) != 1 else alike[0]
 
 
+CHATS = ("messages", "conversations")  # a chat transcript's field: OpenAI's {role, content}, ShareGPT's {from, value}
+ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's role names
+
+
+def exchange(turns, answered: bool = True) -> Tuple[Optional[Tuple[str, str, Optional[str]]], str]:
+    """A chat transcript of one exchange (a system message, optional; a user turn; the assistant's reply, which
+    `answered=False` lets go) as ((question, answer, system), ""), or (None, what is wrong with it)."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None, "must be a list of {role, content} objects"
+    roles, texts = [], []
+    for n, turn in enumerate(turns, 1):
+        role, text = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+        if not isinstance(text, str):
+            return None, f"turn {n}: its content must be a string, found {type(text).__name__}"
+        roles.append(ROLES.get(role, role))
+        texts.append(text)
+    system = texts.pop(0) if roles[:1] == ["system"] else None
+    turns_are = roles[1:] if system is not None else roles
+    if turns_are not in [["user", "assistant"]] + ([["user"]] if not answered else []):
+        return None, (f"holds the turns {', '.join(map(str, roles)) or '(none)'}: a record is one exchange (a system "
+                      "message, optional; a user turn; the assistant's reply); conversations of several turns are not "
+                      "trained here")
+    if not texts[0].strip() or answered and not texts[1].strip():
+        return None, "has an empty user turn or reply"
+    return (texts[0], texts[1] if len(texts) > 1 else "", system), ""
+
+
 def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt), or to
@@ -209,6 +234,15 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                             + f", found {type(raw).__name__}")
             continue
         keys = {key: [_key(raw, name) for name in listed(cols[key])] for key in FIELDS}
+        chat = next((k for k in CHATS if k in raw), None)
+        if chat and not any(k in raw for k in keys["question"]):  # a chat transcript of one exchange
+            turns, problem = exchange(raw[chat], answered="answer" in required)
+            if problem:
+                problems.append(f"{at}: field '{chat}' {problem}")
+            else:
+                source = raw.get(keys["source"][0])
+                records.append(Record(*turns[:2], source if isinstance(source, str) else "", where, turns[2]))
+            continue
         for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
         text, bad = {}, False

@@ -267,6 +267,22 @@ def load_and_split(train_spec, val_spec, opts: Options, reports=None):
     return train_records, val_records, dup
 
 
+def one_system_prompt(records, system: Optional[str]) -> None:
+    """Chat transcripts may hold a system message: each must be the run's system prompt (data.system_prompt, else
+    the template's), the one that chat, evaluate and the model card use too."""
+    if not (other := [r for r in records if r.system is not None and (r.system or None) != (system or None)]):
+        return
+    texts = list(dict.fromkeys(r.system for r in records if r.system is not None))
+    now = (f"this run's system prompt is {system!r}" if system else
+           "this run has none of its own (data.system_prompt is unset: the chat template's default applies)")
+    if len(texts) > 1:
+        fix = f"the records hold {len(texts)} different ones: keep one"
+    else:
+        fix = "set data.system_prompt to it" + (f": 'data.system_prompt=\"{texts[0]}\"'" if '"' not in texts[0] else "")
+    raise UserError(f"{other[0].where} has the system message {other[0].system[:200]!r}, but {now}. A run trains with "
+                    f"one system prompt, the one chat and evaluate use: {fix}.")
+
+
 def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
     """Load, validate, deduplicate, split and tokenize; reuse the cached result when nothing changed."""
     from .data import FileReport, expand, held_out_warning, overlap
@@ -284,6 +300,8 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                             Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True, digest)
     reports: List[FileReport] = []
     train_records, val_records, dup = load_and_split(train_spec, val_spec, opts, reports)
+    one_system_prompt(train_records + val_records, opts.system_prompt if opts.system_prompt is not None
+                      else template.system)
     for r in reports[:len(train_files)]:
         r.warnings += filter(None, [held_out_warning(r.path)])
     leaks = overlap(train_records, val_records)

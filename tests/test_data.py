@@ -119,10 +119,35 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
                                  "'data.columns.question=[instruction,input]' data.columns.answer=output.")
     (r,) = data.load_records(alpaca, {"question": ["instruction", "input"], "answer": "output"})  # the hint, followed
     assert (r.question, r.answer) == ("Q?", "A.")
-    chat = write(tmp_path, "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "Q?"},
-                                                                  {"role": "assistant", "content": "A."}]}))
-    with pytest.raises(UserError, match=r"these records hold chat transcripts \('messages'\), not question/answer"):
-        data.load_records(chat)
+
+
+def test_chat_transcripts_of_one_exchange_are_records(tmp_path):
+    """OpenAI's {"messages": [{role, content}]} and ShareGPT's {"conversations": [{from, value}]}: one exchange (a
+    system message, optional; a user turn; the reply) is a record; a longer conversation is named as such."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    openai = write(tmp_path, "chat.jsonl", "\n".join(json.dumps(r) for r in [
+        {"messages": [turn("system", "Be brief."), turn("user", "Q1?"), turn("assistant", "A1.")]},
+        {"messages": [turn("user", "Q2?"), turn("assistant", "A2.")], "source": "Ch. 2"}]))
+    records = data.load_records(openai)
+    assert [(r.question, r.answer, r.source, r.system) for r in records] == [("Q1?", "A1.", "", "Be brief."),
+                                                                           ("Q2?", "A2.", "Ch. 2", None)]
+    sharegpt = write(tmp_path, "sharegpt.json", json.dumps([{"conversations": [
+        {"from": "human", "value": "Q3?"}, {"from": "gpt", "value": "A3."}]}]))
+    assert [(r.question, r.answer) for r in data.load_records(sharegpt)] == [("Q3?", "A3.")]
+    bad = write(tmp_path, "bad.jsonl", "\n".join(json.dumps(r) for r in [
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")]},
+        {"messages": [turn("user", "Q?"), {"role": "assistant", "content": ["A."]}]},
+        {"messages": [turn("user", "Q?"), turn("assistant", " ")]}, {"messages": "Q? A."}]))
+    with pytest.raises(UserError) as e:
+        data.load_records(bad)
+    assert str(e.value).startswith(
+        f"4 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, assistant, user, assistant: a "
+        "record is one exchange (a system message, optional; a user turn; the assistant's reply); conversations of "
+        "several turns are not trained here; line 2: field 'messages' turn 2: its content must be a string, found "
+        "list; line 3: field 'messages' has an empty user turn or reply; line 4: field 'messages' must be a list of "
+        "{role, content} objects.")
+    questions = write(tmp_path, "questions.jsonl", json.dumps({"messages": [turn("user", "Q?")]}))
+    assert [r.question for r in data.load_records(questions, required=("question",))] == ["Q?"]  # chat questions=
 
 
 def test_spreadsheet_headers_in_any_case_are_read_and_a_workbook_is_named(tmp_path):

@@ -91,6 +91,29 @@ def test_datasets_save_to_disk_folders(tmp_path, tokenizer):
         data.load_many(str(tmp_path / "bad"))
 
 
+def test_chat_transcripts_system_message_must_be_the_runs_system_prompt(tmp_path, tokenizer):
+    def turns(system, question):
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
+                             {"role": "assistant", "content": "A."}]}
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(turns("Be brief.", f"Q{i}?")) for i in range(3)))
+    with pytest.raises(UserError) as e:
+        prepare.prepare(str(path), None, tokenizer, templates.get("chat"), prepare.Options(max_length=128))
+    assert str(e.value) == (f"{path}, line 1 has the system message 'Be brief.', but this run has none of its own "
+                            "(data.system_prompt is unset: the chat template's default applies). A run trains with one "
+                            "system prompt, the one chat and evaluate use: set data.system_prompt to it: "
+                            "'data.system_prompt=\"Be brief.\"'.")
+    out = prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
+                          prepare.Options(max_length=128, system_prompt="Be brief."))
+    assert "Be brief." in prepare.show_example(out.train[0], tokenizer) and len(out.train) == 3
+    path.write_text(json.dumps(turns("Be brief.", "Q?")) + "\n" + json.dumps(turns("Be long.", "Q2?")))
+    with pytest.raises(UserError, match=r"line 2 has the system message 'Be long.', but this run's system prompt is "
+                                        r"'Be brief.'.*the records hold 2 different ones: keep one"):
+        prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
+                        prepare.Options(max_length=128, system_prompt="Be brief."))
+
+
 def test_all_files_are_checked_before_failing(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"question": "Q"}]))
     (tmp_path / "b.json").write_text("[oops")
