@@ -109,9 +109,13 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     if len(lists) == 1 and all(isinstance(r, dict) for r in value[lists[0]]):  # {"data": [records], "version": ...}
         value = value[lists[0]]
     if not isinstance(value, list):
-        found = (f"an object with the lists {', '.join(map(repr, lists))}: save the records to train on in a file of "
-                 "their own" if lists else f"an object with the key(s) {', '.join(map(repr, value))}"
-                 if isinstance(value, dict) else f"a {type(value).__name__}")
+        if lists:
+            found = f"an object with the lists {', '.join(map(repr, lists))}: save the records to train on in a file " \
+                    "of their own"
+        elif isinstance(value, dict):
+            found = f"an object with the key(s) {', '.join(map(repr, value))}"
+        else:
+            found = f"a {type(value).__name__}"
         raise UserError(f"{path}: expected a JSON array of records, found {found}.")
     return "record", list(enumerate(value, 1))
 
@@ -237,11 +241,14 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         chat = next((k for k in CHATS if k in raw), None)
         if chat and not any(k in raw for k in keys["question"]):  # a chat transcript of one exchange
             turns, problem = exchange(raw[chat], answered="answer" in required)
+            source = raw.get(keys["source"][0])
             if problem:
                 problems.append(f"{at}: field '{chat}' {problem}")
+            elif source is not None and not isinstance(source, str):
+                problems.append(f"{at}: field '{listed(cols['source'])[0]}' must be a string, found "
+                                f"{type(source).__name__}")
             else:
-                source = raw.get(keys["source"][0])
-                records.append(Record(*turns[:2], source if isinstance(source, str) else "", where, turns[2]))
+                records.append(Record(*turns[:2], source or "", where, turns[2]))
             continue
         for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
