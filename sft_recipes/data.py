@@ -207,8 +207,9 @@ def exchange(turns, answered: bool = True) -> Tuple[Optional[Tuple[str, str, Opt
     roles, texts = [], []
     for n, turn in enumerate(turns, 1):
         role, text = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
-        if not isinstance(text, str):
-            return None, f"turn {n}: its content must be a string, found {type(text).__name__}"
+        if not isinstance(text, str) or not isinstance(role, str):
+            what, value = ("content", text) if not isinstance(text, str) else ("role", role)
+            return None, f"turn {n}: its {what} must be a string, found {type(value).__name__}"
         roles.append(ROLES.get(role, role))
         texts.append(text)
     system = texts.pop(0) if roles[:1] == ["system"] else None

@@ -138,15 +138,17 @@ def test_chat_transcripts_of_one_exchange_are_records(tmp_path):
         {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")]},
         {"messages": [turn("user", "Q?"), {"role": "assistant", "content": ["A."]}]},
         {"messages": [turn("user", "Q?"), turn("assistant", " ")]}, {"messages": "Q? A."},
-        {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": 5}]))
+        {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": 5},
+        {"messages": [{"role": ["user"], "content": "Q?"}, turn("assistant", "A.")]}]))
     with pytest.raises(UserError) as e:
         data.load_records(bad)
     assert str(e.value).startswith(
-        f"5 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, assistant, user, assistant: a "
+        f"6 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, assistant, user, assistant: a "
         "record is one exchange (a system message, optional; a user turn; the assistant's reply); conversations of "
         "several turns are not trained here; line 2: field 'messages' turn 2: its content must be a string, found "
         "list; line 3: field 'messages' has an empty user turn or reply; line 4: field 'messages' must be a list of "
-        "{role, content} objects; line 5: field 'source' must be a string, found int.")
+        "{role, content} objects; line 5: field 'source' must be a string, found int; line 6: field 'messages' turn "
+        "1: its role must be a string, found list.")
     questions = write(tmp_path, "questions.jsonl", json.dumps({"messages": [turn("user", "Q?")]}))
     assert [r.question for r in data.load_records(questions, required=("question",))] == ["Q?"]  # chat questions=
 
