@@ -46,8 +46,9 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **(sampling or sampling_args()), eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]))
+    kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **(sampling or sampling_args()),
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([Stop()]))
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
     pieces = []
     try:
@@ -166,11 +167,10 @@ def _cli(argv):
     checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
     if args["questions"]:  # read and check them before any model loads
-        from omegaconf import OmegaConf
-
         from .data import expand
+        from .train import data_options
 
-        records = load_questions(args["questions"], OmegaConf.to_container(cfg.data.columns))
+        records = load_questions(args["questions"], data_options(cfg).columns)
         files = expand(args["questions"])
         name = f"answers_{files[0].stem}" + (f"_{checkpoint}" if checkpoint else "")
         out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")

@@ -78,9 +78,7 @@ def saved_dataset(folder: Path) -> Optional[str]:
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record"; or in the one
     list of an object, {"data": [...]}) or a table ("row", the header not counted; a save_to_disk folder's rows too)."""
-    if path.is_dir():  # (expand lets only a save_to_disk Dataset folder through)
-        return "row", list(enumerate(_read_table(path), 1))
-    if path.suffix in (".csv", ".tsv", ".parquet"):
+    if path.is_dir() or path.suffix in (".csv", ".tsv", ".parquet"):  # (a folder: expand lets only save_to_disk's by)
         return "row", list(enumerate(_read_table(path), 1))
     if path.suffix.lower() in SPREADSHEETS:
         raise UserError(f"{path}: a spreadsheet's own format is not read here; save it as CSV (Excel: File > Save As > "
@@ -128,12 +126,13 @@ def _read_table(path: Path) -> List[dict]:
     if path.suffix == ".parquet" or path.is_dir():
         import datasets
 
+        saved = path.is_dir()
         try:
-            if path.is_dir():
-                return datasets.load_from_disk(str(path)).to_list()
-            return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+            table = (datasets.load_from_disk(str(path)) if saved else
+                     datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            return table.to_list()
         except Exception as e:  # the loader raises many types; all mean "cannot read this file"
-            what = "a datasets save_to_disk folder" if path.is_dir() else "Parquet"
+            what = "a datasets save_to_disk folder" if saved else "Parquet"
             raise UserError(f"{path}: cannot be read as {what} ({type(e).__name__}: {e}).") from None
     import csv
     import io

@@ -241,7 +241,7 @@ def validation(cfg, tok, limit: int = 0, data=None):
     if data:
         from .data import load_many
 
-        records = load_many(data, OmegaConf.to_container(cfg.data.columns))
+        records = load_many(data, data_options(cfg).columns)
     else:
         _, records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
     records = records[:limit] if limit else records

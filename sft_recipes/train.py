@@ -40,7 +40,8 @@ def data_options(cfg) -> prepare.Options:
     d = cfg.data
     return prepare.Options(max_length=d.max_length, overlong=d.overlong, dedup=d.dedup, val_fraction=d.val_fraction,
                            split_by=d.split_by, seed=cfg.seed, system_prompt=d.system_prompt,
-                           columns=OmegaConf.to_container(d.columns), cache_dir=str(models.cache_root() / "data") if d.cache else None)
+                           columns=OmegaConf.to_container(d.columns),
+                           cache_dir=str(models.cache_root() / "data") if d.cache else None)
 
 
 def data_paths(cfg):
