@@ -23,7 +23,12 @@ def main(cfg):
     _task_started = True
     import json
 
+    from hydra.core.hydra_config import HydraConfig
+
     from .train import run
+
+    if HydraConfig.get().job.chdir:  # hydra.job.chdir=true: paths stay the user's (every file goes to cfg.output_dir)
+        os.chdir(hydra.utils.get_original_cwd())
 
     try:
         metrics_file = Path(cfg.output_dir) / "metrics.json"

@@ -3,8 +3,9 @@
 Interactive: a prompt with history (and line editing in a terminal), tokens streamed as they are generated,
 Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts:
 `prompt="..."` prints the answer and exits. A file of questions: `questions=FILE` (JSON, JSONL, CSV, TSV or
-Parquet; only the question field is needed) writes `{question, answer, source, stopped_at_end_of_turn}` lines to
-`out` (RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
+Parquet; only the question field is needed; a chat transcript's last user turn is asked after its earlier turns)
+writes `{question, answer, source, stopped_at_end_of_turn}` lines (and `history`, for those) to `out`
+(RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
 Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.2`
 discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
 With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
@@ -139,12 +140,13 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
 
     from . import runs
 
-    answers = runs.generate(model, tok, [runs.messages(cfg, r.question, source=r.source or source) for r in records],
-                            max_new_tokens, batch_size, sampling, progress="questions")
+    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source or source) for r in records]
+    answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, sampling, progress="questions")
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
         for r, (text, stopped) in zip(records, answers):
-            f.write(json.dumps({"question": r.question, "answer": text, "source": r.source or source,
+            f.write(json.dumps({**({"history": r.history_messages()} if r.history else {}),
+                                "question": r.question, "answer": text, "source": r.source or source,
                                 "stopped_at_end_of_turn": stopped}, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
 

@@ -2,9 +2,10 @@
 
 Input: a JSON array, JSON lines, CSV (`,` or `;`), TSV or Parquet file (CSV and TSV cells are all text), a
 `datasets` save_to_disk folder, a folder or glob of such files, or a list of these. A record is a question/answer
-object (data.columns names its fields, or lists fields to join) or a chat transcript of one exchange (OpenAI's
-messages, ShareGPT's conversations). Every invalid record is reported (up to MAX_LISTED, then a count) with its
-file, record or line number and field, in one `UserError`; unknown extra fields are a warning.
+object (data.columns names its fields, or lists fields to join) or a chat transcript (OpenAI's messages, ShareGPT's
+conversations): its last exchange is the question and answer, the earlier ones its history. Every invalid record is
+reported (up to MAX_LISTED, then a count) with its file, record or line number and field, in one `UserError`;
+unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
 """
 from __future__ import annotations
@@ -43,9 +44,14 @@ class Record:
     source: str = ""
     where: str = ""  # "FILE, record N" (or line N) for messages
     system: Optional[str] = None  # a chat transcript's system message (prepare checks it is the run's system prompt)
+    history: Tuple[Tuple[str, str], ...] = ()  # a chat transcript's earlier exchanges: (user turn, reply), in order
 
     def as_dict(self) -> dict:
         return {"question": self.question, "answer": self.answer, "source": self.source}
+
+    def history_messages(self) -> List[dict]:
+        return [{"role": role, "content": text} for pair in self.history
+                for role, text in zip(("user", "assistant"), pair)]
 
 
 @dataclass
@@ -198,9 +204,10 @@ CHATS = ("messages", "conversations")  # a chat transcript's field: OpenAI's {ro
 ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's role names
 
 
-def exchange(turns, answered: bool = True) -> Tuple[Optional[Tuple[str, str, Optional[str]]], str]:
-    """A chat transcript of one exchange (a system message, optional; a user turn; the assistant's reply, which
-    `answered=False` lets go) as ((question, answer, system), ""), or (None, what is wrong with it)."""
+def exchange(turns, answered: bool = True):
+    """A chat transcript (a system message, optional; then user turns and the assistant's replies in turn, ending with
+    a reply, which `answered=False` lets go) as ((question, answer, system, history), "") where question and answer
+    are its last exchange and history the earlier (user turn, reply) pairs; or (None, what is wrong with it)."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         return None, "must be a list of {role, content} objects"
     roles, texts = [], []
@@ -211,15 +218,18 @@ def exchange(turns, answered: bool = True) -> Tuple[Optional[Tuple[str, str, Opt
             return None, f"turn {n}: its {what} must be a string, found {type(value).__name__}"
         roles.append(ROLES.get(role, role))
         texts.append(text)
-    system = texts.pop(0) if roles[:1] == ["system"] else None
-    turns_are = roles[1:] if system is not None else roles
-    if turns_are not in [["user", "assistant"]] + ([["user"]] if not answered else []):
-        return None, (f"holds the turns {', '.join(map(str, roles)) or '(none)'}: a record is one exchange (a system "
-                      "message, optional; a user turn; the assistant's reply); conversations of several turns are not "
-                      "trained here")
-    if not texts[0].strip() or answered and not texts[1].strip():
-        return None, "has an empty user turn or reply"
-    return (texts[0], texts[1] if len(texts) > 1 else "", system), ""
+    first = 1 if roles[:1] == ["system"] else 0
+    system, rest = (texts[0] if first else None), roles[first:]
+    expected = ["user", "assistant"] * ((len(rest) + 1) // 2)
+    if not rest or rest != expected[:len(rest)] or answered and len(rest) % 2:
+        return None, (f"holds the turns {', '.join(map(str, roles)) or '(none)'}: a conversation is a system message "
+                      "(optional), then user turns and the assistant's replies in turn, ending with a reply")
+    if empty := next((n for n, t in enumerate(texts[first:], first + 1) if not t.strip()), None):
+        return None, f"turn {empty} ({roles[empty - 1]}) is empty"
+    if len(rest) % 2:  # a question without its answer (answered=False)
+        texts.append("")
+    pairs = list(zip(texts[first::2], texts[first + 1::2]))
+    return (*pairs[-1], system, tuple(pairs[:-1])), ""
 
 
 def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
@@ -241,7 +251,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             continue
         keys = {key: [_key(raw, name) for name in listed(cols[key])] for key in FIELDS}
         chat = next((k for k in CHATS if k in raw), None)
-        if chat and not any(k in raw for k in keys["question"]):  # a chat transcript of one exchange
+        if chat and not any(k in raw for k in keys["question"]):  # a chat transcript
             turns, problem = exchange(raw[chat], answered="answer" in required)
             source = raw.get(keys["source"][0])
             if problem:
@@ -250,7 +260,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                 problems.append(f"{at}: field '{listed(cols['source'])[0]}' must be a string, found "
                                 f"{type(source).__name__}")
             else:
-                records.append(Record(*turns[:2], source or "", where, turns[2]))
+                records.append(Record(*turns[:2], source or "", where, *turns[2:]))
             continue
         for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
@@ -409,13 +419,13 @@ class DedupReport:
 
 
 def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
-    """Keep the first of each group of duplicate (question, answer) pairs."""
+    """Keep the first of each group of duplicate (question, answer) pairs (with the same history, in chat transcripts)."""
     rep = DedupReport()
     seen_exact, seen_norm, answers = set(), set(), {}
     kept = []
     for r in records:
-        exact = (r.question, r.answer)
-        norm = (normalize(r.question), normalize(r.answer))
+        exact = (r.question, r.answer, r.history)
+        norm = (normalize(r.question), normalize(r.answer), tuple(normalize(t) for pair in r.history for t in pair))
         if exact in seen_exact:
             rep.exact += 1
             continue
@@ -424,7 +434,7 @@ def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
             continue
         seen_exact.add(exact)
         seen_norm.add(norm)
-        if answers.setdefault(norm[0], norm[1]) != norm[1]:
+        if answers.setdefault((norm[0], norm[2]), norm[1]) != norm[1]:
             rep.conflicting += 1
         kept.append(r)
     return kept, rep

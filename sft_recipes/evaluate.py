@@ -70,7 +70,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
                                                    "model.adapter)" if earlier else "")
                   + ": their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
-    conversations = [runs.messages(cfg, r.question, source=r.source) for r in val_records]  # as in training
+    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source) for r in val_records]  # as in training
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="base model")
@@ -82,7 +82,8 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         b, t = scores(base, r.answer), scores(tuned, r.answer)
         base_scores.append(b)
         tuned_scores.append(t)
-        predictions.append({"question": r.question, "reference": r.answer, "source": r.source,
+        predictions.append({**({"history": r.history_messages()} if r.history else {}),
+                            "question": r.question, "reference": r.answer, "source": r.source,
                             "base": base, "base_stopped": base_stop, "fine_tuned": tuned,
                             "fine_tuned_stopped": tuned_stop, "base_scores": b, "fine_tuned_scores": t})
     summary = lambda loss, sc, answers: {  # noqa: E731
@@ -101,6 +102,8 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
 
 
 def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
+    from .report import question_lines
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "predictions.jsonl").open("w") as f:
@@ -118,8 +121,9 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     lines += ["", "## Sample answers", ""]
     for p in predictions[:10]:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-        lines += [f"**Q:** {cell(p['question'])}", "", f"- reference: {cell(p['reference'])}",
-                  f"- base: {cell(p['base'])}", f"- fine-tuned: {cell(p['fine_tuned'])}", ""]
+        lines += question_lines(p["question"], p.get("history", []), cell) + [
+            f"- reference: {cell(p['reference'])}", f"- base: {cell(p['base'])}", f"- fine-tuned: {cell(p['fine_tuned'])}",
+            ""]
     (out / "report.md").write_text("\n".join(lines))
 
     import matplotlib

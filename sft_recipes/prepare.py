@@ -3,15 +3,15 @@
 We tokenize ourselves instead of letting TRL do it, so that the length audit, the overlong policy and the
 dry-run display see exactly the tokens that are trained, and nothing is dropped without being counted.
 Each row is `input_ids` + `labels` (-100 on the prompt): the loss falls on the answer and on the
-end-of-turn token that closes it. TRL trains on such rows as they are.
+end-of-turn token that closes it (in a conversation, on every reply). TRL trains on such rows as they are.
 
 Two ways to the same tokens. The reference: render each conversation with the chat template (Jinja) and
 tokenize it whole, taking the prompt/answer boundary from character offsets. The fast way, used when it is
 proven equal: render the template once around placeholder texts to find its constant pieces, tokenize
 those once, and tokenize only each record's question and answer. It is checked token for token against the
 reference on a spread sample of records (any difference, and the reference is used for all); records whose
-texts start or end with whitespace, where tokens could merge across a piece boundary, always take the
-reference.
+texts start or end with whitespace, where tokens could merge across a piece boundary, and conversations of several
+exchanges always take the reference.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ class Stats:
     # records dropped under data.overlong=truncate because the prompt alone fills max_length, and where the first are
     question_too_long: int = 0
     question_too_long_at: List[str] = field(default_factory=list)  # "FILE, record N: P prompt tokens"
+    conversations: int = 0  # kept records of several exchanges (chat transcripts): every reply is trained
+    first_conversation: int = -1  # the row of the first (what the dry run shows)
 
     def percentile(self, q: float) -> int:
         s = sorted(self.lengths)
@@ -55,7 +57,8 @@ class Stats:
         return {"records": self.records, "kept": self.kept, "tokens_p50": self.percentile(0.5),
                 "tokens_p90": self.percentile(0.9), "tokens_p99": self.percentile(0.99),
                 "tokens_max": max(self.lengths, default=0), "over_max_length": self.over_max_length,
-                "truncated": self.truncated, "dropped": self.dropped, "trained_tokens": self.trained_tokens}
+                "truncated": self.truncated, "dropped": self.dropped, "trained_tokens": self.trained_tokens,
+                "conversations": self.conversations}
 
 
 class Renderer:
@@ -66,7 +69,7 @@ class Renderer:
         self.pieces = self._find_pieces()
 
     def _messages(self, r: Record) -> List[dict]:
-        return self.template.messages(r.as_dict(), self.system_prompt)
+        return self.template.messages(r.as_dict(), self.system_prompt, r.history_messages())
 
     def _find_pieces(self) -> Optional[Tuple[str, str, str]]:
         """(head, middle, tail) such that full text = head + user + middle + answer + tail, if the template
@@ -86,23 +89,34 @@ class Renderer:
         eos, stripped = self.tok.eos_token, text.rstrip()
         return stripped if eos and stripped.endswith(eos) else text
 
-    def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:
-        """Render with Jinja and tokenize each conversation whole; the boundary comes from offsets."""
-        prompts = [self._messages(r) for r in records]
-        prompt_texts = self.tok.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
-        full_texts = self.tok.apply_chat_template(
-            [p + [{"role": "assistant", "content": r.answer}] for p, r in zip(prompts, records)], tokenize=False)
-        texts = []
-        for r, prompt, full in zip(records, prompt_texts, full_texts):
-            if not full.startswith(prompt):
+    def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[List[int]], List[list]]:
+        """Render with Jinja and tokenize each conversation whole. Each reply is trained from where its prompt ends
+        (the conversation up to its user turn, with the generation prompt) through its end-of-turn token, found by
+        character offsets. Returns input_ids, the tokens before the first reply, and the (start, end) tokens between
+        replies (a conversation's later user turns, untrained)."""
+        convs = [self._messages(r) + [{"role": "assistant", "content": r.answer}] for r in records]
+        replies = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in convs]
+        render = lambda cs, **kw: self.tok.apply_chat_template(cs, tokenize=False, **kw)  # noqa: E731
+        prompts = iter(render([c[:i] for c, rs in zip(convs, replies) for i in rs], add_generation_prompt=True))
+        ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, rs in zip(convs, replies) for i in rs])))
+        texts, bounds = [], []  # bounds: each reply's (start, end) characters
+        for r, rs in zip(records, replies):
+            pairs = [(next(prompts), next(ends)) for _ in rs]
+            text = pairs[-1][1]
+            if not all(text.startswith(p) and text.startswith(e) for p, e in pairs):
                 raise UserError(f"Template '{self.template.name}' renders the prompt of {r.where} differently "
                                 "alone than inside the conversation, so training would not match inference; "
                                 "fix its chat_template.")
-            texts.append(self._end_at_eos(full))
+            texts.append(text)
+            bounds.append([(len(p), len(e)) for p, e in pairs])
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        n_prompt = [bisect.bisect_left([s for s, _ in offsets], len(p))
-                    for offsets, p in zip(enc["offset_mapping"], prompt_texts)]
-        return enc["input_ids"], n_prompt
+        n_prompt, gaps = [], []
+        for offsets, b in zip(enc["offset_mapping"], bounds):
+            starts = [s for s, _ in offsets]
+            n_prompt.append(bisect.bisect_left(starts, b[0][0]))
+            gaps.append([(bisect.bisect_left(starts, end), bisect.bisect_left(starts, start))
+                         for (_, end), (start, _) in zip(b, b[1:])])
+        return enc["input_ids"], n_prompt, gaps
 
     def fast(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:
         head, middle, tail = self.pieces
@@ -113,21 +127,23 @@ class Renderer:
         ids = [h + u + m + a + t for u, a in zip(users, answers)]
         return ids, [len(h) + len(u) + len(m) for u in users]
 
-    def __call__(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int], bool]:
-        """(input_ids, prompt lengths, fast path used) for every record."""
+    def __call__(self, records: Sequence[Record]):
+        """(input_ids, prompt lengths, untrained gaps between replies, fast path used) for every record."""
         if self.pieces is None or not records:
             return (*self.reference(records), False)
         edge = lambda t: t[:1].isspace() or t[-1:].isspace()  # noqa: E731  tokens may merge across pieces
-        risky = [i for i, r in enumerate(records) if edge(r.question) or edge(r.answer)]
+        whole = [i for i, r in enumerate(records) if r.history or edge(r.question) or edge(r.answer)]
         ids, n_prompt = self.fast(records)
+        gaps = [[] for _ in records]
         step = max(1, len(records) // VERIFY_SAMPLE)
-        sample = [i for i in range(0, len(records), step) if not edge(records[i].question + records[i].answer)]
-        ref_ids, ref_n = self.reference([records[i] for i in sample + risky])
+        sample = [i for i in range(0, len(records), step)
+                  if not records[i].history and not edge(records[i].question + records[i].answer)]
+        ref_ids, ref_n, ref_gaps = self.reference([records[i] for i in sample + whole])
         if any(ids[i] != ri or n_prompt[i] != rn for i, ri, rn in zip(sample, ref_ids, ref_n)):
             return (*self.reference(records), False)
-        for i, ri, rn in zip(risky, ref_ids[len(sample):], ref_n[len(sample):]):
-            ids[i], n_prompt[i] = ri, rn
-        return ids, n_prompt, True
+        for k, i in enumerate(whole, len(sample)):
+            ids[i], n_prompt[i], gaps[i] = ref_ids[k], ref_n[k], ref_gaps[k]
+        return ids, n_prompt, gaps, True
 
 
 def tokenize(records: Sequence[Record], tokenizer, template: Template, max_length: int,
@@ -135,11 +151,11 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
     """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy. Returns (dataset, stats)."""
     import numpy as np
 
-    ids_list, n_prompt_list, fast = Renderer(tokenizer, template, system_prompt)(records)
+    ids_list, n_prompt_list, gaps_list, fast = Renderer(tokenizer, template, system_prompt)(records)
     stats = Stats(records=len(records), fast_path=fast)
     stats.lengths = [len(ids) for ids in ids_list]
-    rows_ids, kept_n_prompt, overlong_where = [], [], []
-    for r, ids, n_prompt in zip(records, ids_list, n_prompt_list):
+    rows_ids, kept_n_prompt, kept_gaps, overlong_where = [], [], [], []
+    for r, ids, n_prompt, gaps in zip(records, ids_list, n_prompt_list, gaps_list):
         if len(ids) > max_length:
             stats.over_max_length += 1
             overlong_where.append(r.where)
@@ -152,8 +168,12 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
                 continue
             stats.truncated += 1
             ids = ids[:max_length]
+        if r.history:
+            stats.conversations += 1
+            stats.first_conversation = len(rows_ids) if stats.first_conversation < 0 else stats.first_conversation
         rows_ids.append(ids)
         kept_n_prompt.append(n_prompt)
+        kept_gaps.append(gaps)
     if overlong == "error" and overlong_where:
         raise UserError(f"{len(overlong_where)} record(s) exceed data.max_length={max_length} tokens: "
                         f"{'; '.join(overlong_where[:MAX_LISTED])}. Raise data.max_length, or set "
@@ -166,8 +186,8 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
                f"every question alone is longer ({'; '.join(stats.question_too_long_at)}); raise data.max_length")
         raise UserError(f"No record of {files} fits data.max_length={max_length}: {why}.")
     lengths = np.fromiter((len(x) for x in rows_ids), dtype=np.int64, count=len(rows_ids))
-    stats.trained_tokens = int(lengths.sum() - sum(kept_n_prompt))
-    return _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt)), stats
+    dataset, stats.trained_tokens = _to_dataset(rows_ids, lengths, np.asarray(kept_n_prompt), kept_gaps)
+    return dataset, stats
 
 
 def special_token_text(records: Sequence[Record], tokenizer) -> Optional[str]:
@@ -178,8 +198,10 @@ def special_token_text(records: Sequence[Record], tokenizer) -> Optional[str]:
     specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
         tokenizer.all_special_tokens)
     pattern = re.compile("|".join(map(re.escape, sorted(filter(None, specials), key=len, reverse=True))))
-    found = [f"{r.where}, {name}: {m.group()!r}" for r in records for name in ("question", "answer", "source")
-             if (m := pattern.search(getattr(r, name)))]
+    fields = lambda r: [("question", r.question), ("answer", r.answer), ("source", r.source)] + [  # noqa: E731
+        (f"turn {n}", text) for n, text in enumerate((t for pair in r.history for t in pair), 1)]
+    found = [f"{r.where}, {name}: {m.group()!r}" for r in records for name, text in fields(r)
+             if (m := pattern.search(text))]
     if not found:
         return None
     return (f"{len(found)} field(s) hold text that the tokenizer reads as one of its special tokens, not as text "
@@ -200,8 +222,9 @@ def truncation_warning(stats: Stats, max_length: int) -> str:
             f"end-of-turn token that closes them); {fits} (or data.overlong=drop leaves them out).")
 
 
-def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt):
-    """input_ids and labels columns built as Arrow list arrays straight from numpy (fast for 100k rows)."""
+def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt, gaps: List[list]):
+    """input_ids and labels columns built as Arrow list arrays straight from numpy (fast for 100k rows); labels are
+    -100 before n_prompt and in each row's gaps. Returns (dataset, trained tokens)."""
     import itertools
 
     import numpy as np
@@ -214,16 +237,24 @@ def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt):
     labels = flat.astype(np.int64)
     position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
     labels[position < np.repeat(n_prompt, lengths)] = -100
+    for row in (i for i, g in enumerate(gaps) if g):  # a conversation's user turns between its replies
+        for start, end in gaps[row]:
+            labels[offsets[row] + min(start, lengths[row]):offsets[row] + min(end, lengths[row])] = -100
     table = pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int64))),
                       "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels))})
-    return Dataset(table)
+    return Dataset(table), int((labels != -100).sum())
 
 
 def show_example(row: dict, tokenizer) -> str:
-    """Decode one training row with the trained span (the tokens that carry loss) between >>> and <<<."""
-    ids, labels = row["input_ids"], row["labels"]
-    first = next(i for i, lab in enumerate(labels) if lab != -100)
-    return tokenizer.decode(ids[:first]) + ">>>" + tokenizer.decode(ids[first:]) + "<<<"
+    """Decode one training row with each trained span (the tokens that carry loss) between >>> and <<<."""
+    import itertools
+
+    ids, labels, text, at = row["input_ids"], row["labels"], "", 0
+    for trained, span in itertools.groupby(labels, key=lambda lab: lab != -100):
+        n = len(list(span))
+        piece = tokenizer.decode(ids[at:at + n])
+        text, at = text + (f">>>{piece}<<<" if trained else piece), at + n
+    return text
 
 
 # ---- the whole preparation, cached ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -127,10 +127,16 @@ class SampleAnswers(TrainerCallback):
         loss = (kwargs.get("metrics") or {}).get("eval_loss")
         lines = [f"## step {state.global_step}" + (f" (validation loss {loss:.4f})" if loss is not None else ""), ""]
         for r, (answer, stopped) in zip(self.records, answers):
-            lines += [f"**Q:** {cell(r.question)}", "", f"- reference: {cell(r.answer)}",
+            lines += question_lines(r.question, r.history_messages(), cell) + [f"- reference: {cell(r.answer)}",
                       f"- answer{'' if stopped else ' (cut at eval.max_new_tokens)'}: {cell(answer)}", ""]
         with self.path.open("a") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def question_lines(question: str, history: List[dict], cell) -> List[str]:
+    """A question in samples.md or an evaluation report: after the earlier turns of its conversation, quoted."""
+    earlier = [f"> {m['role']}: {cell(m['content'])}" for m in history]
+    return earlier + [""] * bool(earlier) + [f"**Q:** {cell(question)}", ""]
 
 
 def plot_loss(log_history, path: Path) -> None:
@@ -266,7 +272,8 @@ def data_summary(name: str, stats) -> str:
     return (f"{name}: {s['records']} record{'' if s['records'] == 1 else 's'}, kept {s['kept']}; tokens per record "
             f"p50={s['tokens_p50']} p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; "
             f"{s['over_max_length']} over max_length ({s['truncated']} truncated, {s['dropped']} dropped); "
-            f"{s['trained_tokens']} trained tokens")
+            f"{s['trained_tokens']} trained tokens" + (f"; {s['conversations']} conversation(s) of several exchanges, "
+                                                       "every reply trained" if s["conversations"] else ""))
 
 
 def write_data_stats(data, path: Path) -> None:

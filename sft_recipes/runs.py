@@ -162,8 +162,7 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> 
     and system prompt (and chat history)."""
     from .train import template_of
 
-    prompt = template_of(cfg).messages({"question": question, "source": source}, cfg.data.system_prompt)
-    return prompt[:-1] + list(history) + prompt[-1:]
+    return template_of(cfg).messages({"question": question, "source": source}, cfg.data.system_prompt, history)
 
 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,

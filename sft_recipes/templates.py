@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -39,13 +39,12 @@ class Template:
     chat_template: Optional[str] = None  # None: the tokenizer's own
     description: str = ""
 
-    def messages(self, record: dict, system_prompt: Optional[str] = None) -> List[dict]:
-        """The prompt messages (system?, user) for one record."""
+    def messages(self, record: dict, system_prompt: Optional[str] = None, history: Sequence[dict] = ()) -> List[dict]:
+        """The prompt messages (system?, the earlier turns of a conversation as they are, user) for one record."""
         system = system_prompt if system_prompt is not None else self.system
         values = {k: record.get(k) or "" for k in FIELDS}
         msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": self.user.format(**values)})
-        return msgs
+        return msgs + list(history) + [{"role": "user", "content": self.user.format(**values)}]
 
     def apply_to(self, tokenizer) -> None:
         """Install this template's chat template on the tokenizer (saved with it later)."""

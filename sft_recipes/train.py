@@ -173,6 +173,9 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
                        out / "data_report.md")
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
+    if data.train_stats.first_conversation > 0:
+        print("One conversation of several exchanges (every reply carries loss):")
+        print(prepare.show_example(data.train[data.train_stats.first_conversation], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 
@@ -220,8 +223,8 @@ def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
     from .runs import messages
 
     records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
-    return report.SampleAnswers(records, [messages(cfg, r.question, source=r.source) for r in records], tokenizer,
-                                cfg.eval.max_new_tokens, path)
+    conversations = [messages(cfg, r.question, r.history_messages(), r.source) for r in records]
+    return report.SampleAnswers(records, conversations, tokenizer, cfg.eval.max_new_tokens, path)
 
 
 def use_adapter_lora(cfg) -> None:

@@ -97,6 +97,25 @@ def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
     assert (out / "token_lengths.png").stat().st_size > 1000
 
 
+def test_dry_run_marks_every_reply_of_a_conversation_with_hydra_job_chdir(tmp_path, tiny_dir):
+    """Chat transcripts beside question/answer records: the dry run shows a conversation with each reply marked. With
+    hydra.job.chdir=true (Hydra moves into the run dir) a relative data path is still read from where the command
+    ran."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [
+        turn("user", "What is a mean?"), turn("assistant", "The average."), turn("user", "And a median?"),
+        turn("assistant", "The middle value.")]}))
+    args = [a for a in tiny_args(tiny_dir, "outputs/dry", "dry_run=true") if not a.startswith("data.train_path")]
+    r = cli(*args, f"data.train_path=[{TRAIN},chats.jsonl]", "hydra.job.chdir=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Training data: 113 records, kept 113;" in r.stdout and "; 1 conversation(s) of several exchanges, every " \
+        "reply trained" in r.stdout
+    shown = r.stdout.split("One conversation of several exchanges (every reply carries loss):\n")[1]
+    assert ("user\nWhat is a mean?<|im_end|>\n<|im_start|>assistant\n>>>The average.<|im_end|><<<\n<|im_start|>user\n"
+            "And a median?<|im_end|>\n<|im_start|>assistant\n>>>The middle value.<|im_end|><<<") in shown
+    assert (tmp_path / "outputs" / "dry" / "data_report.md").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 def test_gpu_preset_dry_run_plans_on_a_cpu(tmp_path, tiny_dir):
     """preset=gpu_fast on a machine without CUDA: the dry run warns what would not run here and still reports,

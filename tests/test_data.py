@@ -121,36 +121,44 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
     assert (r.question, r.answer) == ("Q?", "A.")
 
 
-def test_chat_transcripts_of_one_exchange_are_records(tmp_path):
-    """OpenAI's {"messages": [{role, content}]} and ShareGPT's {"conversations": [{from, value}]}: one exchange (a
-    system message, optional; a user turn; the reply) is a record; a longer conversation is named as such."""
+def test_chat_transcripts_are_records(tmp_path):
+    """OpenAI's {"messages": [{role, content}]} and ShareGPT's {"conversations": [{from, value}]}: a system message
+    (optional), then user turns and replies in turn; the last exchange is the record's question and answer, the
+    earlier ones its history. Other orders of turns are named as such."""
     turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
     openai = write(tmp_path, "chat.jsonl", "\n".join(json.dumps(r) for r in [
         {"messages": [turn("system", "Be brief."), turn("user", "Q1?"), turn("assistant", "A1.")]},
-        {"messages": [turn("user", "Q2?"), turn("assistant", "A2.")], "source": "Ch. 2"}]))
+        {"messages": [turn("user", "Q2?"), turn("assistant", "A2.")], "source": "Ch. 2"},
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")]}]))
     records = data.load_records(openai)
-    assert [(r.question, r.answer, r.source, r.system) for r in records] == [("Q1?", "A1.", "", "Be brief."),
-                                                                           ("Q2?", "A2.", "Ch. 2", None)]
+    assert [(r.question, r.answer, r.source, r.system, r.history) for r in records] == [
+        ("Q1?", "A1.", "", "Be brief.", ()), ("Q2?", "A2.", "Ch. 2", None, ()), ("c", "d", "", None, (("a", "b"),))]
+    assert records[2].history_messages() == [turn("user", "a"), turn("assistant", "b")]
     sharegpt = write(tmp_path, "sharegpt.json", json.dumps([{"conversations": [
         {"from": "human", "value": "Q3?"}, {"from": "gpt", "value": "A3."}]}]))
     assert [(r.question, r.answer) for r in data.load_records(sharegpt)] == [("Q3?", "A3.")]
     bad = write(tmp_path, "bad.jsonl", "\n".join(json.dumps(r) for r in [
-        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")]},
+        {"messages": [turn("user", "a"), turn("user", "b"), turn("assistant", "c")]},
         {"messages": [turn("user", "Q?"), {"role": "assistant", "content": ["A."]}]},
         {"messages": [turn("user", "Q?"), turn("assistant", " ")]}, {"messages": "Q? A."},
         {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": 5},
-        {"messages": [{"role": ["user"], "content": "Q?"}, turn("assistant", "A.")]}]))
+        {"messages": [{"role": ["user"], "content": "Q?"}, turn("assistant", "A.")]},
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]}]))
     with pytest.raises(UserError) as e:
         data.load_records(bad)
     assert str(e.value).startswith(
-        f"6 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, assistant, user, assistant: a "
-        "record is one exchange (a system message, optional; a user turn; the assistant's reply); conversations of "
-        "several turns are not trained here; line 2: field 'messages' turn 2: its content must be a string, found "
-        "list; line 3: field 'messages' has an empty user turn or reply; line 4: field 'messages' must be a list of "
-        "{role, content} objects; line 5: field 'source' must be a string, found int; line 6: field 'messages' turn "
-        "1: its role must be a string, found list.")
-    questions = write(tmp_path, "questions.jsonl", json.dumps({"messages": [turn("user", "Q?")]}))
-    assert [r.question for r in data.load_records(questions, required=("question",))] == ["Q?"]  # chat questions=
+        f"7 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, user, assistant: a conversation "
+        "is a system message (optional), then user turns and the assistant's replies in turn, ending with a reply; "
+        "line 2: field 'messages' turn 2: its content must be a string, found list; line 3: field 'messages' turn 2 "
+        "(assistant) is empty; line 4: field 'messages' must be a list of {role, content} objects; line 5: field "
+        "'source' must be a string, found int; line 6: field 'messages' turn 1: its role must be a string, found list; "
+        "line 7: field 'messages' holds the turns user, assistant, user: ")
+    questions = write(tmp_path, "questions.jsonl", "\n".join(json.dumps({"messages": m}) for m in [
+        [turn("user", "Q?")], [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]]))
+    asked = data.load_records(questions, required=("question",))  # chat questions=FILE: the last user turn is asked
+    assert [(r.question, r.answer, r.history) for r in asked] == [("Q?", "", ()), ("c", "", (("a", "b"),))]
+    same_end = [data.Record("c", "d", history=(("a", "b"),)), data.Record("c", "d"), data.Record("c", "d")]
+    assert len(data.dedup(same_end)[0]) == 2  # the same last exchange after another history is not a duplicate
 
 
 def test_spreadsheet_headers_in_any_case_are_read_and_a_workbook_is_named(tmp_path):

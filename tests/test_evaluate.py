@@ -290,17 +290,23 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
     test = tmp_path / "exam.jsonl"
     test.write_text("\n".join(json.dumps(r) for r in [
         {"question": "What is the range of a data set?", "answer": "The largest value minus the smallest."},
-        {"question": trained["question"], "answer": trained["answer"]}]) + "\n")
+        {"question": trained["question"], "answer": trained["answer"]},
+        {"messages": [{"role": "user", "content": "What is a mean?"}, {"role": "assistant", "content": "The average."},
+                      {"role": "user", "content": "And a median?"}, {"role": "assistant", "content": "The middle."}]}]))
     evaluate._cli([f"run_dir={tiny_run}", f"data={test}", "max_new_tokens=4"])
     out = capsys.readouterr().out
-    assert "warning: 1 of the 2 questions in" in out and f"Report: {tiny_run / 'eval_exam' / 'report.md'}" in out
+    assert "warning: 1 of the 3 questions in" in out and f"Report: {tiny_run / 'eval_exam' / 'report.md'}" in out
     m = json.loads((tiny_run / "eval_exam" / "metrics.json").read_text())
-    assert m["data"] == str(test) and m["records"] == 2 and m["also_in_training"] == 1
-    assert [json.loads(line)["question"] for line in (tiny_run / "eval_exam" / "predictions.jsonl").open()] == [
-        "What is the range of a data set?", trained["question"]]
+    assert m["data"] == str(test) and m["records"] == 3 and m["also_in_training"] == 1
+    predictions = [json.loads(line) for line in (tiny_run / "eval_exam" / "predictions.jsonl").open()]
+    assert [p["question"] for p in predictions] == ["What is the range of a data set?", trained["question"],
+                                                    "And a median?"]  # a conversation: its last question, asked
+    assert predictions[2]["history"][1] == {"role": "assistant", "content": "The average."}  # after the earlier turns
+    assert "> user: What is a mean?\n> assistant: The average.\n\n**Q:** And a median?" in (
+        tiny_run / "eval_exam" / "report.md").read_text()
     card = (tiny_run / "final_model" / "README.md").read_text()
     assert "questions of the validation split" in card  # eval/ (after train) stays,
-    assert f"On 2 questions from `{test}`; 1 of them also in the training data" in card  # and the file's is added
+    assert f"On 3 questions from `{test}`; 1 of them also in the training data" in card  # and the file's is added
     with pytest.raises(UserError, match="does not exist"):
         evaluate.evaluate(tiny_run, data=str(tmp_path / "missing.json"))
 
@@ -324,6 +330,9 @@ def test_prompts_at_inference_show_the_source_as_training_did():
     cfg = make("data.template=chat_with_source", "data.system_prompt=Be brief.")
     assert runs.messages(cfg, "What is a mean?", source="Ch. 2") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Source: Ch. 2\n\nWhat is a mean?"}]
+    earlier = [{"role": "user", "content": "What is a mode?"}, {"role": "assistant", "content": "The commonest."}]
+    assert runs.messages(cfg, "And a mean?", earlier, "Ch. 2") == [  # a conversation's earlier turns as they were
+        {"role": "system", "content": "Be brief."}, *earlier, {"role": "user", "content": "Source: Ch. 2\n\nAnd a mean?"}]
 
 
 def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):

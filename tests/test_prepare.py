@@ -115,6 +115,59 @@ def test_chat_transcripts_system_message_must_be_the_runs_system_prompt(tmp_path
                         prepare.Options(max_length=128, system_prompt="Be brief."))
 
 
+def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer):
+    """A conversation of several exchanges is one row, rendered whole as chat renders it: the loss falls on each
+    reply and the end-of-turn token that closes it, never on a user turn; each reply's prompt is the conversation
+    before it as chat would send it. A row cut at data.max_length keeps the replies before the cut."""
+    import itertools
+
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    conv = [turn("user", "What is a mean?"), turn("assistant", "The average."), turn("user", "And a median?"),
+            turn("assistant", "The middle value.")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in (conv, conv[2:])))
+    tmpl, opts = templates.get("chat"), prepare.Options(max_length=512)
+
+    def spans(row):
+        groups = itertools.groupby(zip(row["input_ids"], row["labels"]), key=lambda p: p[1] != -100)
+        return [tokenizer.decode([t for t, label in g]) for trained, g in groups if trained]
+
+    out = prepare.prepare(str(path), None, tokenizer, tmpl, opts)
+    row = out.train[0]
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(conv, tokenize=False).rstrip("\n")
+    assert spans(row) == ["The average.<|im_end|>", "The middle value.<|im_end|>"]
+    assert all(label in (-100, t) for t, label in zip(row["input_ids"], row["labels"]))
+    labels = row["labels"]
+    start = [i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100][1]  # the second reply's
+    prompt = tokenizer(tokenizer.apply_chat_template(conv[:3], tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]
+    assert row["input_ids"][:start] == prompt  # the second reply's prompt: the conversation before it, as chat sends it
+    assert spans(out.train[1]) == ["The middle value.<|im_end|>"]  # the same last exchange alone is another record
+    assert out.train_stats.trained_tokens == sum(label != -100 for r in out.train for label in r["labels"])
+    cut = prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=start - 3, cache_dir=None))
+    assert spans(cut.train[0]) == ["The average.<|im_end|>"] and cut.train_stats.truncated == 1
+    assert len(cut.train[0]["input_ids"]) == start - 3
+
+
+def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_dir):
+    """A chat template that renders the conversation's earlier replies otherwise once it goes on (as templates that
+    drop earlier reasoning do) would train prompts that chat never sends: named, not trained."""
+    from sft_recipes.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_dir)
+    tmpl = templates.Template("last_reply_only", chat_template=(
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ': ' + m['content'] + "
+        "eos_token + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"))
+    tmpl.apply_to(tok)
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [turn("user", "a?"), turn("assistant", "b."), turn("user", "c?"),
+                                             turn("assistant", "d.")]}))
+    with pytest.raises(UserError, match=f"Template 'last_reply_only' renders the prompt of {path}, line 1 differently "
+                                        "alone than inside the conversation"):
+        prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128))
+
+
 def test_all_files_are_checked_before_failing(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"question": "Q"}]))
     (tmp_path / "b.json").write_text("[oops")
@@ -166,11 +219,11 @@ def test_fast_path_equals_the_reference_token_for_token(tokenizer, template):
     tmpl = templates.get(template, [str(ROOT / "conf" / "templates")])
     r = prepare.Renderer(tokenizer, tmpl)
     assert r.pieces is not None
-    (fast, fast_n), (reference, ref_n) = r.fast(records), r.reference(records)
+    (fast, fast_n), (reference, ref_n, gaps) = r.fast(records), r.reference(records)
     assert fast[:-3] == reference[:-3] and fast_n[:-3] == ref_n[:-3]  # all sample records, token for token
     assert fast[-3:] != reference[-3:]  # edge whitespace merges across pieces: why such records take the reference
-    ids, n_prompt, used_fast = r(records)
-    assert used_fast and ids == reference and n_prompt == ref_n
+    ids, n_prompt, gaps, used_fast = r(records)
+    assert used_fast and ids == reference and n_prompt == ref_n and not any(gaps)
 
 
 def test_plain_template_falls_back_to_the_reference(embedded_dir):
@@ -181,7 +234,7 @@ def test_plain_template_falls_back_to_the_reference(embedded_dir):
     tmpl.apply_to(tok)
     records = data.load_records(TRAIN)[:20]
     ds, stats = prepare.tokenize(records, tok, tmpl, 512)
-    ids, n_prompt = prepare.Renderer(tok, tmpl).reference(records)
+    ids, n_prompt, _ = prepare.Renderer(tok, tmpl).reference(records)
     assert ds["input_ids"] == ids
     assert tok.decode(ds[0]["input_ids"]).startswith("System: You are a helpful assistant.\nUser: ")
 
