@@ -45,6 +45,7 @@ class Record:
     where: str = ""  # "FILE, record N" (or line N) for messages
     system: Optional[str] = None  # a chat transcript's system message (prepare checks it is the run's system prompt)
     history: Tuple[Tuple[str, str], ...] = ()  # a chat transcript's earlier exchanges: (user turn, reply), in order
+    untrained: Tuple[int, ...] = ()  # its replies (0: the first) marked "weight": 0, as OpenAI's format allows
 
     def as_dict(self) -> dict:
         return {"question": self.question, "answer": self.answer, "source": self.source}
@@ -206,18 +207,22 @@ ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's role names
 
 def exchange(turns, answered: bool = True):
     """A chat transcript (a system message, optional; then user turns and the assistant's replies in turn, ending with
-    a reply, which `answered=False` lets go) as ((question, answer, system, history), "") where question and answer
-    are its last exchange and history the earlier (user turn, reply) pairs; or (None, what is wrong with it)."""
+    a reply, which `answered=False` lets go) as ((question, answer, system, history, untrained), "") where question
+    and answer are its last exchange, history the earlier (user turn, reply) pairs and untrained the replies with
+    OpenAI's "weight": 0; or (None, what is wrong with it)."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         return None, "must be a list of {role, content} objects"
-    roles, texts = [], []
+    roles, texts, weights = [], [], []
     for n, turn in enumerate(turns, 1):
         role, text = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
         if not isinstance(text, str) or not isinstance(role, str):
             what, value = ("content", text) if not isinstance(text, str) else ("role", role)
             return None, f"turn {n}: its {what} must be a string, found {type(value).__name__}"
+        if turn.get("weight", 1) not in (0, 1) or isinstance(turn.get("weight"), float):
+            return None, f"turn {n}: its weight must be 0 (not trained) or 1, found {turn['weight']!r}"
         roles.append(ROLES.get(role, role))
         texts.append(text)
+        weights.append(turn.get("weight", 1))
     first = 1 if roles[:1] == ["system"] else 0
     system, rest = (texts[0] if first else None), roles[first:]
     expected = ["user", "assistant"] * ((len(rest) + 1) // 2)
@@ -226,10 +231,13 @@ def exchange(turns, answered: bool = True):
                       "(optional), then user turns and the assistant's replies in turn, ending with a reply")
     if empty := next((n for n, t in enumerate(texts[first:], first + 1) if not t.strip()), None):
         return None, f"turn {empty} ({roles[empty - 1]}) is empty"
+    untrained = tuple(n for n, w in enumerate(weights[first + 1::2]) if w == 0)
+    if answered and len(untrained) == len(rest) // 2:
+        return None, "has no reply to train: every one has the weight 0"
     if len(rest) % 2:  # a question without its answer (answered=False)
         texts.append("")
     pairs = list(zip(texts[first::2], texts[first + 1::2]))
-    return (*pairs[-1], system, tuple(pairs[:-1])), ""
+    return (*pairs[-1], system, tuple(pairs[:-1]), untrained), ""
 
 
 def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
@@ -419,7 +427,7 @@ class DedupReport:
 
 
 def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
-    """Keep the first of each group of duplicate (question, answer) pairs (with the same history, in chat transcripts)."""
+    """Keep the first of each group of duplicate (question, answer) pairs (after the same earlier turns, in chats)."""
     rep = DedupReport()
     seen_exact, seen_norm, answers = set(), set(), {}
     kept = []

@@ -70,7 +70,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
                                                    "model.adapter)" if earlier else "")
                   + ": their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
-    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source) for r in val_records]  # as in training
+    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source) for r in val_records]  # as trained
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="base model")
@@ -122,8 +122,8 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     for p in predictions[:10]:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines += question_lines(p["question"], p.get("history", []), cell) + [
-            f"- reference: {cell(p['reference'])}", f"- base: {cell(p['base'])}", f"- fine-tuned: {cell(p['fine_tuned'])}",
-            ""]
+            f"- reference: {cell(p['reference'])}", f"- base: {cell(p['base'])}",
+            f"- fine-tuned: {cell(p['fine_tuned'])}", ""]
     (out / "report.md").write_text("\n".join(lines))
 
     import matplotlib

@@ -92,14 +92,14 @@ class Renderer:
     def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[List[int]], List[list]]:
         """Render with Jinja and tokenize each conversation whole. Each reply is trained from where its prompt ends
         (the conversation up to its user turn, with the generation prompt) through its end-of-turn token, found by
-        character offsets. Returns input_ids, the tokens before the first reply, and the (start, end) tokens between
-        replies (a conversation's later user turns, untrained)."""
+        character offsets (a reply with the weight 0 is not). Returns input_ids, the tokens before the first trained
+        reply, and the (start, end) tokens between trained replies (a conversation's later user turns, untrained)."""
         convs = [self._messages(r) + [{"role": "assistant", "content": r.answer}] for r in records]
         replies = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in convs]
         render = lambda cs, **kw: self.tok.apply_chat_template(cs, tokenize=False, **kw)  # noqa: E731
         prompts = iter(render([c[:i] for c, rs in zip(convs, replies) for i in rs], add_generation_prompt=True))
         ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, rs in zip(convs, replies) for i in rs])))
-        texts, bounds = [], []  # bounds: each reply's (start, end) characters
+        texts, bounds = [], []  # bounds: each trained reply's (start, end) characters
         for r, rs in zip(records, replies):
             pairs = [(next(prompts), next(ends)) for _ in rs]
             text = pairs[-1][1]
@@ -108,14 +108,15 @@ class Renderer:
                                 "alone than inside the conversation, so training would not match inference; "
                                 "fix its chat_template.")
             texts.append(text)
-            bounds.append([(len(p), len(e)) for p, e in pairs])
+            bounds.append([(len(p), len(e)) for n, (p, e) in enumerate(pairs) if n not in r.untrained])
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         n_prompt, gaps = [], []
-        for offsets, b in zip(enc["offset_mapping"], bounds):
+        for text, offsets, b in zip(texts, enc["offset_mapping"], bounds):
             starts = [s for s, _ in offsets]
-            n_prompt.append(bisect.bisect_left(starts, b[0][0]))
-            gaps.append([(bisect.bisect_left(starts, end), bisect.bisect_left(starts, start))
-                         for (_, end), (start, _) in zip(b, b[1:])])
+            at = lambda char: bisect.bisect_left(starts, char)  # noqa: E731  the first token from that character on
+            between = zip([end for _, end in b], [start for start, _ in b[1:]] + [len(text)])  # (an untrained last reply)
+            n_prompt.append(at(b[0][0]))
+            gaps.append([(at(end), at(start)) for end, start in between if end < start])
         return enc["input_ids"], n_prompt, gaps
 
     def fast(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:

@@ -143,16 +143,24 @@ def test_chat_transcripts_are_records(tmp_path):
         {"messages": [turn("user", "Q?"), turn("assistant", " ")]}, {"messages": "Q? A."},
         {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": 5},
         {"messages": [{"role": ["user"], "content": "Q?"}, turn("assistant", "A.")]},
-        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]}]))
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]},
+        {"messages": [turn("user", "Q?"), {"role": "assistant", "content": "A.", "weight": 0.5}]},
+        {"messages": [turn("user", "Q?"), {"role": "assistant", "content": "A.", "weight": 0}]}]))
     with pytest.raises(UserError) as e:
         data.load_records(bad)
     assert str(e.value).startswith(
-        f"7 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, user, assistant: a conversation "
+        f"9 invalid record(s) in {bad}: line 1: field 'messages' holds the turns user, user, assistant: a conversation "
         "is a system message (optional), then user turns and the assistant's replies in turn, ending with a reply; "
         "line 2: field 'messages' turn 2: its content must be a string, found list; line 3: field 'messages' turn 2 "
         "(assistant) is empty; line 4: field 'messages' must be a list of {role, content} objects; line 5: field "
         "'source' must be a string, found int; line 6: field 'messages' turn 1: its role must be a string, found list; "
-        "line 7: field 'messages' holds the turns user, assistant, user: ")
+        "line 7: field 'messages' holds the turns user, assistant, user: a conversation is a system message (optional), "
+        "then user turns and the assistant's replies in turn, ending with a reply; line 8: field 'messages' turn 2: its "
+        "weight must be 0 (not trained) or 1, found 0.5; line 9: field 'messages' has no reply to train: every one has "
+        "the weight 0.")
+    weighted = write(tmp_path, "weighted.jsonl", json.dumps({"messages": [  # OpenAI's format: weight 0, not trained
+        turn("user", "a"), {**turn("assistant", "b"), "weight": 0}, turn("user", "c"), turn("assistant", "d")]}))
+    assert data.load_records(weighted)[0].untrained == (0,)
     questions = write(tmp_path, "questions.jsonl", "\n".join(json.dumps({"messages": m}) for m in [
         [turn("user", "Q?")], [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]]))
     asked = data.load_records(questions, required=("question",))  # chat questions=FILE: the last user turn is asked

@@ -147,6 +147,13 @@ def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer)
     cut = prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=start - 3, cache_dir=None))
     assert spans(cut.train[0]) == ["The average.<|im_end|>"] and cut.train_stats.truncated == 1
     assert len(cut.train[0]["input_ids"]) == start - 3
+    weights = [{**conv[1], "weight": 0}, {**conv[3], "weight": 0}]  # OpenAI's "weight": 0, the first or the last reply
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in ([conv[0], weights[0], *conv[2:]],
+                                                                    [*conv[:3], weights[1]])))
+    first_off, last_off = prepare.prepare(str(path), None, tokenizer, tmpl,
+                                          prepare.Options(max_length=512, dedup=False)).train  # (the same texts)
+    assert spans(first_off) == ["The middle value.<|im_end|>"] and spans(last_off) == ["The average.<|im_end|>"]
+    assert first_off["input_ids"] == row["input_ids"] == last_off["input_ids"]  # the same tokens, fewer trained
 
 
 def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_dir):
