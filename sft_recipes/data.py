@@ -426,6 +426,10 @@ class DedupReport:
         return self.exact + self.normalized
 
 
+def normalized_history(r: Record) -> Tuple[str, ...]:
+    return tuple(normalize(text) for pair in r.history for text in pair)
+
+
 def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
     """Keep the first of each group of duplicate (question, answer) pairs (after the same earlier turns, in chats)."""
     rep = DedupReport()
@@ -433,7 +437,7 @@ def dedup(records: Sequence[Record]) -> Tuple[List[Record], DedupReport]:
     kept = []
     for r in records:
         exact = (r.question, r.answer, r.history)
-        norm = (normalize(r.question), normalize(r.answer), tuple(normalize(t) for pair in r.history for t in pair))
+        norm = (normalize(r.question), normalize(r.answer), normalized_history(r))
         if exact in seen_exact:
             rep.exact += 1
             continue
@@ -480,9 +484,10 @@ def split(records: List[Record], val_fraction: float, seed: int,
 
 
 def overlap(train: Iterable[Record], val: Iterable[Record]) -> List[Record]:
-    """Validation records whose (normalized) question also appears in training: a leak."""
-    seen = {normalize(r.question) for r in train}
-    return [r for r in val if normalize(r.question) in seen]
+    """Validation records whose (normalized) question also appears in training (after the same earlier turns, in a
+    conversation): a leak."""
+    seen = {(normalize(r.question), normalized_history(r)) for r in train}
+    return [r for r in val if (normalize(r.question), normalized_history(r)) in seen]
 
 
 def validate_main(paths: List[str], columns: Optional[Columns] = None) -> int:
@@ -493,8 +498,10 @@ def validate_main(paths: List[str], columns: Optional[Columns] = None) -> int:
         try:
             records = load_records(path, columns, rep)
             kept, d = dedup(records)
+            chats = sum(1 for r in records if r.history)
+            notes = [f"{chats} conversation(s) of several exchanges"] * bool(chats) + rep.warnings
             rows.append((str(path), "ok", len(records), d.dropped, d.conflicting,
-                         sum(1 for r in records if r.source), "; ".join(rep.warnings)))
+                         sum(1 for r in records if r.source), "; ".join(notes)))
         except UserError as e:
             status = 2
             rows.append((str(path), "INVALID", 0, 0, 0, 0, str(e)))

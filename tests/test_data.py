@@ -166,7 +166,8 @@ def test_chat_transcripts_are_records(tmp_path):
     asked = data.load_records(questions, required=("question",))  # chat questions=FILE: the last user turn is asked
     assert [(r.question, r.answer, r.history) for r in asked] == [("Q?", "", ()), ("c", "", (("a", "b"),))]
     same_end = [data.Record("c", "d", history=(("a", "b"),)), data.Record("c", "d"), data.Record("c", "d")]
-    assert len(data.dedup(same_end)[0]) == 2  # the same last exchange after another history is not a duplicate
+    assert len(data.dedup(same_end)[0]) == 2  # the same last exchange after another history is not a duplicate,
+    assert data.overlap(same_end[:1], same_end[1:]) == [] and data.overlap(same_end[1:], same_end[1:2])  # nor a leak
 
 
 def test_spreadsheet_headers_in_any_case_are_read_and_a_workbook_is_named(tmp_path):
