@@ -35,6 +35,7 @@ HINTS = ("map other column names", "the records have the field(s)")
 # Other names for our fields in common data sets (Alpaca, prompt/response, ...): an error suggests the mapping
 ALIASES = {"question": ("instruction", "prompt", "query", "input", "q"),
            "answer": ("output", "response", "completion", "target", "a")}
+CONTEXT = ("input", "context")  # fields that hold part of the question beside an instruction (Alpaca's, Dolly's)
 
 
 @dataclass
@@ -168,8 +169,8 @@ def _column_hint(missing: set, extra: dict) -> str:
     if not (missing and extra):
         return f"{HINTS[0]} with data.columns.question=NAME etc"
     def mapping(key: str) -> str:
-        if key == "question" and {"instruction", "input"} <= extra.keys():  # Alpaca: the input belongs to the question
-            return "'data.columns.question=[instruction,input]'"
+        if key == "question" and "instruction" in extra and (context := [c for c in CONTEXT if c in extra]):
+            return f"'data.columns.question=[instruction,{context[0]}]'"  # (the text the instruction is about)
         return f"data.columns.{key}=" + next((a for a in ALIASES[key] if a in extra), "NAME")
 
     guess = " ".join(mapping(k) for k in sorted(missing, key=FIELDS.index))
@@ -307,12 +308,13 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
             report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
                 f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))
-                + _join_hint(cols["question"], [k for k, n in extra.items() if n and k in ALIASES["question"]]))
+                + _join_hint(cols["question"], [k for k, n in extra.items() if n and k in ALIASES["question"] + CONTEXT]))
     return records
 
 
 def _join_hint(question, ignored: List[str]) -> str:
-    """For an ignored field that often holds part of the question (Alpaca's 'input'): the mapping that joins it."""
+    """For an ignored field that often holds part of the question (Alpaca's 'input', Dolly's 'context'): the mapping
+    that joins it."""
     if not ignored:
         return ""
     names = ",".join(listed(question) + ignored)

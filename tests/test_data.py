@@ -119,6 +119,15 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
                                  "'data.columns.question=[instruction,input]' data.columns.answer=output.")
     (r,) = data.load_records(alpaca, {"question": ["instruction", "input"], "answer": "output"})  # the hint, followed
     assert (r.question, r.answer) == ("Q?", "A.")
+    dolly = write(tmp_path, "dolly.jsonl", json.dumps({"instruction": "Sum up.", "context": "A text.", "response": "A.",
+                                                      "category": "summarization"}))
+    with pytest.raises(UserError, match=r"map them with 'data.columns.question=\[instruction,context\]' "
+                                        r"data.columns.answer=response\.$"):
+        data.load_records(dolly)
+    rep = data.FileReport("x")
+    data.load_records(dolly, {"question": "instruction", "answer": "response"}, rep)  # the context left out: named
+    assert rep.warnings[0].endswith("'data.columns.question=[instruction,context]' joins 'context' to the question, one "
+                                    "per line")
 
 
 def test_chat_transcripts_are_records(tmp_path):
