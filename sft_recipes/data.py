@@ -219,7 +219,7 @@ def exchange(turns, answered: bool = True):
         if not isinstance(text, str) or not isinstance(role, str):
             what, value = ("content", text) if not isinstance(text, str) else ("role", role)
             return None, f"turn {n}: its {what} must be a string, found {type(value).__name__}"
-        if turn.get("weight", 1) not in (0, 1) or isinstance(turn.get("weight"), float):
+        if turn.get("weight", 1) not in (0, 1):
             return None, f"turn {n}: its weight must be 0 (not trained) or 1, found {turn['weight']!r}"
         roles.append(ROLES.get(role, role))
         texts.append(text)

@@ -89,7 +89,7 @@ class Renderer:
         eos, stripped = self.tok.eos_token, text.rstrip()
         return stripped if eos and stripped.endswith(eos) else text
 
-    def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[List[int]], List[list]]:
+    def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int], List[list]]:
         """Render with Jinja and tokenize each conversation whole. Each reply is trained from where its prompt ends
         (the conversation up to its user turn, with the generation prompt) through its end-of-turn token, found by
         character offsets (a reply with the weight 0 is not). Returns input_ids, the tokens before the first trained
@@ -200,7 +200,7 @@ def special_token_text(records: Sequence[Record], tokenizer) -> Optional[str]:
         tokenizer.all_special_tokens)
     pattern = re.compile("|".join(map(re.escape, sorted(filter(None, specials), key=len, reverse=True))))
     fields = lambda r: [("question", r.question), ("answer", r.answer), ("source", r.source)] + [  # noqa: E731
-        (f"turn {n}", text) for n, text in enumerate((t for pair in r.history for t in pair), 1)]
+        (f"earlier turn {n}", text) for n, text in enumerate((t for pair in r.history for t in pair), 1)]
     found = [f"{r.where}, {name}: {m.group()!r}" for r in records for name, text in fields(r)
              if (m := pattern.search(text))]
     if not found:
