@@ -17,7 +17,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from . import build, config
+from . import build, config, evaluate
 from .models import resolve_config
 
 PACKAGES = ("sft-recipes", "trl", "transformers", "peft", "torch", "bitsandbytes", "datasets")
@@ -166,14 +166,12 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         (f"`{gguf}` validation loss", merge.get("gguf_loss") if gguf else None),
     ]) + [""]
     for ev in evals:
-        keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
         data = ev.get("data", "validation split")
         seen = f"; {ev['also_in_training']} of them also in the training data" if ev.get("also_in_training") else ""
         where = "of the validation split" if data == "validation split" else f"from `{data}`"
         lines += [f"On {ev['records']} questions {where}{seen} (`python -m sft_recipes.evaluate`, greedy answers of "
                   f"at most {ev['max_new_tokens']} tokens):", "",
-                  "| metric | base | fine-tuned |", "| --- | --- | --- |",
-                  *(f"| {k.replace('_', ' ')} | {ev['base'][k]} | {ev['fine_tuned'][k]} |" for k in keys), ""]
+                  *evaluate.table(ev), ""]
 
     lines += ["## Use it", "", "```python", usage(cfg, base_id, folder, merged), "```", ""]
     if gguf:

@@ -3,9 +3,10 @@
 On the run's validation split (or on other question/answer files: a test set that chose nothing), the loss and
 perplexity of the base model and of base + adapter, then greedy answers from both (the run's chat template,
 stopping at the end-of-turn token) scored against the references with ROUGE-L, token F1 and exact match
-(torchmetrics' ROUGE and SQuAD metrics). Writes RUN/eval/ (for data=FILE: RUN/eval_<file name>/):
-metrics.json, report.md, predictions.jsonl, metrics.png. run_dir=RUN/checkpoint-N evaluates that checkpoint
-(a finished run's or one still training) into RUN/eval_checkpoint-N/ (RUN/eval_<file name>_checkpoint-N/).
+(torchmetrics' ROUGE and SQuAD metrics), with their mean length in words beside the references'. Writes RUN/eval/
+(for data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl, metrics.png.
+run_dir=RUN/checkpoint-N evaluates that checkpoint (a finished run's or one still training) into
+RUN/eval_checkpoint-N/ (RUN/eval_<file name>_checkpoint-N/).
 """
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def scores(prediction: str, reference: str) -> Dict[str, float]:
 
 def mean(rows: List[Dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows) if rows else 0.0
+
+
+def words(texts: List[str]) -> float:
+    """Mean words per text: are the answers as long as the data's (a base model's often run on)?"""
+    return round(sum(len(t.split()) for t in texts) / len(texts), 1)
+
+
+KEYS = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn", "words")
+
+
+def table(m: dict) -> List[str]:
+    """The base vs fine-tuned table of an evaluation's metrics.json (report.md, the model card)."""
+    label = lambda k: (f"answer length, words (references: {m['reference_words']})" if k == "words"  # noqa: E731
+                       else k.replace("_", " "))
+    return ["| metric | base | fine-tuned |", "| --- | --- | --- |"] + [
+        f"| {label(k)} | {m['base'][k]} | {m['fine_tuned'][k]} |" for k in KEYS if k in m["base"]]
 
 
 def out_dir(run_dir: Path, data) -> Path:
@@ -89,10 +106,12 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
     summary = lambda loss, sc, answers: {  # noqa: E731
         "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
         **{k: round(mean(sc, k), 4) for k in ("rouge_l", "token_f1", "exact_match")},
-        "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3)}
+        "stopped_at_end_of_turn": round(sum(s for _, s in answers) / len(answers), 3),
+        "words": words([a for a, _ in answers])}
     metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name,
                "data": data or "validation split", "records": len(val_records),
                "also_in_training": seen, "max_new_tokens": max_new_tokens,
+               "reference_words": words([r.answer for r in val_records]),
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
     write(out_dir(run_dir, data), metrics, predictions)
@@ -109,16 +128,12 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     with (out / "predictions.jsonl").open("w") as f:
         for p in predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    keys = ("loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn")
-    b, t = metrics["base"], metrics["fine_tuned"]
     at = f" at {metrics['adapter']}" if metrics["adapter"] != "final_model" else ""
     lines = [f"# Evaluation of {metrics['run_dir']}{at}", "",
              f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
              f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
                                                        "in the training data." if metrics["also_in_training"] else ""),
-             "", "| metric | base | fine-tuned |", "| --- | --- | --- |"]
-    lines += [f"| {k.replace('_', ' ')} | {b[k]} | {t[k]} |" for k in keys]
-    lines += ["", "## Sample answers", ""]
+             "", *table(metrics), "", "## Sample answers", ""]
     for p in predictions[:10]:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines += question_lines(p["question"], p.get("history", []), cell) + [
@@ -131,7 +146,7 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("loss", "rouge_l", "token_f1", "exact_match")
+    b, t, shown = metrics["base"], metrics["fine_tuned"], ("loss", "rouge_l", "token_f1", "exact_match")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     x = range(len(shown))
     ax.bar([i - 0.2 for i in x], [b[k] for k in shown], 0.4, label="base", color="#bbbbbb")

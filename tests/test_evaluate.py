@@ -42,11 +42,16 @@ def test_evaluate_after_train_writes_the_report(tiny_run):
     m = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     assert m["records"] == 3
     for side in ("base", "fine_tuned"):
-        assert set(m[side]) == {"loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn"}
+        assert set(m[side]) == {"loss", "perplexity", "rouge_l", "token_f1", "exact_match", "stopped_at_end_of_turn",
+                                "words"}
         assert m[side]["perplexity"] == pytest.approx(2.718281828 ** m[side]["loss"], rel=1e-3)
     preds = [json.loads(line) for line in (tiny_run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 3 and {"question", "reference", "base", "fine_tuned"} <= set(preds[0])
-    assert "| rouge l |" in (tiny_run / "eval" / "report.md").read_text()
+    for side, key in (("base", "base"), ("fine_tuned", "fine_tuned"), (None, "reference")):  # mean words per answer
+        mean_words = round(sum(len(p[key].split()) for p in preds) / 3, 1)
+        assert (m[side]["words"] if side else m["reference_words"]) == mean_words
+    report = (tiny_run / "eval" / "report.md").read_text()
+    assert "| rouge l |" in report and f"| answer length, words (references: {m['reference_words']}) |" in report
     assert (tiny_run / "eval" / "metrics.png").stat().st_size > 1000
 
 
