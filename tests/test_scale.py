@@ -89,7 +89,7 @@ def test_sweep_summary_from_a_real_multirun(tmp_path, tiny_dir):
     assert f"Sweep summary (2 jobs): {sweep / 'summary.md'}" in r.stdout
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("job,status,overrides,best_eval_loss")
-    assert rows[0].endswith(",rouge_l,token_f1,stopped_at_end_of_turn")  # the answers' scores (eval.after_train)
+    assert rows[0].endswith(",rouge_l,token_f1,stopped_at_end_of_turn,words")  # the answers' scores (eval.after_train)
     assert {row.split(",")[2] for row in rows[1:]} == {"lora.r=4", "lora.r=8"}  # only what differs
     md = (sweep / "summary.md").read_text()
     assert "| lora.r=4 |" in md.replace("| done ", "") or "lora.r=4" in md
