@@ -8,7 +8,8 @@ writes `{question, answer, source, stopped_at_end_of_turn}` lines (and `history`
 (RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
 Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.2`
 discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
-With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it.
+With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it;
+`system="..."` asks with another system prompt than the run's (a run trained on chat transcripts with their own).
 `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
 """
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Optional
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
          '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] '
-         '[repetition_penalty=1] [base=false] [batch_size=8]')
+         '[repetition_penalty=1] [base=false] [batch_size=8] [system="..."]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
-            "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "base": False, "batch_size": 8, "source": ""}
+            "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "base": False, "batch_size": 8, "source": "",
+            "system": None}
 
 
 def sampling_args(temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> dict:
@@ -140,7 +142,8 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
 
     from . import runs
 
-    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source or source) for r in records]
+    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source or source, r.system)
+                     for r in records]
     answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, sampling, progress="questions")
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
@@ -166,6 +169,8 @@ def _cli(argv):
                         f"{args['repetition_penalty']}: temperature must be >= 0 (0 is greedy), top_p in (0, 1] and "
                         "repetition_penalty positive (1: none).")
     cfg = runs.config(args["run_dir"])
+    if args["system"] is not None:  # instead of the run's system prompt (a chat transcript's own still applies to it)
+        cfg.data.system_prompt = args["system"]
     checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
     if args["questions"]:  # read and check them before any model loads

@@ -10,8 +10,8 @@ tokenize it whole, taking the prompt/answer boundary from character offsets. The
 proven equal: render the template once around placeholder texts to find its constant pieces, tokenize
 those once, and tokenize only each record's question and answer. It is checked token for token against the
 reference on a spread sample of records (any difference, and the reference is used for all); records whose
-texts start or end with whitespace, where tokens could merge across a piece boundary, and conversations of several
-exchanges always take the reference.
+texts start or end with whitespace, where tokens could merge across a piece boundary, and chat transcripts of
+several exchanges or with a system message of their own always take the reference.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class Renderer:
         self.pieces = self._find_pieces()
 
     def _messages(self, r: Record) -> List[dict]:
-        return self.template.messages(r.as_dict(), self.system_prompt, r.history_messages())
+        system = r.system if r.system is not None else self.system_prompt  # (a chat transcript's own)
+        return self.template.messages(r.as_dict(), system, r.history_messages())
 
     def _find_pieces(self) -> Optional[Tuple[str, str, str]]:
         """(head, middle, tail) such that full text = head + user + middle + answer + tail, if the template
@@ -133,12 +134,12 @@ class Renderer:
         if self.pieces is None or not records:
             return (*self.reference(records), False)
         edge = lambda t: t[:1].isspace() or t[-1:].isspace()  # noqa: E731  tokens may merge across pieces
-        whole = [i for i, r in enumerate(records) if r.history or edge(r.question) or edge(r.answer)]
+        whole = [i for i, r in enumerate(records)  # (the pieces hold the run's system prompt and no earlier turns)
+                 if r.history or r.system is not None or edge(r.question) or edge(r.answer)]
         ids, n_prompt = self.fast(records)
         gaps = [[] for _ in records]
-        step = max(1, len(records) // VERIFY_SAMPLE)
-        sample = [i for i in range(0, len(records), step)
-                  if not records[i].history and not edge(records[i].question + records[i].answer)]
+        step, skip = max(1, len(records) // VERIFY_SAMPLE), set(whole)
+        sample = [i for i in range(0, len(records), step) if i not in skip]
         ref_ids, ref_n, ref_gaps = self.reference([records[i] for i in sample + whole])
         if any(ids[i] != ri or n_prompt[i] != rn for i, ri, rn in zip(sample, ref_ids, ref_n)):
             return (*self.reference(records), False)
@@ -299,20 +300,21 @@ def load_and_split(train_spec, val_spec, opts: Options, reports=None):
     return train_records, val_records, dup
 
 
-def one_system_prompt(records, system: Optional[str]) -> None:
-    """Chat transcripts may hold a system message: each must be the run's system prompt (data.system_prompt, else
-    the template's), the one that chat, evaluate and the model card use too."""
+def own_system_prompts(records, system: Optional[str]) -> Optional[str]:
+    """Chat transcripts may hold a system message, which their record trains with. Where it is not the run's system
+    prompt (data.system_prompt, else the template's: what chat and the model card use, and evaluate for questions
+    without one of their own), a warning says so."""
     if not (other := [r for r in records if r.system is not None and (r.system or None) != (system or None)]):
-        return
-    texts = list(dict.fromkeys(r.system for r in records if r.system is not None))
-    now = (f"this run's system prompt is {system!r}" if system else
-           "this run has none of its own (data.system_prompt is unset: the chat template's default applies)")
-    if len(texts) > 1:
-        fix = f"the records hold {len(texts)} different ones: keep one"
-    else:
-        fix = "set data.system_prompt to it" + (f": 'data.system_prompt=\"{texts[0]}\"'" if '"' not in texts[0] else "")
-    raise UserError(f"{other[0].where} has the system message {other[0].system[:200]!r}, but {now}. A run trains with "
-                    f"one system prompt, the one chat and evaluate use: {fix}.")
+        return None
+    texts = list(dict.fromkeys(r.system for r in other))
+    now = (f"the run's system prompt, {system!r}" if system else
+           "the run's (data.system_prompt is unset: the chat template's default)")
+    every = {r.system for r in records if r.system is not None}
+    fix = (f"; 'data.system_prompt=\"{texts[0]}\"' makes it the run's" if len(every) == 1 and '"' not in texts[0]
+           and "\n" not in texts[0] else "")
+    return (f"{len(other)} record(s) hold a system message other than {now} ({len(texts)} different; the first: "
+            f"{texts[0][:200]!r}, {other[0].where}): each trains with its own; chat and the model card use the "
+            f"run's{fix}")
 
 
 def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
@@ -332,8 +334,6 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                             Stats(**meta["val_stats"]) if meta["val_stats"] else None, meta["report"], True, digest)
     reports: List[FileReport] = []
     train_records, val_records, dup = load_and_split(train_spec, val_spec, opts, reports)
-    one_system_prompt(train_records + val_records, opts.system_prompt if opts.system_prompt is not None
-                      else template.system)
     for r in reports[:len(train_files)]:
         r.warnings += filter(None, [held_out_warning(r.path)])
     leaks = overlap(train_records, val_records)
@@ -351,8 +351,10 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
     if leaks:
         report["warnings"].append(f"{len(leaks)} validation question(s) also appear in the training data "
                                   f"(e.g. {leaks[0].where}): the validation loss will be optimistic")
-    if warning := special_token_text(train_records + val_records, tokenizer):
-        report["warnings"].append(warning)
+    system = opts.system_prompt if opts.system_prompt is not None else template.system
+    for warning in (own_system_prompts(train_records + val_records, system),
+                    special_token_text(train_records + val_records, tokenizer)):
+        report["warnings"] += [warning] if warning else []
     train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,
                                   opts.system_prompt)
     val = val_stats = None

@@ -157,12 +157,13 @@ def adapter_model(cfg, run_dir, base=None):
     return PeftModel.from_pretrained(base if base is not None else base_model(cfg), adapter_dir(run_dir)).eval()
 
 
-def messages(cfg, question: str, history: List[dict] = (), source: str = "") -> List[dict]:
+def messages(cfg, question: str, history: List[dict] = (), source: str = "", system: Optional[str] = None) -> List[dict]:
     """The prompt messages for a question (and its source, for templates that show it), with the run's template
-    and system prompt (and chat history)."""
+    and system prompt (or `system`: a chat transcript's own) and chat history."""
     from .train import template_of
 
-    return template_of(cfg).messages({"question": question, "source": source}, cfg.data.system_prompt, history)
+    system = system if system is not None else cfg.data.system_prompt
+    return template_of(cfg).messages({"question": question, "source": source}, system, history)
 
 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,

@@ -223,7 +223,7 @@ def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
     from .runs import messages
 
     records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
-    conversations = [messages(cfg, r.question, r.history_messages(), r.source) for r in records]
+    conversations = [messages(cfg, r.question, r.history_messages(), r.source, r.system) for r in records]
     return report.SampleAnswers(records, conversations, tokenizer, cfg.eval.max_new_tokens, path)
 
 

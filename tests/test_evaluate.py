@@ -57,7 +57,8 @@ def test_evaluate_after_train_writes_the_report(tiny_run):
 
 def test_chat_one_shot_and_interactive(tiny_run):
     one = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "prompt=What is a mean?",
-                          "max_new_tokens=5", "repetition_penalty=1.2"], capture_output=True, text=True, cwd=ROOT)
+                          "max_new_tokens=5", "repetition_penalty=1.2", "system=Be brief."], capture_output=True,
+                         text=True, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
     from sft_recipes.chat import sampling_args  # what generate gets: greedy unless sampled, a penalty only if set
 
@@ -335,6 +336,7 @@ def test_prompts_at_inference_show_the_source_as_training_did():
     cfg = make("data.template=chat_with_source", "data.system_prompt=Be brief.")
     assert runs.messages(cfg, "What is a mean?", source="Ch. 2") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Source: Ch. 2\n\nWhat is a mean?"}]
+    assert runs.messages(cfg, "Q?", system="Be long.")[0] == {"role": "system", "content": "Be long."}  # a record's own
     earlier = [{"role": "user", "content": "What is a mode?"}, {"role": "assistant", "content": "The commonest."}]
     assert runs.messages(cfg, "And a mean?", earlier, "Ch. 2") == [  # a conversation's earlier turns as they were
         {"role": "system", "content": "Be brief."}, *earlier,

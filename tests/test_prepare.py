@@ -92,27 +92,35 @@ def test_datasets_save_to_disk_folders(tmp_path, tokenizer):
         data.load_many(str(tmp_path / "bad"))
 
 
-def test_chat_transcripts_system_message_must_be_the_runs_system_prompt(tmp_path, tokenizer):
+def test_chat_transcripts_train_with_their_own_system_message(tmp_path, tokenizer):
+    """A chat transcript's system message is its record's system prompt in training (records without one take the
+    run's); where it is not the run's, a warning names it, and data.system_prompt that makes it the run's."""
     def turns(system, question):
         return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
                              {"role": "assistant", "content": "A."}]}
 
     path = tmp_path / "chat.jsonl"
-    path.write_text("\n".join(json.dumps(turns("Be brief.", f"Q{i}?")) for i in range(3)))
-    with pytest.raises(UserError) as e:
-        prepare.prepare(str(path), None, tokenizer, templates.get("chat"), prepare.Options(max_length=128))
-    assert str(e.value) == (f"{path}, line 1 has the system message 'Be brief.', but this run has none of its own "
-                            "(data.system_prompt is unset: the chat template's default applies). A run trains with one "
-                            "system prompt, the one chat and evaluate use: set data.system_prompt to it: "
-                            "'data.system_prompt=\"Be brief.\"'.")
-    out = prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
-                          prepare.Options(max_length=128, system_prompt="Be brief."))
-    assert "Be brief." in prepare.show_example(out.train[0], tokenizer) and len(out.train) == 3
+    path.write_text("\n".join([*(json.dumps(turns("Be brief.", f"Q{i}?")) for i in range(3)),
+                               json.dumps({"question": "Q3?", "answer": "A."})]))
+    out = prepare.prepare(str(path), None, tokenizer, templates.get("chat"), prepare.Options(max_length=128))
+    assert (f"3 record(s) hold a system message other than the run's (data.system_prompt is unset: the chat "
+            f"template's default) (1 different; the first: 'Be brief.', {path}, line 1): each trains with its own; chat "
+            "and the model card use the run's; 'data.system_prompt=\"Be brief.\"' makes it the run's") in \
+        out.report["warnings"]
+    shown = [prepare.show_example(row, tokenizer) for row in out.train]
+    assert [s.startswith("<|im_start|>system\nBe brief.<|im_end|>") for s in shown] == [True, True, True, False]
+    assert "You are a helpful AI assistant named SmolLM" in shown[3]  # (the template's default, the run's)
+    same = prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
+                           prepare.Options(max_length=128, system_prompt="Be brief."))
+    assert same.train["input_ids"][:3] == out.train["input_ids"][:3] and not same.report["warnings"]
+    assert prepare.show_example(same.train[3], tokenizer).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     path.write_text(json.dumps(turns("Be brief.", "Q?")) + "\n" + json.dumps(turns("Be long.", "Q2?")))
-    with pytest.raises(UserError, match=r"line 2 has the system message 'Be long.', but this run's system prompt is "
-                                        r"'Be brief.'.*the records hold 2 different ones: keep one"):
-        prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
-                        prepare.Options(max_length=128, system_prompt="Be brief."))
+    mixed = prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
+                            prepare.Options(max_length=128, system_prompt="Be brief."))
+    assert "1 record(s) hold a system message other than the run's system prompt, 'Be brief.' (1 different; the " \
+           f"first: 'Be long.', {path}, line 2): each trains with its own; chat and the model card use the run's" == \
+        mixed.report["warnings"][0]  # (no data.system_prompt to name: the records hold two)
+    assert "Be long." in prepare.show_example(mixed.train[1], tokenizer)
 
 
 def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer):
