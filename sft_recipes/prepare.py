@@ -307,13 +307,12 @@ def own_system_prompts(records, system: Optional[str]) -> Optional[str]:
     if not (other := [r for r in records if r.system is not None and (r.system or None) != (system or None)]):
         return None
     texts = list(dict.fromkeys(r.system for r in other))
-    now = (f"the run's system prompt, {system!r}" if system else
-           "the run's (data.system_prompt is unset: the chat template's default)")
+    now = f"the run's system prompt, {system!r}" if system else "the run's system prompt (unset: the template's default)"
     every = {r.system for r in records if r.system is not None}
     fix = (f"; 'data.system_prompt=\"{texts[0]}\"' makes it the run's" if len(every) == 1 and '"' not in texts[0]
            and "\n" not in texts[0] else "")
-    return (f"{len(other)} record(s) hold a system message other than {now} ({len(texts)} different; the first: "
-            f"{texts[0][:200]!r}, {other[0].where}): each trains with its own; chat and the model card use the "
+    return (f"{len(other)} record(s) hold a system message other than {now}: {len(texts)} different, the first "
+            f"{texts[0][:200]!r} ({other[0].where}). Each trains with its own; chat and the model card use the "
             f"run's{fix}")
 
 

@@ -103,10 +103,9 @@ def test_chat_transcripts_train_with_their_own_system_message(tmp_path, tokenize
     path.write_text("\n".join([*(json.dumps(turns("Be brief.", f"Q{i}?")) for i in range(3)),
                                json.dumps({"question": "Q3?", "answer": "A."})]))
     out = prepare.prepare(str(path), None, tokenizer, templates.get("chat"), prepare.Options(max_length=128))
-    assert (f"3 record(s) hold a system message other than the run's (data.system_prompt is unset: the chat "
-            f"template's default) (1 different; the first: 'Be brief.', {path}, line 1): each trains with its own; chat "
-            "and the model card use the run's; 'data.system_prompt=\"Be brief.\"' makes it the run's") in \
-        out.report["warnings"]
+    assert (f"3 record(s) hold a system message other than the run's system prompt (unset: the template's default): 1 "
+            f"different, the first 'Be brief.' ({path}, line 1). Each trains with its own; chat and the model card use "
+            "the run's; 'data.system_prompt=\"Be brief.\"' makes it the run's") in out.report["warnings"]
     shown = [prepare.show_example(row, tokenizer) for row in out.train]
     assert [s.startswith("<|im_start|>system\nBe brief.<|im_end|>") for s in shown] == [True, True, True, False]
     assert "You are a helpful AI assistant named SmolLM" in shown[3]  # (the template's default, the run's)
@@ -117,9 +116,9 @@ def test_chat_transcripts_train_with_their_own_system_message(tmp_path, tokenize
     path.write_text(json.dumps(turns("Be brief.", "Q?")) + "\n" + json.dumps(turns("Be long.", "Q2?")))
     mixed = prepare.prepare(str(path), None, tokenizer, templates.get("chat"),
                             prepare.Options(max_length=128, system_prompt="Be brief."))
-    assert "1 record(s) hold a system message other than the run's system prompt, 'Be brief.' (1 different; the " \
-           f"first: 'Be long.', {path}, line 2): each trains with its own; chat and the model card use the run's" == \
-        mixed.report["warnings"][0]  # (no data.system_prompt to name: the records hold two)
+    assert mixed.report["warnings"][0] == (  # (no data.system_prompt to name: the records hold two)
+        "1 record(s) hold a system message other than the run's system prompt, 'Be brief.': 1 different, the first "
+        f"'Be long.' ({path}, line 2). Each trains with its own; chat and the model card use the run's")
     assert "Be long." in prepare.show_example(mixed.train[1], tokenizer)
 
 
