@@ -3,7 +3,8 @@
 Input: a JSON array, JSON lines, CSV (`,` or `;`), TSV or Parquet file (CSV and TSV cells are all text), a
 `datasets` save_to_disk folder, a folder or glob of such files, or a list of these. A record is a question/answer
 object (data.columns names its fields, or lists fields to join) or a chat transcript (OpenAI's messages, ShareGPT's
-conversations): its last exchange is the question and answer, the earlier ones its history. Every invalid record is
+conversations, TRL's conversational prompt and completion): its last exchange is the question and answer, the earlier
+ones its history. Every invalid record is
 reported (up to MAX_LISTED, then a count) with its file, record or line number and field, in one `UserError`;
 unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
@@ -259,9 +260,13 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                             + f", found {type(raw).__name__}")
             continue
         keys = {key: [_key(raw, name) for name in listed(cols[key])] for key in FIELDS}
-        chat = next((k for k in CHATS if k in raw), None)
-        if chat and not any(k in raw for k in keys["question"]):  # a chat transcript
-            turns, problem = exchange(raw[chat], answered="answer" in required)
+        chat = next((k for k in CHATS if k in raw and not any(q in raw for q in keys["question"])), None)
+        if not chat and isinstance(raw.get("prompt"), list) and isinstance(raw.get("completion", []), list):
+            chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
+        if chat:  # a chat transcript
+            turns = raw[chat] if chat in raw else [*({**t, "weight": 0} if isinstance(t, dict) and t.get(
+                "role") == "assistant" else t for t in raw["prompt"]), *raw.get("completion", [])]
+            turns, problem = exchange(turns, answered="answer" in required)
             source = raw.get(keys["source"][0])
             if problem:
                 problems.append(f"{at}: field '{chat}' {problem}")

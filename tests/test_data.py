@@ -170,6 +170,14 @@ def test_chat_transcripts_are_records(tmp_path):
     weighted = write(tmp_path, "weighted.jsonl", json.dumps({"messages": [  # OpenAI's format: weight 0, not trained
         turn("user", "a"), {**turn("assistant", "b"), "weight": 0}, turn("user", "c"), turn("assistant", "d")]}))
     assert data.load_records(weighted)[0].untrained == (0,)
+    trl = write(tmp_path, "trl.jsonl", "\n".join(json.dumps(r) for r in [  # TRL's conversational prompt-completion:
+        {"prompt": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")], "completion": [turn("assistant", "d")]},
+        {"prompt": [turn("system", "S."), turn("user", "Q?")], "completion": [turn("assistant", "A.")]}]))
+    assert [(r.question, r.answer, r.system, r.history, r.untrained) for r in data.load_records(trl)] == [
+        ("c", "d", None, (("a", "b"),), (0,)), ("Q?", "A.", "S.", (), ())]  # the prompt's replies are not trained
+    with pytest.raises(UserError, match=r"line 1: field 'prompt' \+ 'completion' holds the turns user: "):
+        data.load_records(write(tmp_path, "prompt_only.jsonl", json.dumps({"prompt": [turn("user", "Q?")]})))
+    assert data.load_records(tmp_path / "prompt_only.jsonl", required=("question",))[0].question == "Q?"
     questions = write(tmp_path, "questions.jsonl", "\n".join(json.dumps({"messages": m}) for m in [
         [turn("user", "Q?")], [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]]))
     asked = data.load_records(questions, required=("question",))  # chat questions=FILE: the last user turn is asked
