@@ -100,7 +100,8 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         b, t = scores(base, r.answer), scores(tuned, r.answer)
         base_scores.append(b)
         tuned_scores.append(t)
-        predictions.append({**({"history": r.history_messages()} if r.history else {}),
+        predictions.append({**({"system": r.system} if r.system is not None else {}),
+                            **({"history": r.history_messages()} if r.history else {}),
                             "question": r.question, "reference": r.answer, "source": r.source,
                             "base": base, "base_stopped": base_stop, "fine_tuned": tuned,
                             "fine_tuned_stopped": tuned_stop, "base_scores": b, "fine_tuned_scores": t})
@@ -137,7 +138,7 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
              "", *table(metrics), "", "## Sample answers", ""]
     for p in predictions[:10]:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-        lines += question_lines(p["question"], p.get("history", []), cell) + [
+        lines += question_lines(p["question"], p.get("history", []), cell, p.get("system")) + [
             f"- reference: {cell(p['reference'])}", f"- base: {cell(p['base'])}",
             f"- fine-tuned: {cell(p['fine_tuned'])}", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -127,15 +127,18 @@ class SampleAnswers(TrainerCallback):
         loss = (kwargs.get("metrics") or {}).get("eval_loss")
         lines = [f"## step {state.global_step}" + (f" (validation loss {loss:.4f})" if loss is not None else ""), ""]
         for r, (answer, stopped) in zip(self.records, answers):
-            lines += question_lines(r.question, r.history_messages(), cell) + [f"- reference: {cell(r.answer)}",
-                      f"- answer{'' if stopped else ' (cut at eval.max_new_tokens)'}: {cell(answer)}", ""]
+            lines += question_lines(r.question, r.history_messages(), cell, r.system) + [
+                f"- reference: {cell(r.answer)}",
+                f"- answer{'' if stopped else ' (cut at eval.max_new_tokens)'}: {cell(answer)}", ""]
         with self.path.open("a") as f:
             f.write("\n".join(lines) + "\n")
 
 
-def question_lines(question: str, history: List[dict], cell) -> List[str]:
-    """A question in samples.md or an evaluation report: after the earlier turns of its conversation, quoted."""
-    earlier = [f"> {m['role']}: {cell(m['content'])}" for m in history]
+def question_lines(question: str, history: List[dict], cell, system: Optional[str] = None) -> List[str]:
+    """A question in samples.md or an evaluation report: after its own system message and the earlier turns of its
+    conversation (a chat transcript's), quoted."""
+    own = [{"role": "system", "content": system}] if system is not None else []
+    earlier = [f"> {m['role']}: {cell(m['content'])}" for m in own + list(history)]
     return earlier + [""] * bool(earlier) + [f"**Q:** {cell(question)}", ""]
 
 

@@ -297,7 +297,8 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
     test.write_text("\n".join(json.dumps(r) for r in [
         {"question": "What is the range of a data set?", "answer": "The largest value minus the smallest."},
         {"question": trained["question"], "answer": trained["answer"]},
-        {"messages": [{"role": "user", "content": "What is a mean?"}, {"role": "assistant", "content": "The average."},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "What is a mean?"}, {"role": "assistant", "content": "The average."},
                       {"role": "user", "content": "And a median?"}, {"role": "assistant", "content": "The middle."}]}]))
     evaluate._cli([f"run_dir={tiny_run}", f"data={test}", "max_new_tokens=4"])
     out = capsys.readouterr().out
@@ -308,7 +309,8 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
     assert [p["question"] for p in predictions] == ["What is the range of a data set?", trained["question"],
                                                     "And a median?"]  # a conversation: its last question, asked
     assert predictions[2]["history"][1] == {"role": "assistant", "content": "The average."}  # after the earlier turns
-    assert "> user: What is a mean?\n> assistant: The average.\n\n**Q:** And a median?" in (
+    assert predictions[2]["system"] == "Be brief." and "system" not in predictions[0]  # a transcript's own, asked with
+    assert "> system: Be brief.\n> user: What is a mean?\n> assistant: The average.\n\n**Q:** And a median?" in (
         tiny_run / "eval_exam" / "report.md").read_text()
     card = (tiny_run / "final_model" / "README.md").read_text()
     assert "questions of the validation split" in card  # eval/ (after train) stays,

@@ -20,7 +20,8 @@ def rec(q, a, s=""):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["question", "answer", "source", "x", "messages", "role", "content", "data"])
+        st.sampled_from(["question", "answer", "source", "x", "messages", "role", "content", "data", "prompt",
+                         "completion", "weight"])
         | st.text(max_size=5), children, max_size=4),
     max_leaves=12)
 
