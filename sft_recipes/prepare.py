@@ -131,11 +131,11 @@ class Renderer:
 
     def __call__(self, records: Sequence[Record]):
         """(input_ids, prompt lengths, untrained gaps between replies, fast path used) for every record."""
-        if self.pieces is None or not records:
-            return (*self.reference(records), False)
         edge = lambda t: t[:1].isspace() or t[-1:].isspace()  # noqa: E731  tokens may merge across pieces
         whole = [i for i, r in enumerate(records)  # (the pieces hold the run's system prompt and no earlier turns)
                  if r.history or r.system is not None or edge(r.question) or edge(r.answer)]
+        if self.pieces is None or len(whole) == len(records):  # (chat transcripts alone, say)
+            return (*self.reference(records), False)
         ids, n_prompt = self.fast(records)
         gaps = [[] for _ in records]
         step, skip = max(1, len(records) // VERIFY_SAMPLE), set(whole)
