@@ -242,6 +242,13 @@ def exchange(turns, answered: bool = True):
     return (*pairs[-1], system, tuple(pairs[:-1]), untrained), ""
 
 
+def prompt_completion(raw: dict) -> list:
+    """The turns of TRL's conversational prompt-completion record; the replies in its prompt are context (weight 0),
+    as TRL trains only on the completion."""
+    context = [{**t, "weight": 0} if isinstance(t, dict) and t.get("role") == "assistant" else t for t in raw["prompt"]]
+    return context + raw.get("completion", [])
+
+
 def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt), or to
@@ -264,9 +271,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         if not chat and isinstance(raw.get("prompt"), list) and isinstance(raw.get("completion", []), list):
             chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
         if chat:  # a chat transcript
-            turns = raw[chat] if chat in raw else [*({**t, "weight": 0} if isinstance(t, dict) and t.get(
-                "role") == "assistant" else t for t in raw["prompt"]), *raw.get("completion", [])]
-            turns, problem = exchange(turns, answered="answer" in required)
+            parsed, problem = exchange(raw[chat] if chat in raw else prompt_completion(raw), "answer" in required)
             source = raw.get(keys["source"][0])
             if problem:
                 problems.append(f"{at}: field '{chat}' {problem}")
@@ -274,7 +279,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                 problems.append(f"{at}: field '{listed(cols['source'])[0]}' must be a string, found "
                                 f"{type(source).__name__}")
             else:
-                records.append(Record(*turns[:2], source or "", where, *turns[2:]))
+                records.append(Record(*parsed[:2], source or "", where, *parsed[2:]))
             continue
         for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
