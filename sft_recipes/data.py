@@ -318,7 +318,8 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
             report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
                 f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))
-                + _join_hint(cols["question"], [k for k, n in extra.items() if n and k in ALIASES["question"] + CONTEXT]))
+                + _join_hint(cols["question"], [k for k, n in extra.items()
+                                                if n and k in ALIASES["question"] + CONTEXT]))
     return records
 
 

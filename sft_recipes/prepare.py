@@ -115,7 +115,7 @@ class Renderer:
         for text, offsets, b in zip(texts, enc["offset_mapping"], bounds):
             starts = [s for s, _ in offsets]
             at = lambda char: bisect.bisect_left(starts, char)  # noqa: E731  the first token from that character on
-            between = zip([end for _, end in b], [start for start, _ in b[1:]] + [len(text)])  # (an untrained last reply)
+            between = zip([end for _, end in b], [start for start, _ in b[1:]] + [len(text)])  # (+ an untrained last)
             n_prompt.append(at(b[0][0]))
             gaps.append([(at(end), at(start)) for end, start in between if end < start])
         return enc["input_ids"], n_prompt, gaps
@@ -307,7 +307,7 @@ def own_system_prompts(records, system: Optional[str]) -> Optional[str]:
     if not (other := [r for r in records if r.system is not None and (r.system or None) != (system or None)]):
         return None
     texts = list(dict.fromkeys(r.system for r in other))
-    now = f"the run's system prompt, {system!r}" if system else "the run's system prompt (unset: the template's default)"
+    now = "the run's system prompt" + (f", {system!r}" if system else " (unset: the template's default)")
     every = {r.system for r in records if r.system is not None}
     fix = (f"; 'data.system_prompt=\"{texts[0]}\"' makes it the run's" if len(every) == 1 and '"' not in texts[0]
            and "\n" not in texts[0] else "")

@@ -157,7 +157,8 @@ def adapter_model(cfg, run_dir, base=None):
     return PeftModel.from_pretrained(base if base is not None else base_model(cfg), adapter_dir(run_dir)).eval()
 
 
-def messages(cfg, question: str, history: List[dict] = (), source: str = "", system: Optional[str] = None) -> List[dict]:
+def messages(cfg, question: str, history: List[dict] = (), source: str = "",
+             system: Optional[str] = None) -> List[dict]:
     """The prompt messages for a question (and its source, for templates that show it), with the run's template
     and system prompt (or `system`: a chat transcript's own) and chat history."""
     from .train import template_of

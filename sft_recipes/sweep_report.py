@@ -18,7 +18,8 @@ from hydra.experimental.callback import Callback
 
 METRICS = ("best_eval_loss", "final_eval_loss", "final_train_loss", "trained_tokens_per_s", "peak_memory_gib",
            "wall_s", "global_step", "final_model_step")
-ANSWERS = ("rouge_l", "token_f1", "stopped_at_end_of_turn", "words")  # the fine-tuned model's, where eval.after_train ran
+# the fine-tuned model's answers, where eval.after_train ran
+ANSWERS = ("rouge_l", "token_f1", "stopped_at_end_of_turn", "words")
 
 
 def eval_curve(job: Path) -> List[tuple]:

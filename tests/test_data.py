@@ -126,8 +126,8 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
         data.load_records(dolly)
     rep = data.FileReport("x")
     data.load_records(dolly, {"question": "instruction", "answer": "response"}, rep)  # the context left out: named
-    assert rep.warnings[0].endswith("'data.columns.question=[instruction,context]' joins 'context' to the question, one "
-                                    "per line")
+    assert rep.warnings[0].endswith("'data.columns.question=[instruction,context]' joins 'context' to the question, "
+                                    "one per line")
 
 
 def test_chat_transcripts_are_records(tmp_path):
@@ -163,15 +163,16 @@ def test_chat_transcripts_are_records(tmp_path):
         "line 2: field 'messages' turn 2: its content must be a string, found list; line 3: field 'messages' turn 2 "
         "(assistant) is empty; line 4: field 'messages' must be a list of {role, content} objects; line 5: field "
         "'source' must be a string, found int; line 6: field 'messages' turn 1: its role must be a string, found list; "
-        "line 7: field 'messages' holds the turns user, assistant, user: a conversation is a system message (optional), "
-        "then user turns and the assistant's replies in turn, ending with a reply; line 8: field 'messages' turn 2: its "
-        "weight must be 0 (not trained) or 1, found 0.5; line 9: field 'messages' has no reply to train: every one has "
-        "the weight 0.")
+        "line 7: field 'messages' holds the turns user, assistant, user: a conversation is a system message "
+        "(optional), then user turns and the assistant's replies in turn, ending with a reply; line 8: field "
+        "'messages' turn 2: its weight must be 0 (not trained) or 1, found 0.5; line 9: field 'messages' has no reply "
+        "to train: every one has the weight 0.")
     weighted = write(tmp_path, "weighted.jsonl", json.dumps({"messages": [  # OpenAI's format: weight 0, not trained
         turn("user", "a"), {**turn("assistant", "b"), "weight": 0}, turn("user", "c"), turn("assistant", "d")]}))
     assert data.load_records(weighted)[0].untrained == (0,)
     trl = write(tmp_path, "trl.jsonl", "\n".join(json.dumps(r) for r in [  # TRL's conversational prompt-completion:
-        {"prompt": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")], "completion": [turn("assistant", "d")]},
+        {"prompt": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")],
+         "completion": [turn("assistant", "d")]},
         {"prompt": [turn("system", "S."), turn("user", "Q?")], "completion": [turn("assistant", "A.")]}]))
     assert [(r.question, r.answer, r.system, r.history, r.untrained) for r in data.load_records(trl)] == [
         ("c", "d", None, (("a", "b"),), (0,)), ("Q?", "A.", "S.", (), ())]  # the prompt's replies are not trained
