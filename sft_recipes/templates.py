@@ -40,11 +40,15 @@ class Template:
     description: str = ""
 
     def messages(self, record: dict, system_prompt: Optional[str] = None, history: Sequence[dict] = ()) -> List[dict]:
-        """The prompt messages (system?, the earlier turns of a conversation as they are, user) for one record."""
+        """The prompt messages (system?, the earlier turns of a conversation, user) for one record; every user turn in
+        this template's format, so that a conversation's first reply trains on the prompt that chat sends first."""
         system = system_prompt if system_prompt is not None else self.system
         values = {k: record.get(k) or "" for k in FIELDS}
+        def user(question: str) -> dict:
+            return {"role": "user", "content": self.user.format(**{**values, "question": question})}
+
         msgs = [{"role": "system", "content": system}] if system else []
-        return msgs + list(history) + [{"role": "user", "content": self.user.format(**values)}]
+        return msgs + [user(m["content"]) if m["role"] == "user" else m for m in history] + [user(values["question"])]
 
     def apply_to(self, tokenizer) -> None:
         """Install this template's chat template on the tokenizer (saved with it later)."""

@@ -340,9 +340,9 @@ def test_prompts_at_inference_show_the_source_as_training_did():
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Source: Ch. 2\n\nWhat is a mean?"}]
     assert runs.messages(cfg, "Q?", system="Be long.")[0] == {"role": "system", "content": "Be long."}  # a record's own
     earlier = [{"role": "user", "content": "What is a mode?"}, {"role": "assistant", "content": "The commonest."}]
-    assert runs.messages(cfg, "And a mean?", earlier, "Ch. 2") == [  # a conversation's earlier turns as they were
-        {"role": "system", "content": "Be brief."}, *earlier,
-        {"role": "user", "content": "Source: Ch. 2\n\nAnd a mean?"}]
+    assert runs.messages(cfg, "And a mean?", earlier, "Ch. 2") == [  # every user turn as the template writes it
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Source: Ch. 2\n\nWhat is a mode?"},
+        earlier[1], {"role": "user", "content": "Source: Ch. 2\n\nAnd a mean?"}]
 
 
 def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):

@@ -162,6 +162,14 @@ def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer)
                                           prepare.Options(max_length=512, dedup=False)).train  # (the same texts)
     assert spans(first_off) == ["The middle value.<|im_end|>"] and spans(last_off) == ["The average.<|im_end|>"]
     assert first_off["input_ids"] == row["input_ids"] == last_off["input_ids"]  # the same tokens, fewer trained
+    path.write_text(json.dumps({"messages": conv, "source": "Ch. 1"}))  # a template that writes the question its way:
+    sourced = templates.get("chat_with_source")
+    row = prepare.prepare(str(path), None, tokenizer, sourced, opts).train[0]
+    first = tokenizer.apply_chat_template(sourced.messages({"question": "What is a mean?", "source": "Ch. 1"}),
+                                          tokenize=False, add_generation_prompt=True)
+    trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert tokenizer.decode(row["input_ids"][:trained_from]) == first  # the first reply's prompt is chat's first one,
+    assert tokenizer.decode(row["input_ids"]).count("Source: Ch. 1\n\n") == 2  # as every user turn is in that format
 
 
 def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_dir):
