@@ -62,7 +62,8 @@ class Stats:
 
 
 class Renderer:
-    """Turns records into (input_ids, n_prompt_tokens) through a template and a tokenizer."""
+    """Turns records into input_ids, the tokens before the first trained reply, and the untrained tokens between a
+    conversation's trained replies, through a template and a tokenizer."""
 
     def __init__(self, tokenizer, template: Template, system_prompt: Optional[str] = None):
         self.tok, self.template, self.system_prompt = tokenizer, template, system_prompt
