@@ -242,6 +242,17 @@ def exchange(turns, answered: bool = True):
     return (*pairs[-1], system, tuple(pairs[:-1]), untrained), ""
 
 
+def not_strings(at: str, names: Sequence[str], values: list) -> List[str]:
+    """What is wrong with the fields that hold a value other than text."""
+    return [f"{at}: field '{name}' must be a string, found {type(v).__name__}"
+            for name, v in zip(names, values) if v is not None and not isinstance(v, str)]
+
+
+def joined(values: list) -> str:
+    """The non-empty texts of the fields that data.columns lists, one per line."""
+    return "\n".join(v for v in values if v and v.strip())
+
+
 def prompt_completion(raw: dict) -> list:
     """The turns of TRL's conversational prompt-completion record; the replies in its prompt are context (weight 0),
     as TRL trains only on the completion."""
@@ -272,25 +283,24 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
         if chat:  # a chat transcript
             parsed, problem = exchange(raw[chat] if chat in raw else prompt_completion(raw), "answer" in required)
-            source = raw.get(keys["source"][0])
+            sources = [raw.get(k) for k in keys["source"]]
+            if wrong := not_strings(at, listed(cols["source"]), sources):
+                problems += wrong
             if problem:
                 problems.append(f"{at}: field '{chat}' {problem}")
-            elif source is not None and not isinstance(source, str):
-                problems.append(f"{at}: field '{listed(cols['source'])[0]}' must be a string, found "
-                                f"{type(source).__name__}")
-            else:
-                records.append(Record(*parsed[:2], source or "", where, *parsed[2:]))
+            elif not wrong:
+                records.append(Record(*parsed[:2], joined(sources), where, *parsed[2:]))
             continue
         for k in raw.keys() - {k for names in keys.values() for k in names}:
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
         text, bad = {}, False
         for key in FIELDS:
             names, values = listed(cols[key]), [raw.get(k) for k in keys[key]]
-            if wrong := [(name, v) for name, v in zip(names, values) if v is not None and not isinstance(v, str)]:
-                problems += [f"{at}: field '{name}' must be a string, found {type(v).__name__}" for name, v in wrong]
+            if wrong := not_strings(at, names, values):
+                problems += wrong
                 bad = True
                 continue
-            text[key] = "\n".join(v for v in values if v and v.strip()) if len(names) > 1 else values[0] or ""
+            text[key] = joined(values) if len(names) > 1 else values[0] or ""
             if key not in required or text[key].strip():
                 continue
             bad = True

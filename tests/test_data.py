@@ -170,6 +170,10 @@ def test_chat_transcripts_are_records(tmp_path):
     weighted = write(tmp_path, "weighted.jsonl", json.dumps({"messages": [  # OpenAI's format: weight 0, not trained
         turn("user", "a"), {**turn("assistant", "b"), "weight": 0}, turn("user", "c"), turn("assistant", "d")]}))
     assert data.load_records(weighted)[0].untrained == (0,)
+    sourced = write(tmp_path, "sourced.jsonl", json.dumps({"messages": [turn("user", "Q?"), turn("assistant", "A.")],
+                                                          "chapter": "Ch. 5", "section": "5.3"}))
+    (r,) = data.load_records(sourced, {"source": ["chapter", "section"]})  # a source read from several fields
+    assert (r.question, r.source) == ("Q?", "Ch. 5\n5.3")
     trl = write(tmp_path, "trl.jsonl", "\n".join(json.dumps(r) for r in [  # TRL's conversational prompt-completion:
         {"prompt": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")],
          "completion": [turn("assistant", "d")]},
