@@ -142,9 +142,8 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
 
     from . import runs
 
-    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source or source, r.system)
-                     for r in records]
-    answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, sampling, progress="questions")
+    answers = runs.generate(model, tok, [runs.record_messages(cfg, r, source) for r in records], max_new_tokens,
+                            batch_size, sampling, progress="questions")
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
         for r, (text, stopped) in zip(records, answers):

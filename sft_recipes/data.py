@@ -4,9 +4,8 @@ Input: a JSON array, JSON lines, CSV (`,` or `;`), TSV or Parquet file (CSV and 
 `datasets` save_to_disk folder, a folder or glob of such files, or a list of these. A record is a question/answer
 object (data.columns names its fields, or lists fields to join) or a chat transcript (OpenAI's messages, ShareGPT's
 conversations, TRL's conversational prompt and completion): its last exchange is the question and answer, the earlier
-ones its history. Every invalid record is
-reported (up to MAX_LISTED, then a count) with its file, record or line number and field, in one `UserError`;
-unknown extra fields are a warning.
+ones its history. Every invalid record is reported (up to MAX_LISTED, then a count) with its file, record or line
+number and field, in one `UserError`; unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
 """
 from __future__ import annotations
@@ -45,7 +44,7 @@ class Record:
     answer: str
     source: str = ""
     where: str = ""  # "FILE, record N" (or line N) for messages
-    system: Optional[str] = None  # a chat transcript's system message (prepare checks it is the run's system prompt)
+    system: Optional[str] = None  # a chat transcript's system message: this record's system prompt
     history: Tuple[Tuple[str, str], ...] = ()  # a chat transcript's earlier exchanges: (user turn, reply), in order
     untrained: Tuple[int, ...] = ()  # its replies (0: the first) marked "weight": 0, as OpenAI's format allows
 

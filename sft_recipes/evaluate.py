@@ -87,8 +87,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
                                                    "model.adapter)" if earlier else "")
                   + ": their scores will be optimistic")
     model = runs.adapter_model(cfg, run_dir)
-    conversations = [runs.messages(cfg, r.question, r.history_messages(), r.source, r.system)  # as trained
-                     for r in val_records]
+    conversations = [runs.record_messages(cfg, r) for r in val_records]  # as trained
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="base model")

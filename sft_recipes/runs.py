@@ -167,6 +167,12 @@ def messages(cfg, question: str, history: List[dict] = (), source: str = "",
     return template_of(cfg).messages({"question": question, "source": source}, system, history)
 
 
+def record_messages(cfg, r, source: str = "") -> List[dict]:
+    """The prompt messages of a record (sft_recipes.data.Record) as it trained: after its earlier turns, with its own
+    system message and source (else the run's system prompt and `source`)."""
+    return messages(cfg, r.question, r.history_messages(), r.source or source, r.system)
+
+
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
              sampling: Optional[dict] = None, use_cache: Optional[bool] = None, progress: str = ""):
     """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched

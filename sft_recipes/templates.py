@@ -44,6 +44,7 @@ class Template:
         this template's format, so that a conversation's first reply trains on the prompt that chat sends first."""
         system = system_prompt if system_prompt is not None else self.system
         values = {k: record.get(k) or "" for k in FIELDS}
+
         def user(question: str) -> dict:
             return {"role": "user", "content": self.user.format(**{**values, "question": question})}
 

@@ -220,11 +220,11 @@ def validation_choice(cfg) -> str:
 
 def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
     """eval.samples: the callback that answers the first validation questions after each validation."""
-    from .runs import messages
+    from .runs import record_messages
 
     records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
-    conversations = [messages(cfg, r.question, r.history_messages(), r.source, r.system) for r in records]
-    return report.SampleAnswers(records, conversations, tokenizer, cfg.eval.max_new_tokens, path)
+    return report.SampleAnswers(records, [record_messages(cfg, r) for r in records], tokenizer,
+                                cfg.eval.max_new_tokens, path)
 
 
 def use_adapter_lora(cfg) -> None:
