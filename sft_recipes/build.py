@@ -38,8 +38,8 @@ CONFIG_KEYS = {
 }
 # SFTConfig arguments of TRL's own tokenization, which the prepared rows (sft_recipes.prepare) replace
 PREPARED_KEYS = {
-    "assistant_only_loss": "the prepared rows' labels: the answers (every reply of a conversation) and the end-of-turn "
-                           "tokens that close them are the trained tokens",
+    "assistant_only_loss": "the prepared rows' labels: the answers (a conversation's replies: data.train_replies) "
+                           "and the end-of-turn tokens that close them are the trained tokens",
     "chat_template_path": "data.template (a template's chat_template)",
     "eos_token": "the chat template's end-of-turn token (data.template)",
     "dataset_text_field": "the prepared rows",

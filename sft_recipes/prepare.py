@@ -3,7 +3,8 @@
 We tokenize ourselves instead of letting TRL do it, so that the length audit, the overlong policy and the
 dry-run display see exactly the tokens that are trained, and nothing is dropped without being counted.
 Each row is `input_ids` + `labels` (-100 on the prompt): the loss falls on the answer and on the
-end-of-turn token that closes it (in a conversation, on every reply). TRL trains on such rows as they are.
+end-of-turn token that closes it (in a conversation, on every reply, or on the last: data.train_replies). TRL
+trains on such rows as they are.
 
 Two ways to the same tokens. The reference: render each conversation with the chat template (Jinja) and
 tokenize it whole, taking the prompt/answer boundary from character offsets. The fast way, used when it is
@@ -20,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,8 +47,9 @@ class Stats:
     # records dropped under data.overlong=truncate because the prompt alone fills max_length, and where the first are
     question_too_long: int = 0
     question_too_long_at: List[str] = field(default_factory=list)  # "FILE, record N: P prompt tokens"
-    conversations: int = 0  # kept records of several exchanges (chat transcripts): every reply is trained
+    conversations: int = 0  # kept records of several exchanges (chat transcripts)
     first_conversation: int = -1  # the row of the first (what the dry run shows)
+    train_replies: str = "all"  # of a conversation: all, or the last (data.train_replies)
 
     def percentile(self, q: float) -> int:
         s = sorted(self.lengths)
@@ -92,25 +94,27 @@ class Renderer:
         return stripped if eos and stripped.endswith(eos) else text
 
     def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int], List[list]]:
-        """Render with Jinja and tokenize each conversation whole. Each reply is trained from where its prompt ends
-        (the conversation up to its user turn, with the generation prompt) through its end-of-turn token, found by
-        character offsets (a reply with the weight 0 is not). Returns input_ids, the tokens before the first trained
-        reply, and the (start, end) tokens between trained replies (a conversation's later user turns, untrained)."""
+        """Render with Jinja and tokenize each conversation whole. Each trained reply is trained from where its prompt
+        ends (the conversation up to its user turn, with the generation prompt) through its end-of-turn token, found
+        by character offsets (a reply with the weight 0 is not). Returns input_ids, the tokens before the first
+        trained reply, and the (start, end) tokens between trained replies (user turns, untrained replies)."""
         convs = [self._messages(r) + [{"role": "assistant", "content": r.answer}] for r in records]
-        replies = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in convs]
+        trained = [[i for n, i in enumerate(j for j, m in enumerate(c) if m["role"] == "assistant")
+                    if n not in r.untrained] for r, c in zip(records, convs)]
         render = lambda cs, **kw: self.tok.apply_chat_template(cs, tokenize=False, **kw)  # noqa: E731
-        prompts = iter(render([c[:i] for c, rs in zip(convs, replies) for i in rs], add_generation_prompt=True))
-        ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, rs in zip(convs, replies) for i in rs])))
+        prompts = iter(render([c[:i] for c, ts in zip(convs, trained) for i in ts], add_generation_prompt=True))
+        ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, ts in zip(convs, trained) for i in ts])))
         texts, bounds = [], []  # bounds: each trained reply's (start, end) characters
-        for r, rs in zip(records, replies):
-            pairs = [(next(prompts), next(ends)) for _ in rs]
-            text = pairs[-1][1]
+        for r, c, ts in zip(records, convs, trained):
+            pairs = [(next(prompts), next(ends)) for _ in ts]
+            text = pairs[-1][1] if ts[-1] == len(c) - 1 else self._end_at_eos(render([c])[0])  # (an untrained last)
             if not all(text.startswith(p) and text.startswith(e) for p, e in pairs):
+                last = " (data.train_replies=last trains each conversation's last reply alone)" if r.history else ""
                 raise UserError(f"Template '{self.template.name}' renders the prompt of {r.where} differently "
                                 "alone than inside the conversation, so training would not match inference; "
-                                "fix its chat_template.")
+                                f"fix its chat_template{last}.")
             texts.append(text)
-            bounds.append([(len(p), len(e)) for n, (p, e) in enumerate(pairs) if n not in r.untrained])
+            bounds.append([(len(p), len(e)) for p, e in pairs])
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         n_prompt, gaps = [], []
         for text, offsets, b in zip(texts, enc["offset_mapping"], bounds):
@@ -149,13 +153,26 @@ class Renderer:
         return ids, n_prompt, gaps, True
 
 
+def last_replies(records: Sequence[Record]) -> List[Record]:
+    """data.train_replies=last: each conversation trains on its last reply alone; the earlier ones are its context."""
+    out = []
+    for r in records:
+        if r.history and len(r.history) in r.untrained:
+            raise UserError(f"{r.where}: its last reply has the weight 0, and with data.train_replies=last no other "
+                            "reply trains; give it the weight 1, leave the record out, or set data.train_replies=all.")
+        out.append(replace(r, untrained=tuple(range(len(r.history)))) if r.history else r)
+    return out
+
+
 def tokenize(records: Sequence[Record], tokenizer, template: Template, max_length: int,
-             overlong: str = "truncate", system_prompt: Optional[str] = None):
-    """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy. Returns (dataset, stats)."""
+             overlong: str = "truncate", system_prompt: Optional[str] = None, replies: str = "all"):
+    """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy; `replies` is
+    data.train_replies (all | last). Returns (dataset, stats)."""
     import numpy as np
 
+    records = last_replies(records) if replies == "last" else records
     ids_list, n_prompt_list, gaps_list, fast = Renderer(tokenizer, template, system_prompt)(records)
-    stats = Stats(records=len(records), fast_path=fast)
+    stats = Stats(records=len(records), fast_path=fast, train_replies=replies)
     stats.lengths = [len(ids) for ids in ids_list]
     rows_ids, kept_n_prompt, kept_gaps, overlong_where = [], [], [], []
     for r, ids, n_prompt, gaps in zip(records, ids_list, n_prompt_list, gaps_list):
@@ -267,6 +284,7 @@ class Options:
     """What shapes the prepared rows (see DataConfig for each field's meaning)."""
     max_length: int = 1024
     overlong: str = "truncate"
+    train_replies: str = "all"
     dedup: bool = True
     val_fraction: float = 0.0
     split_by: str = "record"
@@ -356,11 +374,11 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                     special_token_text(train_records + val_records, tokenizer)):
         report["warnings"] += [warning] if warning else []
     train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,
-                                  opts.system_prompt)
+                                  opts.system_prompt, opts.train_replies)
     val = val_stats = None
     if val_records:
         val, val_stats = tokenize(val_records, tokenizer, template, opts.max_length, opts.overlong,
-                                  opts.system_prompt)
+                                  opts.system_prompt, opts.train_replies)
     for st in (train_stats, val_stats):
         if st and st.question_too_long:
             report["warnings"].append(

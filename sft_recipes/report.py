@@ -276,7 +276,12 @@ def data_summary(name: str, stats) -> str:
             f"p50={s['tokens_p50']} p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; "
             f"{s['over_max_length']} over max_length ({s['truncated']} truncated, {s['dropped']} dropped); "
             f"{s['trained_tokens']} trained tokens" + (f"; {s['conversations']} conversation(s) of several exchanges, "
-                                                       "every reply trained" if s["conversations"] else ""))
+                                                       f"{replies(stats)}" if s["conversations"] else ""))
+
+
+def replies(stats) -> str:
+    """Which replies of a conversation train (data.train_replies)."""
+    return "every reply trained" if stats.train_replies == "all" else "the last reply trained (data.train_replies=last)"
 
 
 def write_data_stats(data, path: Path) -> None:

@@ -254,7 +254,8 @@ def validation(cfg, tok, limit: int = 0, data=None):
     records = records[:limit] if limit else records
     if not records:
         return [], None
-    rows, _ = prepare.tokenize(records, tok, template_of(cfg), cfg.data.max_length, "truncate", cfg.data.system_prompt)
+    rows, _ = prepare.tokenize(records, tok, template_of(cfg), cfg.data.max_length, "truncate", cfg.data.system_prompt,
+                               cfg.data.train_replies)
     return records, rows
 
 

@@ -38,9 +38,9 @@ def template_of(cfg) -> templates.Template:
 
 def data_options(cfg) -> prepare.Options:
     d = cfg.data
-    return prepare.Options(max_length=d.max_length, overlong=d.overlong, dedup=d.dedup, val_fraction=d.val_fraction,
-                           split_by=d.split_by, seed=cfg.seed, system_prompt=d.system_prompt,
-                           columns=OmegaConf.to_container(d.columns),
+    return prepare.Options(max_length=d.max_length, overlong=d.overlong, train_replies=d.train_replies, dedup=d.dedup,
+                           val_fraction=d.val_fraction, split_by=d.split_by, seed=cfg.seed,
+                           system_prompt=d.system_prompt, columns=OmegaConf.to_container(d.columns),
                            cache_dir=str(models.cache_root() / "data") if d.cache else None)
 
 
@@ -174,7 +174,7 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
     print("One training example (the tokens that carry loss are between >>> and <<<):")
     print(prepare.show_example(data.train[0], tokenizer))
     if data.train_stats.first_conversation > 0:
-        print("One conversation of several exchanges (every reply carries loss):")
+        print(f"One conversation of several exchanges, {report.replies(data.train_stats)}:")
         print(prepare.show_example(data.train[data.train_stats.first_conversation], tokenizer))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 

@@ -98,9 +98,9 @@ def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
 
 
 def test_dry_run_marks_every_reply_of_a_conversation_with_hydra_job_chdir(tmp_path, tiny_dir):
-    """Chat transcripts beside question/answer records: the dry run shows a conversation with each reply marked. With
-    hydra.job.chdir=true (Hydra moves into the run dir) a relative data path is still read from where the command
-    ran."""
+    """Chat transcripts beside question/answer records: the dry run shows a conversation with each reply marked (the
+    last alone with data.train_replies=last). With hydra.job.chdir=true (Hydra moves into the run dir) a relative data
+    path is still read from where the command ran."""
     turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [
         turn("user", "What is a mean?"), turn("assistant", "The average."), turn("user", "And a median?"),
@@ -110,10 +110,16 @@ def test_dry_run_marks_every_reply_of_a_conversation_with_hydra_job_chdir(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Training data: 113 records, kept 113;" in r.stdout and "; 1 conversation(s) of several exchanges, every " \
         "reply trained" in r.stdout
-    shown = r.stdout.split("One conversation of several exchanges (every reply carries loss):\n")[1]
+    shown = r.stdout.split("One conversation of several exchanges, every reply trained:\n")[1]
     assert ("user\nWhat is a mean?<|im_end|>\n<|im_start|>assistant\n>>>The average.<|im_end|><<<\n<|im_start|>user\n"
             "And a median?<|im_end|>\n<|im_start|>assistant\n>>>The middle value.<|im_end|><<<") in shown
     assert (tmp_path / "outputs" / "dry" / "data_report.md").exists()
+    args = [a.replace("outputs/dry", "outputs/last") for a in args]
+    r = cli(*args, f"data.train_path=[{TRAIN},chats.jsonl]", "data.train_replies=last", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = r.stdout.split("exchanges, the last reply trained (data.train_replies=last):\n")
+    assert ("<|im_start|>assistant\nThe average.<|im_end|>\n<|im_start|>user\nAnd a median?<|im_end|>\n"
+            "<|im_start|>assistant\n>>>The middle value.<|im_end|><<<") in shown[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")

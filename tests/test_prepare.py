@@ -174,21 +174,51 @@ def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer)
 
 def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_dir):
     """A chat template that renders the conversation's earlier replies otherwise once it goes on (as templates that
-    drop earlier reasoning do) would train prompts that chat never sends: named, not trained."""
+    drop earlier reasoning do) would train prompts that chat never sends: named, not trained. With
+    data.train_replies=last only the last reply trains, after the conversation as the template renders it for chat."""
     from sft_recipes.models import load_tokenizer
 
     tok = load_tokenizer(embedded_dir)
     tmpl = templates.Template("last_reply_only", chat_template=(
-        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ': ' + m['content'] + "
-        "eos_token + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"))
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['role'] + ':\\n' + m['content'] + "
+        "eos_token + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"))
     tmpl.apply_to(tok)
     turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": [turn("user", "a?"), turn("assistant", "b."), turn("user", "c?"),
                                              turn("assistant", "d.")]}))
     with pytest.raises(UserError, match=f"Template 'last_reply_only' renders the prompt of {path}, line 1 differently "
-                                        "alone than inside the conversation"):
+                                        r"alone than inside the conversation.*\(data.train_replies=last trains"):
         prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128))
+    row = prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128, train_replies="last")).train[0]
+    trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert tok.decode(row["input_ids"][:trained_from]) == "user:\na?<|im_end|>\nuser:\nc?<|im_end|>\nassistant:\n"
+    assert tok.decode(row["input_ids"][trained_from:]) == "d.<|im_end|>"  # the last reply's prompt, as chat sends it
+
+
+def test_train_replies_last_trains_each_conversations_last_reply(tmp_path, tokenizer):
+    """data.train_replies=last: the earlier replies of a conversation are context, as the user turns are; a record
+    without earlier turns trains as before, and one whose last reply has the weight 0 is refused by name."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    conv = [turn("user", "What is a mean?"), turn("assistant", "The average."), turn("user", "And a median?"),
+            turn("assistant", "The middle value.")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ({"messages": conv}, {"question": "Q?", "answer": "A."})))
+    tmpl = templates.get("chat")
+    every, last = (prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=512, train_replies=t))
+                   for t in ("all", "last"))
+    assert every.train["input_ids"] == last.train["input_ids"]  # the same tokens, fewer trained
+    (row, plain), (every_row, every_plain) = last.train, every.train
+    assert plain["labels"] == every_plain["labels"]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert tokenizer.decode(trained) == "The middle value.<|im_end|>"
+    assert row["labels"][-len(trained):] == every_row["labels"][-len(trained):]
+    earlier = tokenizer("The average.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert last.train_stats.trained_tokens == every.train_stats.trained_tokens - len(earlier)
+    path.write_text(json.dumps({"messages": [*conv[:3], {**conv[3], "weight": 0}]}))
+    with pytest.raises(UserError, match=f"{path}, line 1: its last reply has the weight 0, and with "
+                                        "data.train_replies=last no other reply trains"):
+        prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=512, train_replies="last"))
 
 
 def test_all_files_are_checked_before_failing(tmp_path):
