@@ -201,7 +201,7 @@ def run_variant(device, name, model_dir, out_json):
 
     if spec["kind"] == "ours":
         trainer = Trainer(model=model, args=args, train_dataset=train_input, processing_class=tok,
-                          peft_config=build.lora_config(cfg.lora), **build.compile_kwargs(cfg))
+                          peft_config=build.lora_config(cfg.lora), **build.trainer_kwargs(cfg))
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_input, processing_class=tok,
                              peft_config=build.lora_config(cfg.lora))

@@ -193,7 +193,8 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         raise UserError(f"train.sft_args {extra}: {e}") from None
 
 
-def compile_kwargs(cfg) -> dict:
-    """Our Trainer's keyword arguments for train.compile (sft_recipes.trainer.compile_layers)."""
+def trainer_kwargs(cfg) -> dict:
+    """Our Trainer's own keyword arguments: train.compile (sft_recipes.trainer.compile_layers), LoRA+."""
     t = cfg.train
-    return dict(compile=t.compile, compile_options=t.compile_options, compile_checkpoint=t.compile_checkpoint)
+    return dict(compile=t.compile, compile_options=t.compile_options, compile_checkpoint=t.compile_checkpoint,
+                loraplus_lr_ratio=t.loraplus_lr_ratio)

@@ -196,8 +196,9 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
                                                        if cfg.data.system_prompt is not None else "")),
         ("schedule", f"{m.get('global_step', '?')} steps ("
                      + (f"train.max_steps={t.max_steps}" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)")
-                     + f"), batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g} {t.scheduler}, "
-                     f"warmup ratio {t.warmup_ratio:g}"),
+                     + f"), batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr:g} {t.scheduler}"
+                     + (f" (LoRA+: B at {t.loraplus_lr_ratio:g}x)" if t.loraplus_lr_ratio else "")
+                     + f", warmup ratio {t.warmup_ratio:g}"),
         ("seed", cfg.seed),
         ("time", f"{m['wall_s']:g} s, {m.get('trained_tokens_per_s')} trained tokens/s, peak memory "
                  f"{m.get('peak_memory_gib')} GiB" if "wall_s" in m else None),

@@ -93,6 +93,9 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
+    # LoRA+ (PEFT's create_loraplus_optimizer): the B matrices learn at lr x this ratio (16 in the paper), the A
+    # matrices at lr; null: one learning rate for both
+    loraplus_lr_ratio: Optional[float] = None
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -326,6 +329,8 @@ def check(cfg: Config) -> None:
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:
         problems.append(f"train.lr={t.lr} must be positive.")
+    if t.loraplus_lr_ratio is not None and t.loraplus_lr_ratio <= 0:
+        problems.append(f"train.loraplus_lr_ratio={t.loraplus_lr_ratio} must be positive (null: off).")
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append("set train.epochs > 0 or train.max_steps > 0.")
     d = cfg.data

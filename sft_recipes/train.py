@@ -163,7 +163,7 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
     print(f"Model: {cfg.model.name_or_path} ({model_path})")
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f} %), "
           f"LoRA r={cfg.lora.r}, alpha {build.lora_alpha(cfg.lora)} on {list(cfg.lora.target_modules)}")
-    steps, lr = plan_lines(plan, args, data.val is not None)
+    steps, lr = plan_lines(plan, args, data.val is not None, cfg.train.loraplus_lr_ratio)
     print(f"Estimated peak memory: {parts['total'] / 2**30:.2f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
@@ -179,7 +179,7 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 
-def plan_lines(plan: Plan, args, has_val: bool) -> tuple[str, str]:
+def plan_lines(plan: Plan, args, has_val: bool, loraplus: Optional[float] = None) -> tuple[str, str]:
     """Print, and return, what the optimizer steps and the learning rate will be."""
     def when(n: int) -> str:  # (the last step always saves and validates)
         if n >= plan.steps:
@@ -188,7 +188,8 @@ def plan_lines(plan: Plan, args, has_val: bool) -> tuple[str, str]:
 
     steps = (f"{plan.text}; a checkpoint {when(args.save_steps)} (train.save_steps)"
              + (f", a validation {when(args.eval_steps)}" if has_val else ""))
-    lr = schedule(args, plan.steps)
+    lr = schedule(args, plan.steps) + (f"; LoRA's B matrices at {loraplus:g}x (train.loraplus_lr_ratio)"
+                                       if loraplus else "")
     print(f"Optimizer steps: {steps}")
     print(f"Learning rate: {lr}")
     return steps, lr
@@ -354,7 +355,7 @@ def _run(cfg) -> Optional[Path]:
             peft_config=peft_config,
             callbacks=callbacks,
             checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: data.digest},
-            **build.compile_kwargs(cfg),
+            **build.trainer_kwargs(cfg),
         )
     except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights
         if not cfg.lora.peft_args:
@@ -366,7 +367,7 @@ def _run(cfg) -> Optional[Path]:
     elif trainer.pop_callback(PrinterCallback):  # no terminal: each log as that line, with the time left
         trainer.add_callback(report.LogLines(log))
     if trainer.is_world_process_zero():
-        plan_lines(plan, args, val_ds is not None)
+        plan_lines(plan, args, val_ds is not None, cfg.train.loraplus_lr_ratio)
         print(f"Run dir: {out}", flush=True)
     start = time.perf_counter()
     memory.start()

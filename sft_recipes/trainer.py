@@ -236,7 +236,9 @@ class Trainer(SFTTrainer):
     _summed = 0  # batches whose loss went into _eval_nll
 
     def __init__(self, *args, compile: bool = False, compile_options: Optional[dict] = None,
-                 compile_checkpoint: str = "auto", checkpoint_files: Optional[dict] = None, **kwargs):
+                 compile_checkpoint: str = "auto", checkpoint_files: Optional[dict] = None,
+                 loraplus_lr_ratio: Optional[float] = None, **kwargs):
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
         self.checkpoint_files = checkpoint_files or {}  # {name: text} written into each checkpoint (resume.py reads)
         if compile:
@@ -305,6 +307,18 @@ class Trainer(SFTTrainer):
         else:
             labels[real:] = -100
         return {**inputs, "labels": labels}
+
+    def create_optimizer(self, model=None):
+        """With LoRA+, PEFT's optimizer: the B matrices at train.lr x train.loraplus_lr_ratio, the A matrices at
+        train.lr (the learning rate logged); the scheduler scales both alike."""
+        if self.optimizer is None and self.loraplus_lr_ratio:
+            from peft.optimizers import create_loraplus_optimizer
+
+            model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = create_loraplus_optimizer(model, cls, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                       loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return super().create_optimizer(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         made = self.lr_scheduler is None

@@ -144,6 +144,7 @@ def test_gpu_preset_dry_run_plans_on_a_cpu(tmp_path, tiny_dir):
 def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     # no hydra.run.dir: runs land in ./outputs/<time>; resume_from=auto finds the newest one with a checkpoint
     args = [a for a in tiny_args(tiny_dir, "unused") if not a.startswith("hydra.run.dir")]
+    args += ["train.loraplus_lr_ratio=4"]  # (LoRA+: its optimizer's state resumes too)
     r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs").iterdir())
@@ -157,6 +158,7 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Resuming from {run / 'checkpoint-2'}" in r.stdout
     assert "Optimizer steps: 4 (" in r.stdout and "Learning rate: 0.001, cosine" in r.stdout
+    assert "; LoRA's B matrices at 4x (train.loraplus_lr_ratio)" in r.stdout
     assert f"Run dir: {run}\n" in r.stdout
     assert len(list((tmp_path / "outputs").iterdir())) == 1  # continued in place, no new run dir
     resumed = state(run / "checkpoint-4")
@@ -171,6 +173,7 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert abs(metrics["mean_train_loss"] - first_metrics["mean_train_loss"]) < 1e-3
     weights = load_file(run / "final_model" / "adapter_model.safetensors")
     assert len(weights) == 2 * 4 * 2 and not any("base_model.model.base_model" in k for k in weights)
+    assert "lr 0.001 cosine (LoRA+: B at 4x)" in (run / "final_model" / "README.md").read_text()
     # the same command again (a job rerun until done): the run is finished, nothing is rewritten, status 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = cli(*args, "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1", "resume_from=auto", cwd=tmp_path)

@@ -98,6 +98,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("data.overlong=cut", "data.overlong=cut must be truncate, drop or error"),
     ("data.train_replies=first", "data.train_replies=first must be all (every reply of a conversation) or last"),
     ("train.batch_size=0", "train.batch_size=0 must be positive"),
+    ("train.loraplus_lr_ratio=0", "train.loraplus_lr_ratio=0.0 must be positive"),
     ("quantization.bits=3", "use quantization=nf4|int8|none"),
     ("resume_from=/no/such/checkpoint", "use resume_from=auto"),
     ("+train.compile_options.coordinate_descent_tuning=true", "compile_options only apply with train.compile=true"),

@@ -18,14 +18,14 @@ def rows(tokenizer):
     return [ds[i] for i in range(6)]
 
 
-def make_trainer(tiny_dir, tmp_path, cls, train_rows):
+def make_trainer(tiny_dir, tmp_path, cls, train_rows, **kwargs):
     from datasets import Dataset
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
                      max_length=None, completion_only_loss=False)
     return cls(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-               peft_config=build.lora_config(make().lora))
+               peft_config=build.lora_config(make().lora), **kwargs)
 
 
 def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
@@ -124,6 +124,30 @@ def test_warmup_learns_from_the_first_step(tiny_dir, tmp_path, rows):
     plain = make_trainer(tiny_dir, tmp_path / "plain", SFTTrainer, rows)
     plain.args.warmup_steps, plain.args.max_steps, plain.args.lr_scheduler_type = 2, 4, "cosine"
     assert plain.create_scheduler(4, torch.optim.SGD(plain.model.parameters(), lr=1.0)).get_last_lr() == [0.0]
+
+
+def test_loraplus_trains_the_b_matrices_at_the_ratio_times_the_rate(tiny_dir, tmp_path, rows):
+    """train.loraplus_lr_ratio: PEFT's LoRA+ optimizer, scheduled as ours (warmup from the first step): every B
+    matrix learns at ratio x the logged learning rate, every A matrix at it; each trainable parameter once."""
+    from transformers import TrainerCallback
+
+    applied = []  # per step: the logged rate, and each parameter's
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            applied.append((ours._get_learning_rate(), {id(p): g["lr"] for g in optimizer.param_groups
+                                                        for p in g["params"]}))
+
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows, loraplus_lr_ratio=16)
+    ours.args.warmup_steps, ours.args.max_steps, ours.args.learning_rate = 2, 4, 1e-3
+    ours.add_callback(Record())
+    ours.train()
+    names = {id(p): n for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert [rate for rate, _ in applied] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3])
+    for rate, rates in applied:
+        assert rates.keys() == names.keys() and sum(len(g["params"]) for g in ours.optimizer.param_groups) == len(names)
+        assert all(r == pytest.approx(rate * (16 if ".lora_B." in names[i] else 1)) for i, r in rates.items())
+    assert {".lora_A." in n for n in names.values()} == {True, False}
 
 
 BOTH_WAYS = pytest.mark.parametrize("way", ["traced", "around"])  # train.compile_checkpoint
