@@ -225,6 +225,26 @@ def checkpointed(layer, forward, **checkpoint_kwargs):
     return checkpointed_forward
 
 
+def neftune_noise(module, args, output):
+    """NEFTune (train.sft_args.neftune_noise_alpha): uniform noise in +-alpha / sqrt(L x hidden size) on the input
+    embeddings while training, with L the length of each token's own sample where a row holds several (padding-free
+    or packed rows, module.sample_lengths); transformers' hook takes the whole row's length, so its noise would
+    shrink with the number of samples in the row. Rows of one sample (padded batches): the row's length, as there."""
+    if not module.training:
+        return output
+    lengths = getattr(module, "sample_lengths", None)
+    lengths = torch.full(output.shape[:2], output.size(1), device=output.device) if lengths is None else lengths
+    scale = (module.neftune_noise_alpha / torch.sqrt(lengths.float() * output.size(-1))).to(output.dtype)
+    return output + (torch.rand_like(output) * 2 - 1) * scale.unsqueeze(-1)
+
+
+def sample_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """For each token of padding-free or packed rows (positions restart at 0 with each sample), its sample's length."""
+    sample = (position_ids == 0).cumsum(-1) + position_ids.size(1) * torch.arange(
+        position_ids.size(0), device=position_ids.device).unsqueeze(-1)  # a number per sample, over all rows
+    return torch.bincount(sample.flatten())[sample]
+
+
 class Trainer(SFTTrainer):
     """SFTTrainer + the lean loss step + checkpoints written to a staging folder and renamed into place + a warmup
     whose first step learns (+ each decoder layer compiled, with compile=True)."""
@@ -240,6 +260,11 @@ class Trainer(SFTTrainer):
                  loraplus_lr_ratio: Optional[float] = None, **kwargs):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         super().__init__(*args, **kwargs)
+        self._embeddings = None  # with NEFTune: the input embeddings, whose noise ours is (neftune_noise)
+        if self.neftune_noise_alpha is not None:
+            self._embeddings = self.model.get_input_embeddings()
+            self._embeddings.neftune_noise_alpha, self.neftune_noise_alpha = self.neftune_noise_alpha, None
+            self._embeddings.register_forward_hook(neftune_noise)  # (None above: transformers adds no hook of its own)
         self.checkpoint_files = checkpoint_files or {}  # {name: text} written into each checkpoint (resume.py reads)
         if compile:
             n = compile_layers(self.model, compile_options, compile_checkpoint)
@@ -403,6 +428,9 @@ class Trainer(SFTTrainer):
                 and not self.aux_loss_enabled and "shift_labels" not in inputs and not getattr(sp, "sp_enabled", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._embeddings is not None:  # NEFTune: each token's noise scaled to its own sample
+            positions = inputs.get("position_ids")
+            self._embeddings.sample_lengths = None if positions is None else sample_lengths(positions)
         if not self.plain_nll(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"

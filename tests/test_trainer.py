@@ -18,12 +18,12 @@ def rows(tokenizer):
     return [ds[i] for i in range(6)]
 
 
-def make_trainer(tiny_dir, tmp_path, cls, train_rows, **kwargs):
+def make_trainer(tiny_dir, tmp_path, cls, train_rows, sft_args=None, **kwargs):
     from datasets import Dataset
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
-                     max_length=None, completion_only_loss=False)
+                     max_length=None, completion_only_loss=False, **(sft_args or {}))
     return cls(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                peft_config=build.lora_config(make().lora), **kwargs)
 
@@ -148,6 +148,31 @@ def test_loraplus_trains_the_b_matrices_at_the_ratio_times_the_rate(tiny_dir, tm
         assert rates.keys() == names.keys() and sum(len(g["params"]) for g in ours.optimizer.param_groups) == len(names)
         assert all(r == pytest.approx(rate * (16 if ".lora_B." in names[i] else 1)) for i, r in rates.items())
     assert {".lora_A." in n for n in names.values()} == {True, False}
+
+
+def test_neftune_noise_is_scaled_to_each_sample_of_a_padding_free_row(tiny_dir, tmp_path, rows):
+    """+train.sft_args.neftune_noise_alpha: the noise on each token's input embedding is uniform in +-alpha /
+    sqrt(L x hidden size) with L its own sample's length, also where a row holds several samples (transformers' hook
+    would take the row's length); applied once, and only in training."""
+    import math
+
+    ours = make_trainer(tiny_dir, tmp_path, trainer_mod.Trainer, rows, sft_args={"neftune_noise_alpha": 5.0})
+    assert ours.neftune_noise_alpha is None  # transformers' own hook is not added when training starts
+    embeddings, seen = ours.model.get_input_embeddings(), []
+    embeddings.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows[:3])
+    clean = embeddings.weight[batch["input_ids"]].detach()
+    ours.model.train()
+    ours.compute_loss(ours.model, dict(batch))
+    noise, at = (seen[-1] - clean)[0], 0
+    for row in rows[:3]:
+        n = len(row["input_ids"])
+        bound, biggest = 5.0 / math.sqrt(n * noise.size(-1)), noise[at:at + n].abs().max().item()
+        assert 0.98 * bound < biggest <= bound * (1 + 1e-5), (n, biggest, bound)
+        at += n
+    ours.model.eval()
+    ours.compute_loss(ours.model, dict(batch))
+    assert torch.equal(seen[-1], clean)
 
 
 BOTH_WAYS = pytest.mark.parametrize("way", ["traced", "around"])  # train.compile_checkpoint
