@@ -247,7 +247,8 @@ def sample_lengths(position_ids: torch.Tensor) -> torch.Tensor:
 
 class Trainer(SFTTrainer):
     """SFTTrainer + the lean loss step + checkpoints written to a staging folder and renamed into place + a warmup
-    whose first step learns (+ each decoder layer compiled, with compile=True)."""
+    whose first step learns (+ each decoder layer compiled, with compile=True; + PEFT's LoRA+ optimizer, with
+    loraplus_lr_ratio; + NEFTune's noise per sample, with neftune_noise_alpha)."""
 
     _staging = None
     _flops_per_token = None
