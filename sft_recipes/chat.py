@@ -1,7 +1,8 @@
 """`python -m sft_recipes.chat run_dir=RUN`: talk to the fine-tuned model.
 
 Interactive: a prompt with history (and line editing in a terminal), tokens streamed as they are generated,
-Ctrl-C to stop an answer, `/reset` to forget the history, `/exit` (or Ctrl-D) to leave. One-shot, for scripts:
+Ctrl-C to stop an answer, `/reset` to forget the history, `/save FILE` to add the conversation to a JSON lines file
+as a chat transcript (fix its replies there, and train on it), `/exit` (or Ctrl-D) to leave. One-shot, for scripts:
 `prompt="..."` prints the answer and exits. A file of questions: `questions=FILE` (JSON, JSONL, CSV, TSV or
 Parquet; only the question field is needed; a chat transcript's last user turn is asked after its earlier turns)
 writes `{question, answer, source, stopped_at_end_of_turn}` lines (and `history`, for those) to `out`
@@ -14,10 +15,11 @@ With a template that names the source in the prompt (`chat_with_source`), `sourc
 """
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
          '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] '
@@ -75,8 +77,25 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
     return "".join(pieces).strip()
 
 
-def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
-    """One answer to `prompt`, or the interactive loop: history, /reset, /exit."""
+def save(history: List[dict], path: str, system: Optional[str], source: str) -> str:
+    """/save FILE: the conversation as one OpenAI-style chat transcript, added to the JSON lines file (the system
+    prompt chat was given instead of the run's, and the source, beside it): what sft_recipes trains on."""
+    if not history:
+        return "(nothing to save yet)"
+    record = {"messages": ([{"role": "system", "content": system}] if system is not None else []) + history}
+    try:
+        with open(Path(path).expanduser(), "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, **({"source": source} if source else {})}, ensure_ascii=False) + "\n")
+    except OSError as e:
+        return f"(not saved: {e.strerror or e}: {path})"
+    empty = sum(not m["content"].strip() for m in history)  # (an answer stopped before its first word)
+    return (f"(saved {len(history) // 2} exchange{'s' * (len(history) > 2)} to {path}"
+            + (f"; {empty} empty repl{'ies' if empty > 1 else 'y'} to write before training on it" if empty else "")
+            + ")")
+
+
+def converse(cfg, ask, prompt: str, who: str, source: str = "", system: Optional[str] = None) -> None:
+    """One answer to `prompt`, or the interactive loop: history, /reset, /save FILE, /exit."""
     from . import runs
 
     if prompt:
@@ -88,7 +107,8 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
         except ImportError:  # (Windows)
             pass
     history = []
-    print(f"Chat with the {who} model. /reset forgets the conversation, /exit leaves, Ctrl-C stops an answer.")
+    print(f"Chat with the {who} model. /reset forgets the conversation, /save FILE adds it to a JSON lines file, "
+          "/exit leaves, Ctrl-C stops an answer.")
     while True:
         try:
             line = input("you> ").strip()
@@ -100,6 +120,9 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "") -> None:
         if line == "/reset":
             history = []
             print("(history cleared)")
+            continue
+        if line == "/save" or line.startswith("/save "):
+            print(save(history, line[5:].strip(), system, source) if line[5:].strip() else "(usage: /save FILE)")
             continue
         if not line:
             continue
@@ -137,7 +160,6 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
                 sampling: dict, source: str = "") -> None:
     """Answer every record's question (with its source, else `source`); JSON lines into `out`, written whole at the
     end (a file that is there already is replaced only then)."""
-    import json
     import os
 
     from . import runs
@@ -202,7 +224,7 @@ def _cli(argv):
         else:
             who = "base" if args["base"] else "fine-tuned" + (f" ({checkpoint})" if checkpoint else "")
             with models.repacked_for_inference(model):  # generation only: the faster 4-bit layout for the session
-                converse(cfg, ask, args["prompt"], who, args["source"])
+                converse(cfg, ask, args["prompt"], who, args["source"], args["system"])
 
 
 if __name__ == "__main__":

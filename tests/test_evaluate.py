@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TRAIN, VAL
-from sft_recipes import chat, evaluate, merge
+from sft_recipes import chat, data, evaluate, merge
 from sft_recipes.errors import UserError
 
 
@@ -64,11 +64,21 @@ def test_chat_one_shot_and_interactive(tiny_run):
 
     assert sampling_args(repetition_penalty=1.2) == {"do_sample": False, "repetition_penalty": 1.2}
     assert sampling_args(0.7, 0.9) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    saved = tiny_run / "chats.jsonl"
     inter = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={tiny_run}", "max_new_tokens=4"],
-                           input="What is a mean?\n/reset\nAnd a median?\n/exit\n", capture_output=True, text=True,
-                           cwd=ROOT)
+                           input=f"/save {saved}\nWhat is a mean?\n/reset\nAnd a median?\nAnd a mode?\n/save {saved}\n"
+                                 "/save\n/exit\n", capture_output=True, text=True, cwd=ROOT)
     assert inter.returncode == 0, inter.stderr[-2000:]
-    assert inter.stdout.count("you> ") == 4 and inter.stdout.count("model> ") == 2 and "(history cleared)" in inter.stdout
+    assert inter.stdout.count("you> ") == 8 and inter.stdout.count("model> ") == 3 and "(history cleared)" in inter.stdout
+    assert "(nothing to save yet)" in inter.stdout and f"(saved 2 exchanges to {saved}" in inter.stdout
+    assert "(usage: /save FILE)" in inter.stdout
+    (line,) = saved.read_text().splitlines()  # /save: a chat transcript, to train on once its replies are right
+    turns = json.loads(line)["messages"]
+    assert [(t["role"], t["content"]) for t in turns[::2]] == [("user", "And a median?"), ("user", "And a mode?")]
+    saved.write_text(json.dumps({"messages": [{**t, "content": t["content"] or "A fixed reply."} for t in turns]}))
+    (record,) = data.load_records(saved)
+    assert (record.history[0][0], record.question, record.system, record.answer[:1] != "") == (
+        "And a median?", "And a mode?", None, True)
     bad = subprocess.run([sys.executable, "-m", "sft_recipes.chat", "run_dir=/nowhere"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
