@@ -150,7 +150,7 @@ def step_plan(cfg, data) -> Plan:
         unaccumulated = steps(1)[0]
         more = (f"train.grad_accum=1 gives {unaccumulated} steps" if unaccumulated > total else
                 "a smaller train.batch_size, more train.epochs or more data give more")
-        plus = "" if t.loraplus_lr_ratio else "; or train.loraplus_lr_ratio=16 (LoRA+: 1.90 in the 21 steps)"
+        plus = "" if t.loraplus_lr_ratio else "; or train.loraplus_lr_ratio=16 (LoRA+: 1.90 in those 21 steps)"
         advice = (f"only {total} optimizer step{'' if total == 1 else 's'} in all: few for LoRA to learn from (on "
                   "the sample data, preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.88 in 336, "
                   f"in about the same time); {more}{plus}.")

@@ -208,7 +208,7 @@ def test_memory_estimate_matches_peaks_measured_on_a_gpu(rows, offloading, measu
 # steps"); packed rows are counted in tests/test_cli.py.
 @pytest.mark.parametrize("overrides, plan, advice", [
     (["preset=low_memory"], "21 (7 per epoch, 1 x 16 samples per step)",
-     "train.grad_accum=1 gives 336 steps; or train.loraplus_lr_ratio=16 (LoRA+: 1.90 in the 21 steps)."),
+     "train.grad_accum=1 gives 336 steps; or train.loraplus_lr_ratio=16 (LoRA+: 1.90 in those 21 steps)."),
     (["preset=low_memory", "train.loraplus_lr_ratio=16"], "21 (7 per epoch, 1 x 16 samples per step)",
      "train.grad_accum=1 gives 336 steps."),
     (["preset=low_memory", "train.grad_accum=4"], "84 (28 per epoch, 1 x 4 samples per step)", None),
