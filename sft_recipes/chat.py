@@ -195,12 +195,12 @@ def _cli(argv):
     checkpoint = Path(args["run_dir"]).name if runs.is_checkpoint(args["run_dir"]) else ""  # run_dir=RUN/checkpoint-N
     records = []
     if args["questions"]:  # read and check them before any model loads
-        from .data import expand
+        from .data import expand, plain
         from .train import data_options
 
         records = load_questions(args["questions"], data_options(cfg).columns)
         files = expand(args["questions"])
-        name = f"answers_{files[0].stem}" + (f"_{checkpoint}" if checkpoint else "")
+        name = f"answers_{plain(files[0]).stem}" + (f"_{checkpoint}" if checkpoint else "")
         out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")
         if out.resolve() in {f.resolve() for f in files}:
             raise UserError(f"out={out} is one of the question files; the answers go to another file.")

@@ -27,7 +27,7 @@ from .errors import UserError
 FIELDS = ("question", "answer", "source")
 REQUIRED = ("question", "answer")
 MAX_LISTED = 20
-SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")  # each also gzip-compressed: qa.jsonl.gz
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")  # named in their error: save them as CSV
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "source": "source"}
 # How the data.columns hint at the end of an invalid-records message begins (without_hint cuts it there)
@@ -63,13 +63,31 @@ class FileReport:
     warnings: List[str] = field(default_factory=list)
 
 
+def plain(path: Path) -> Path:
+    """The name a data file has without its .gz: its suffix says the format (qa.jsonl.gz: JSON lines), its stem the
+    name (qa)."""
+    return path.with_suffix("") if path.suffix == ".gz" else path
+
+
+def _parts(path: Path) -> Tuple[Path, str, str]:
+    """(folder, name, suffixes): qa/train.jsonl.gz -> (qa, "train", ".jsonl.gz")."""
+    stem = plain(path).stem
+    return path.parent, stem, path.name[len(stem):]
+
+
 def _read_text(path: Path) -> str:
+    import gzip
+    import zlib
+
     try:  # a byte-order mark, as Windows editors and PowerShell write it, says UTF-8 or UTF-16 and is not data
         raw = path.read_bytes()
+        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw  # gzip's own mark, whatever the name
         return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"{path}: a gzip file that cannot be decompressed ({e or 'it ends too soon'}).") from None
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        excel = " (Excel: Save As, CSV UTF-8)" if path.suffix in (".csv", ".tsv") else ""
+        excel = " (Excel: Save As, CSV UTF-8)" if plain(path).suffix in (".csv", ".tsv") else ""
         raise UserError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); save the file as "
                         f"UTF-8{excel}.") from None
     except OSError as e:
@@ -86,7 +104,7 @@ def saved_dataset(folder: Path) -> Optional[str]:
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record"; or in the one
     list of an object, {"data": [...]}) or a table ("row", the header not counted; a save_to_disk folder's rows too)."""
-    if path.is_dir() or path.suffix in (".csv", ".tsv", ".parquet"):  # (a folder: expand lets only save_to_disk's by)
+    if path.is_dir() or plain(path).suffix in (".csv", ".tsv", ".parquet"):  # (a folder: only save_to_disk's)
         return "row", list(enumerate(_read_table(path), 1))
     if path.suffix.lower() in SPREADSHEETS:
         raise UserError(f"{path}: a spreadsheet's own format is not read here; save it as CSV (Excel: File > Save As > "
@@ -96,7 +114,7 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
         raise UserError(f"{path}: the file is empty; expected a JSON array or JSON lines of "
                         '{"question": ..., "answer": ..., "source": ...} records.')
     value = None
-    if path.suffix != ".jsonl":
+    if plain(path).suffix != ".jsonl":
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
@@ -109,7 +127,8 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
                 try:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    kind = ("" if path.suffix in SUFFIXES else f" (a {path.suffix or 'suffix-less'} file is read as "
+                    suffix = plain(path).suffix
+                    kind = ("" if suffix in SUFFIXES else f" (a {suffix or 'suffix-less'} file is read as "
                             f"JSON; {', '.join(SUFFIXES)} name the formats read here)")
                     raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}){kind}.") from None
         return "line", rows
@@ -131,7 +150,7 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
 def _read_table(path: Path) -> List[dict]:
     """CSV and TSV rows as text (a cell of digits is text too), Parquet and save_to_disk rows as `datasets` types
     them."""
-    if path.suffix == ".parquet" or path.is_dir():
+    if plain(path).suffix == ".parquet" or path.is_dir():
         import datasets
 
         saved = path.is_dir()
@@ -148,14 +167,14 @@ def _read_table(path: Path) -> List[dict]:
     text = _read_text(path)  # (a byte-order mark, UTF-16, or a message naming the line that is not UTF-8)
     header = next(iter(text.splitlines()), "")
     # ',' unless the header line has none: Excel writes ';' where the decimal mark is ','
-    sep = "\t" if path.suffix == ".tsv" else "," if "," in header else next(
+    sep = "\t" if plain(path).suffix == ".tsv" else "," if "," in header else next(
         (s for s in (";", "\t", "|") if s in header), ",")
     extra = object()
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep, restkey=extra)
         rows = list(reader)
     except csv.Error as e:
-        raise UserError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({e}).") from None
+        raise UserError(f"{path}: cannot be read as {plain(path).suffix[1:].upper()} ({e}).") from None
     if long := [n for n, row in enumerate(rows, 1) if extra in row]:
         raise UserError(f"{path}: {len(long)} row(s) have more cells than the header's {len(reader.fieldnames)} "
                         f"columns ({', '.join(reader.fieldnames)}): row(s) {', '.join(map(str, long[:MAX_LISTED]))}. "
@@ -342,13 +361,14 @@ def _join_hint(question, ignored: List[str]) -> str:
 
 
 def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
-    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.tsv/*.parquet), glob, or a list of these. A folder
-    that `datasets`' save_to_disk wrote is one entry, read as a whole; a DatasetDict's is refused, naming its splits."""
+    """Files named by a path, folder (its *.json/*.jsonl/*.csv/*.tsv/*.parquet, and *.gz of them), glob, or a list of
+    these. A folder that `datasets`' save_to_disk wrote is one entry, read as a whole; a DatasetDict's is refused,
+    naming its splits."""
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     files: List[Path] = []
     for item in map(str, items):
         if any(c in item for c in "*?["):
-            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).suffix in SUFFIXES)
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if plain(Path(f)).suffix in SUFFIXES)
             if not found:
                 raise UserError(f"No data files match {item}.")
             files += found
@@ -357,9 +377,9 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
                 raise UserError(_dataset_dict_hint(Path(item)))
             files.append(Path(item))
         elif Path(item).is_dir():
-            found = sorted(f for f in Path(item).iterdir() if f.suffix in SUFFIXES)
+            found = sorted(f for f in Path(item).iterdir() if plain(f).suffix in SUFFIXES)
             if not found:
-                raise UserError(f"Folder {item} holds no {'/'.join(SUFFIXES)} files.")
+                raise UserError(f"Folder {item} holds no {'/'.join(SUFFIXES)} files (nor .gz of them).")
             files += found
         elif Path(item).exists():
             files.append(Path(item))
@@ -388,14 +408,15 @@ def data_specs(train_spec, val_spec):
     if val_spec != "auto":
         return train_spec, val_spec
     if isinstance(train_spec, (str, Path)) and Path(train_spec).is_file():
-        beside = Path(train_spec).with_name(f"{Path(train_spec).stem}_val{Path(train_spec).suffix}")
+        folder, name, suffixes = _parts(Path(train_spec))
+        beside = folder / f"{name}_val{suffixes}"
         return train_spec, (str(beside) if beside.is_file() else None)
     try:
         files = expand(train_spec)
     except UserError:
         return train_spec, None  # (config.check names the missing files)
-    names = {(f.parent, f.stem, f.suffix) for f in files}
-    val = [f for f in files if f.stem.endswith("_val") and (f.parent, f.stem[:-4], f.suffix) in names]
+    names = set(map(_parts, files))
+    val = [f for f in files if (p := _parts(f))[1].endswith("_val") and (p[0], p[1][:-4], p[2]) in names]
     if not val:
         return train_spec, None
     return [str(f) for f in files if f not in val], (str(val[0]) if len(val) == 1 else [str(f) for f in val])
@@ -406,7 +427,7 @@ HELD_OUT = re.compile(r"(^|[_.-])(val|valid|validation|dev|test|eval|heldout|hel
 
 def held_out_warning(path: Union[str, Path]) -> Optional[str]:
     """A training file whose name says it holds validation or test data (a test set trained on is no test)."""
-    if HELD_OUT.search(Path(path).stem.lower()):
+    if HELD_OUT.search(plain(Path(path)).stem.lower()):
         return (f"{path}: trained on, though its name says held-out data (validation or test); if it is, leave it "
                 "out of data.train_path (data.val_path=FILE validates on it)")
     return None

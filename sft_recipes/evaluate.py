@@ -58,9 +58,9 @@ def out_dir(run_dir: Path, data) -> Path:
 
     name = "eval"
     if data:
-        from .data import expand
+        from .data import expand, plain
 
-        name += f"_{expand(data)[0].stem}"
+        name += f"_{plain(expand(data)[0]).stem}"
     return run_of(run_dir) / (f"{name}_{Path(run_dir).name}" if is_checkpoint(run_dir) else name)
 
 

@@ -46,6 +46,29 @@ def test_jsonl_and_json_give_the_same_records(tmp_path):
     assert [r.answer for r in data.load_records(tmp_path / "h.csv")] == ["42", "3.14"]
 
 
+def test_gzip_compressed_files_read_as_their_format(tmp_path):
+    """qa.jsonl.gz, qa.json.gz, qa.csv.gz: read as the format before .gz (folders and globs find them); the
+    validation file beside one is <name>_val with the same suffixes; a held-out name is still seen through .gz."""
+    import gzip
+
+    records = json.loads(TRAIN.read_text())[:3]
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    (folder / "a_val.jsonl.gz").write_bytes(gzip.compress((json.dumps(records[0]) + "\n").encode()))
+    (folder / "b.json.gz").write_bytes(gzip.compress(json.dumps(records).encode()))
+    (folder / "c.csv.gz").write_bytes(gzip.compress(b"Question,Answer\nWhat is 6 x 7?,42\n"))
+    assert [r.answer for r in data.load_records(folder / "a.jsonl.gz")] == [r["answer"] for r in records]
+    assert data.load_records(folder / "b.json.gz")[2].question == records[2]["question"]
+    assert data.load_records(folder / "c.csv.gz")[0].answer == "42"
+    assert [f.name for f in data.expand(str(folder))] == ["a.jsonl.gz", "a_val.jsonl.gz", "b.json.gz", "c.csv.gz"]
+    assert data.expand(str(folder / "*.gz")) == data.expand(str(folder))
+    assert data.data_specs(str(folder / "a.jsonl.gz"), "auto") == (str(folder / "a.jsonl.gz"),
+                                                                      str(folder / "a_val.jsonl.gz"))
+    assert data.data_specs(str(folder), "auto")[1] == str(folder / "a_val.jsonl.gz")
+    assert data.held_out_warning(folder / "a_val.jsonl.gz") and not data.held_out_warning(folder / "a.jsonl.gz")
+
+
 BROKEN = Path(__file__).parent / "broken"
 EXPECTED = json.loads((BROKEN / "expected.json").read_text())
 
