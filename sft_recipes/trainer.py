@@ -227,9 +227,9 @@ def checkpointed(layer, forward, **checkpoint_kwargs):
 
 def neftune_noise(module, args, output):
     """NEFTune (train.sft_args.neftune_noise_alpha): uniform noise in +-alpha / sqrt(L x hidden size) on the input
-    embeddings while training, with L the length of each token's own sample where a row holds several (padding-free
-    or packed rows, module.sample_lengths); transformers' hook takes the whole row's length, so its noise would
-    shrink with the number of samples in the row. Rows of one sample (padded batches): the row's length, as there."""
+    embeddings while training, with L the length of each token's own sample, read from the batch's position ids
+    (module.sample_lengths): transformers' hook takes the row's length, so in padding-free or packed rows, which hold
+    several samples, its noise would shrink with their number. Without position ids: the row's length, as there."""
     if not module.training:
         return output
     lengths = getattr(module, "sample_lengths", None)
