@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -86,6 +87,9 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
                   "appear in the training data" + (" (of this run or of the runs whose adapter it trained further, "
                                                    "model.adapter)" if earlier else "")
                   + ": their scores will be optimistic")
+    longer = references_over(tok, val_records, max_new_tokens)
+    if longer:
+        print(f"warning: {longer}", file=sys.stderr)
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.record_messages(cfg, r) for r in val_records]  # as trained
     with model.disable_adapter():
@@ -111,7 +115,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         "words": words([a for a, _ in answers])}
     metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name,
                "data": data or "validation split", "records": len(val_records),
-               "also_in_training": seen, "max_new_tokens": max_new_tokens,
+               "also_in_training": seen, "max_new_tokens": max_new_tokens, "references_cut": longer,
                "reference_words": words([r.answer for r in val_records]),
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
@@ -119,6 +123,17 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
     if not runs.is_checkpoint(run_dir):
         card.write(run_dir, cfg)  # the adapter's card gains the base vs fine-tuned table
     return metrics
+
+
+def references_over(tok, records, max_new_tokens: int) -> str:
+    """Reference answers longer than max_new_tokens (with their end-of-turn token): an answer like them is cut there,
+    which lowers its scores and its share that stops (what this says, else "")."""
+    lengths = [len(ids) + 1 for ids in tok([r.answer for r in records], add_special_tokens=False)["input_ids"]]
+    if not (over := sum(n > max_new_tokens for n in lengths)):
+        return ""
+    return (f"{over} of the {len(records)} reference answers are longer than max_new_tokens={max_new_tokens} tokens "
+            f"(the longest: {max(lengths)}): answers like them are cut there, which lowers their scores and the share "
+            f"that stops at the end-of-turn token; max_new_tokens={max(lengths)} lets them end")
 
 
 def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
@@ -133,7 +148,8 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
     lines = [f"# Evaluation of {metrics['run_dir']}{at}", "",
              f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
              f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
-                                                       "in the training data." if metrics["also_in_training"] else ""),
+                                                       "in the training data." if metrics["also_in_training"] else "")
+             + (f" Note: {metrics['references_cut']}." if metrics.get("references_cut") else ""),
              "", *table(metrics), "", "## Sample answers", ""]
     for p in predictions[:10]:
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731

@@ -311,10 +311,13 @@ def test_evaluate_on_a_test_file_counts_questions_seen_in_training(tiny_run, tmp
                       {"role": "user", "content": "What is a mean?"}, {"role": "assistant", "content": "The average."},
                       {"role": "user", "content": "And a median?"}, {"role": "assistant", "content": "The middle."}]}]))
     evaluate._cli([f"run_dir={tiny_run}", f"data={test}", "max_new_tokens=4"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "warning: 1 of the 3 questions in" in out and f"Report: {tiny_run / 'eval_exam' / 'report.md'}" in out
     m = json.loads((tiny_run / "eval_exam" / "metrics.json").read_text())
     assert m["data"] == str(test) and m["records"] == 3 and m["also_in_training"] == 1
+    cut = "2 of the 3 reference answers are longer than max_new_tokens=4 tokens"  # ("The middle." and <|im_end|>: 4)
+    assert f"warning: {cut}" in err and m["references_cut"].startswith(cut)
+    assert f"Note: {cut}" in (tiny_run / "eval_exam" / "report.md").read_text()
     predictions = [json.loads(line) for line in (tiny_run / "eval_exam" / "predictions.jsonl").open()]
     assert [p["question"] for p in predictions] == ["What is the range of a data set?", trained["question"],
                                                     "And a median?"]  # a conversation: its last question, asked
