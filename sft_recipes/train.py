@@ -121,6 +121,7 @@ class Plan(NamedTuple):
     text: str  # "21 (7 per epoch, 1 x 16 samples per step)"
     longest: int  # the longest row a step trains on
     advice: Optional[str]  # set when the run takes fewer than MIN_STEPS optimizer steps
+    tokens_per_step: float = 0.0  # the tokens an optimizer step trains on, on average
 
 
 def step_plan(cfg, data) -> Plan:
@@ -154,7 +155,27 @@ def step_plan(cfg, data) -> Plan:
         advice = (f"only {total} optimizer step{'' if total == 1 else 's'} in all: few for LoRA to learn from (on "
                   "the sample data, preset=low_memory reached a validation loss of 2.19 in 21 steps and 1.88 in 336, "
                   f"in about the same time); {more}{plus}.")
-    return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice)
+    return Plan(total, f"{total} ({per_epoch} per epoch, {per_step})", longest, advice,
+                tokens(data.train_stats, cfg.data.max_length) / per_epoch)
+
+
+def tokens(stats, max_length: int) -> int:
+    """The tokens of a split's rows (records past max_length counted at it)."""
+    return sum(min(n, max_length) for n in stats.lengths)
+
+
+def validation_cost(cfg, data, plan: Plan, eval_steps: int) -> Optional[str]:
+    """A warning when each validation costs more than half the training between two (a forward pass over a token is
+    about a third of a training step's work on it): a large validation split, validated often."""
+    if data.val is None or not eval_steps or eval_steps >= plan.steps:
+        return None
+    read = tokens(data.val_stats, cfg.data.max_length)
+    share = read / (3 * plan.tokens_per_step * eval_steps)
+    if share <= 0.5:
+        return None
+    return (f"each validation reads {read:,} tokens, about {share:.0%} of the work of the {eval_steps} training steps "
+            "between two: validate less often (train.save_steps, train.eval_steps) or on fewer records "
+            "(data.val_fraction, a smaller data.val_path file).")
 
 
 def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, meta=None) -> None:
@@ -320,6 +341,8 @@ def _run(cfg) -> Optional[Path]:
         print(f"warning: {plan.advice}")
     # train.sft_args and lora.peft_args fail here, before any model
     args = build.sft_config(cfg, str(out), has_eval=val_ds is not None, steps=plan.steps)
+    if cost := validation_cost(cfg, data, plan, args.eval_steps if args.eval_strategy != "no" else 0):
+        print(f"warning: {cost}")
     args.disable_tqdm = not terminal()  # a log file gets lines, not bars
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)

@@ -232,6 +232,25 @@ def test_step_plan_counts_optimizer_steps_and_warns_when_few(tokenizer, override
         assert advice in got.advice, got.advice
 
 
+def test_a_validation_that_costs_more_than_half_the_training_between_two_is_warned_about(tokenizer):
+    """Each validation's forward pass over its tokens against the training steps between two validations."""
+    from sft_recipes import train
+
+    def cost(*overrides):
+        cfg = make("preset=fast_test", *overrides)
+        data = train.prepare_data(cfg, tokenizer)
+        plan = train.step_plan(cfg, data)
+        args = build.sft_config(cfg, "out", has_eval=data.val is not None, use_cpu=True, steps=plan.steps)
+        return train.validation_cost(cfg, data, plan, args.eval_steps)
+
+    assert cost() is None  # the sample data: 20 validation records every 12 of 56 steps (about a quarter)
+    assert cost("preset=low_memory") is None  # (the README's main command: every 5 of 21 steps)
+    warning = cost("train.save_steps=2")
+    assert warning and warning.startswith("each validation reads ") and "% of the work of the 2 training steps " \
+        "between two: validate less often (train.save_steps, train.eval_steps)" in warning
+    assert cost("train.save_steps=2", "data.val_path=null") is None  # no validation
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["+train.sft_args.learning_rate=1e-3"], "train.sft_args.learning_rate is set from the config already "
                                               "(train.lr); change it there"),
