@@ -7,11 +7,12 @@ as a chat transcript (fix its replies there, and train on it), `/exit` (or Ctrl-
 Parquet; only the question field is needed; a chat transcript's last user turn is asked after its earlier turns)
 writes `{question, answer, source, stopped_at_end_of_turn}` lines (and `history`, for those) to `out`
 (RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
-Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.2`
-discourages a small model's loops; `base=true` answers with the base model alone, for comparison.
-With a template that names the source in the prompt (`chat_with_source`), `source="..."` gives it;
-`system="..."` asks with another system prompt than the run's (a run trained on chat transcripts with their own).
-`run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file: answers_<file name>_checkpoint-N).
+Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.1`
+discourages a small model's loops (more also rules out the words the answer needs again); `base=true` answers with
+the base model alone, for comparison. With a template that names the source in the prompt (`chat_with_source`),
+`source="..."` gives it; `system="..."` asks with another system prompt than the run's (a run trained on chat
+transcripts with their own). `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file:
+answers_<file name>_checkpoint-N).
 """
 from __future__ import annotations
 

@@ -146,6 +146,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     limit: int = 0  # evaluate only the first N validation records (0: all)
     samples: int = 0  # after each validation, greedy answers to the first N validation questions (RUN/samples.md)
+    repetition_penalty: float = 1.0  # for those answers and after_train's (1: none; 1.1 curbs a small model's loops)
 
 
 @dataclass
@@ -314,6 +315,8 @@ def check(cfg: Config) -> None:
     if cfg.eval.max_new_tokens <= 0 or cfg.eval.limit < 0:
         problems.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be positive and eval.limit="
                         f"{cfg.eval.limit} 0 (all) or positive.")
+    if cfg.eval.repetition_penalty <= 0:
+        problems.append(f"eval.repetition_penalty={cfg.eval.repetition_penalty} must be positive (1: none).")
     if cfg.eval.samples < 0:
         problems.append(f"eval.samples={cfg.eval.samples} must be 0 (off) or positive.")
     elif cfg.eval.samples and t.compile:

@@ -2,10 +2,10 @@
 
 On the run's validation split (or on other question/answer files: a test set that chose nothing), the loss and
 perplexity of the base model and of base + adapter, then greedy answers from both (the run's chat template,
-stopping at the end-of-turn token) scored against the references with ROUGE-L, token F1 and exact match
-(torchmetrics' ROUGE and SQuAD metrics), with their mean length in words beside the references'. Writes RUN/eval/
-(for data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl, metrics.png.
-run_dir=RUN/checkpoint-N evaluates that checkpoint (a finished run's or one still training) into
+stopping at the end-of-turn token; `repetition_penalty=1.1` as chat takes it) scored against the references with
+ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics), with their mean length in words beside the
+references'. Writes RUN/eval/ (for data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl,
+metrics.png. run_dir=RUN/checkpoint-N evaluates that checkpoint (a finished run's or one still training) into
 RUN/eval_checkpoint-N/ (RUN/eval_<file name>_checkpoint-N/).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Dict, List
 
 USAGE = ("python -m sft_recipes.evaluate run_dir=RUN[/checkpoint-N]|latest [data=FILE] [max_new_tokens=256] "
-         "[limit=0] [batch_size=8]")
-DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8}
+         "[limit=0] [batch_size=8] [repetition_penalty=1]")
+DEFAULTS = {"run_dir": None, "data": "", "max_new_tokens": 256, "limit": 0, "batch_size": 8, "repetition_penalty": 1.0}
 
 
 def scores(prediction: str, reference: str) -> Dict[str, float]:
@@ -65,10 +65,15 @@ def out_dir(run_dir: Path, data) -> Path:
     return run_of(run_dir) / (f"{name}_{Path(run_dir).name}" if is_checkpoint(run_dir) else name)
 
 
-def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8, data=None) -> dict:
+def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8, data=None,
+             repetition_penalty: float = 1.0) -> dict:
     from . import card, runs
+    from .chat import sampling_args
     from .errors import UserError
 
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty={repetition_penalty}: it must be positive (1: none; 1.1 makes a small "
+                        "model's greedy loops less likely).")
     run_dir = Path(run_dir)
     cfg = runs.config(run_dir)
     tok = runs.tokenizer(run_dir)
@@ -92,11 +97,13 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         print(f"warning: {longer}", file=sys.stderr)
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.record_messages(cfg, r) for r in val_records]  # as trained
+    greedy = sampling_args(repetition_penalty=repetition_penalty)
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
-        base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="base model")
+        base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, greedy,
+                                     progress="base model")
     tuned_loss = runs.mean_loss(model, rows)
-    tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, progress="fine-tuned")
+    tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, greedy, progress="fine-tuned")
 
     predictions, base_scores, tuned_scores = [], [], []
     for r, (base, base_stop), (tuned, tuned_stop) in zip(val_records, base_answers, tuned_answers):
@@ -115,7 +122,8 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         "words": words([a for a, _ in answers])}
     metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name,
                "data": data or "validation split", "records": len(val_records),
-               "also_in_training": seen, "max_new_tokens": max_new_tokens, "references_cut": longer,
+               "also_in_training": seen, "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
+               "references_cut": longer,
                "reference_words": words([r.answer for r in val_records]),
                "base": summary(base_loss, base_scores, base_answers),
                "fine_tuned": summary(tuned_loss, tuned_scores, tuned_answers)}
@@ -145,10 +153,12 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
         for p in predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     at = f" at {metrics['adapter']}" if metrics["adapter"] != "final_model" else ""
+    penalty = metrics.get("repetition_penalty", 1)
     lines = [f"# Evaluation of {metrics['run_dir']}{at}", "",
              f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
-             f"{metrics['max_new_tokens']} tokens." + (f" {metrics['also_in_training']} of the questions also appear "
-                                                       "in the training data." if metrics["also_in_training"] else "")
+             f"{metrics['max_new_tokens']} tokens" + (f", repetition penalty {penalty}" if penalty != 1 else "") + "."
+             + (f" {metrics['also_in_training']} of the questions also appear in the training data."
+                if metrics["also_in_training"] else "")
              + (f" Note: {metrics['references_cut']}." if metrics.get("references_cut") else ""),
              "", *table(metrics), "", "## Sample answers", ""]
     for p in predictions[:10]:
@@ -180,7 +190,8 @@ def _cli(argv):
     from .runs import parse_args
 
     args = parse_args(argv, DEFAULTS, USAGE, __doc__)
-    m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"], args["data"] or None)
+    m = evaluate(args["run_dir"], args["max_new_tokens"], args["limit"], args["batch_size"], args["data"] or None,
+                 args["repetition_penalty"])
     for name in ("base", "fine_tuned"):
         print(f"{name:>10}: " + ", ".join(f"{k} {v}" for k, v in m[name].items()))
     print(f"Report: {out_dir(Path(args['run_dir']), args['data']) / 'report.md'}")

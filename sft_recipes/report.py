@@ -108,9 +108,12 @@ class SampleAnswers(TrainerCallback):
     training), appended to RUN/samples.md with the references. Generation reads no random state and leaves the model
     in training mode, so the run trains the same with or without it (tested)."""
 
-    def __init__(self, records, conversations, tokenizer, max_new_tokens: int, path: Path):
+    def __init__(self, records, conversations, tokenizer, max_new_tokens: int, path: Path,
+                 repetition_penalty: float = 1.0):
+        from .chat import sampling_args
+
         self.records, self.conversations, self.max_new_tokens = records, conversations, max_new_tokens
-        self.tok, self.path = tokenizer, Path(path)
+        self.tok, self.path, self.greedy = tokenizer, Path(path), sampling_args(repetition_penalty=repetition_penalty)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
@@ -120,7 +123,8 @@ class SampleAnswers(TrainerCallback):
         training = model.training
         model.eval()
         try:
-            answers = generate(model, self.tok, self.conversations, self.max_new_tokens, use_cache=True)
+            answers = generate(model, self.tok, self.conversations, self.max_new_tokens, sampling=self.greedy,
+                               use_cache=True)
         finally:
             model.train(training)
         cell = lambda text: text.replace("\n", " ")  # noqa: E731

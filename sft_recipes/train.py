@@ -247,7 +247,7 @@ def sample_answers(cfg, tokenizer, path: Path) -> report.SampleAnswers:
 
     records = prepare.load_and_split(*data_paths(cfg), data_options(cfg))[1][:cfg.eval.samples]
     return report.SampleAnswers(records, [record_messages(cfg, r) for r in records], tokenizer,
-                                cfg.eval.max_new_tokens, path)
+                                cfg.eval.max_new_tokens, path, cfg.eval.repetition_penalty)
 
 
 def use_adapter_lora(cfg) -> None:
@@ -455,7 +455,7 @@ def _run(cfg) -> Optional[Path]:
             from .evaluate import evaluate
 
             del trainer, model  # free the training copy before loading the evaluation one
-            m = evaluate(out, cfg.eval.max_new_tokens, cfg.eval.limit)
+            m = evaluate(out, cfg.eval.max_new_tokens, cfg.eval.limit, repetition_penalty=cfg.eval.repetition_penalty)
             print("Evaluation (base -> fine-tuned): " + ", ".join(
                 f"{k} {m['base'][k]} -> {m['fine_tuned'][k]}" for k in ("loss", "rouge_l", "token_f1")))
             print(f"Report: {out / 'eval' / 'report.md'}")

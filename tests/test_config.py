@@ -110,6 +110,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("data.val_path=null eval.after_train=true", "eval.after_train=true needs validation data: set data.val_path="),
     ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (validation at every train.save_steps)"),
     ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
+    ("eval.repetition_penalty=0", "eval.repetition_penalty=0.0 must be positive (1: none)"),
     ("train.warmup_ratio=1", "train.warmup_ratio=1.0 is a share of the optimizer steps: it must be in [0, 1)"),
     ("train.save_total_limit=0", "train.save_total_limit=0 must be positive (null keeps every checkpoint)"),
     ("train.eval_steps=-5", "train.eval_steps=-5 must be 0 (validate at every save) or positive"),

@@ -399,7 +399,8 @@ def test_cli_arguments_are_checked(tiny_run):
     with pytest.raises(UserError, match="limit=x: expected int"):
         evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
     for arg, message in [("limit=-1", "limit=-1 must be 0 or positive"), ("max_new_tokens=0", "must be positive"),
-                         ("batch_size=0", "batch_size=0 must be positive")]:  # (limit=-1 left out the last record)
+                         ("batch_size=0", "batch_size=0 must be positive"),
+                         ("repetition_penalty=0", r"repetition_penalty=0.0: it must be positive \(1: none")]:  # (limit=-1 left out the last record)
         with pytest.raises(UserError, match=message):
             evaluate._cli([f"run_dir={tiny_run}", arg])
     # the adapter's folder stands for its run
@@ -467,3 +468,22 @@ def test_embedded_chat_answers_and_stops(embedded_run):
     assert r.returncode == 0, r.stderr[-2000:]
     answer = r.stdout.strip().splitlines()[-1]
     assert "median" in answer.lower() and len(answer.split()) >= 5 and "<|im_end|>" not in answer
+
+
+def test_a_repetition_penalty_reaches_every_answer(tiny_run, tmp_path):
+    test = tmp_path / "penalty.jsonl"
+    test.write_text("\n".join(json.dumps(r) for r in json.loads(VAL.read_text())[:3]))
+    answers, metrics = {}, {}
+    for penalty in (1.0, 1e6):
+        metrics[penalty] = evaluate.evaluate(tiny_run, max_new_tokens=12, data=str(test), repetition_penalty=penalty)
+        answers[penalty] = [(p["base"], p["fine_tuned"]) for p in map(json.loads, (tiny_run / "eval_penalty" /
+                                                                                     "predictions.jsonl").open())]
+    assert metrics[1e6]["repetition_penalty"] == 1e6 and answers[1e6] != answers[1.0]
+    # every token already in the conversation is all but ruled out, the end-of-turn token of the system and user turns
+    # included: no answer of either model stops, and none repeats a word
+    assert metrics[1e6]["base"]["stopped_at_end_of_turn"] == metrics[1e6]["fine_tuned"]["stopped_at_end_of_turn"] == 0
+    assert all(len(set(a.split())) == len(a.split()) > 3 for pair in answers[1e6] for a in pair)
+    assert "greedy answers of at most 12 tokens, repetition penalty 1000000.0." in (
+        tiny_run / "eval_penalty" / "report.md").read_text()
+    assert "greedy answers of at most 12 tokens, repetition penalty 1000000.0):" in (
+        tiny_run / "final_model" / "README.md").read_text()  # the model card says so too

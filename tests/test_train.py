@@ -290,16 +290,19 @@ def test_dora_and_rslora_train_and_load(tmp_path, tiny_dir):
 
 def test_sample_answers_during_training_do_not_change_the_run(tmp_path, tiny_dir):
     """eval.samples=2 writes two answers per validation to samples.md; the loss curve is the one of the same run
-    without them (generation must not touch the random state, the model's mode or the tokenizer)."""
+    without them (generation must not touch the random state, the model's mode or the tokenizer). They take
+    eval.repetition_penalty: one that rules out every token already in the conversation, the end-of-turn token
+    included, leaves every answer cut at eval.max_new_tokens."""
     common = ["preset=fast_test", "quantization=nf4", "train.gradient_checkpointing=true", "train.max_steps=4",
               "train.save_steps=2", "train.logging_steps=1", "train.lr=2e-3", "eval.max_new_tokens=6"]
     run(tmp_path / "plain", tiny_dir, *common)
-    run(tmp_path / "samples", tiny_dir, *common, "eval.samples=2")
+    run(tmp_path / "samples", tiny_dir, *common, "eval.samples=2", "eval.repetition_penalty=1e6")
     assert loss_history(tmp_path / "plain") == loss_history(tmp_path / "samples")
     text = (tmp_path / "samples" / "samples.md").read_text()
     first_val = json.loads(VAL.read_text())[0]
     assert [line.split(" (")[0] for line in text.splitlines() if line.startswith("## ")] == ["## step 2", "## step 4"]
     assert text.count("**Q:**") == 4 and f"**Q:** {first_val['question']}" in text
+    assert text.count("- answer (cut at eval.max_new_tokens): ") == 4
     assert not (tmp_path / "plain" / "samples.md").exists()
 
 
