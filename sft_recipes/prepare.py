@@ -265,15 +265,25 @@ def _to_dataset(rows_ids: List[List[int]], lengths, n_prompt, gaps: List[list]):
     return Dataset(table), int((labels != -100).sum())
 
 
-def show_example(row: dict, tokenizer) -> str:
-    """Decode one training row with each trained span (the tokens that carry loss) between >>> and <<<."""
+MARKS = ((">>>", "<<<"), ("[[[", "]]]"), ("{{{", "}}}"), ("\u27e6", "\u27e7"))  # the last: ⟦ ⟧
+
+
+def marks(rows: List[dict], tokenizer) -> Tuple[str, str]:
+    """The marks around trained spans for show_example: >>> and <<<, unless the rows' text holds one of them (a
+    Python doctest in an answer), then the first pair it holds neither of."""
+    text = "".join(tokenizer.decode(row["input_ids"]) for row in rows)
+    return next((m for m in MARKS if m[0] not in text and m[1] not in text), MARKS[-1])
+
+
+def show_example(row: dict, tokenizer, marks: Tuple[str, str] = MARKS[0]) -> str:
+    """Decode one training row with each trained span (the tokens that carry loss) between the marks."""
     import itertools
 
     ids, labels, text, at = row["input_ids"], row["labels"], "", 0
     for trained, span in itertools.groupby(labels, key=lambda lab: lab != -100):
         n = len(list(span))
         piece = tokenizer.decode(ids[at:at + n])
-        text, at = text + (f">>>{piece}<<<" if trained else piece), at + n
+        text, at = text + (f"{marks[0]}{piece}{marks[1]}" if trained else piece), at + n
     return text
 
 

@@ -193,11 +193,14 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
     report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts,
                        out / "data_report.md")
-    print("One training example (the tokens that carry loss are between >>> and <<<):")
-    print(prepare.show_example(data.train[0], tokenizer))
-    if data.train_stats.first_conversation > 0:
+    rows = [data.train[0]] + ([data.train[data.train_stats.first_conversation]]
+                              if data.train_stats.first_conversation > 0 else [])
+    shown = prepare.marks(rows, tokenizer)
+    print(f"One training example (the tokens that carry loss are between {shown[0]} and {shown[1]}):")
+    print(prepare.show_example(rows[0], tokenizer, shown))
+    if len(rows) > 1:
         print(f"One conversation of several exchanges, {report.replies(data.train_stats)}:")
-        print(prepare.show_example(data.train[data.train_stats.first_conversation], tokenizer))
+        print(prepare.show_example(rows[1], tokenizer, shown))
     print(f"Dry run: nothing was trained. Report: {out / 'data_report.md'}")
 
 

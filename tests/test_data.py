@@ -260,6 +260,19 @@ def test_labels_mask_prompt_and_train_answer_and_end_of_turn(tokenizer):
         assert ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     shown = prepare.show_example(ds[0], tokenizer)
     assert shown.endswith(">>>" + records[0].answer + "<|im_end|><<<")
+    assert prepare.marks([ds[0]], tokenizer) == (">>>", "<<<")
+
+
+def test_the_marked_example_takes_marks_that_its_text_lacks(tokenizer):
+    """An answer with a Python doctest holds >>>: the trained span is shown between other marks."""
+    doctest = data.Record(question="What does sum do?", answer="Adds the items.\n\n>>> sum([1, 2])\n3")
+    ds, _ = prepare.tokenize([doctest], tokenizer, templates.get("chat"), max_length=512)
+    shown = prepare.marks([ds[0]], tokenizer)
+    assert shown == ("[[[", "]]]")
+    assert prepare.show_example(ds[0], tokenizer, shown).endswith("[[[" + doctest.answer + "<|im_end|>]]]")
+    both = data.Record(question="And [[[?", answer=doctest.answer)  # every row shown counts
+    assert prepare.marks([ds[0], prepare.tokenize([both], tokenizer, templates.get("chat"), 512)[0][0]],
+                         tokenizer) == ("{{{", "}}}")
 
 
 def test_overlong_policies(tokenizer):
