@@ -275,15 +275,15 @@ def marks(rows: List[dict], tokenizer) -> Tuple[str, str]:
     return next((m for m in MARKS if m[0] not in text and m[1] not in text), MARKS[-1])
 
 
-def show_example(row: dict, tokenizer, marks: Tuple[str, str] = MARKS[0]) -> str:
-    """Decode one training row with each trained span (the tokens that carry loss) between the marks."""
+def show_example(row: dict, tokenizer, around: Tuple[str, str] = MARKS[0]) -> str:
+    """Decode one training row with each trained span (the tokens that carry loss) between the marks `around`."""
     import itertools
 
     ids, labels, text, at = row["input_ids"], row["labels"], "", 0
     for trained, span in itertools.groupby(labels, key=lambda lab: lab != -100):
         n = len(list(span))
         piece = tokenizer.decode(ids[at:at + n])
-        text, at = text + (f"{marks[0]}{piece}{marks[1]}" if trained else piece), at + n
+        text, at = text + (f"{around[0]}{piece}{around[1]}" if trained else piece), at + n
     return text
 
 
