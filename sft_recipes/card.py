@@ -169,9 +169,8 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         data = ev.get("data", "validation split")
         seen = f"; {ev['also_in_training']} of them also in the training data" if ev.get("also_in_training") else ""
         where = "of the validation split" if data == "validation split" else f"from `{data}`"
-        penalty = f", repetition penalty {ev['repetition_penalty']}" if ev.get("repetition_penalty", 1) != 1 else ""
-        lines += [f"On {ev['records']} questions {where}{seen} (`python -m sft_recipes.evaluate`, greedy answers of "
-                  f"at most {ev['max_new_tokens']} tokens{penalty}):", "",
+        lines += [f"On {ev['records']} questions {where}{seen} (`python -m sft_recipes.evaluate`, "
+                  f"{evaluate.answers_made(ev)}):", "",
                   *evaluate.table(ev), ""]
 
     lines += ["## Use it", "", "```python", usage(cfg, base_id, folder, merged), "```", ""]

@@ -22,19 +22,14 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from .runs import sampling_args
+
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
          '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] '
          '[repetition_penalty=1] [base=false] [batch_size=8] [system="..."]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
             "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "base": False, "batch_size": 8, "source": "",
             "system": None}
-
-
-def sampling_args(temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> dict:
-    """generate's arguments: greedy at temperature 0, else sampled with temperature and top_p; a repetition penalty
-    above 1 makes tokens already in the conversation less likely (a small model's greedy loops)."""
-    args = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    return {**args, "repetition_penalty": repetition_penalty} if repetition_penalty != 1 else args
 
 
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None) -> str:

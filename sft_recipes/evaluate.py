@@ -52,6 +52,13 @@ def table(m: dict) -> List[str]:
         f"| {label(k)} | {m['base'][k]} | {m['fine_tuned'][k]} |" for k in KEYS if k in m["base"]]
 
 
+def answers_made(m: dict) -> str:
+    """How an evaluation's answers were made, as its report.md and the model card say it."""
+    penalty = m.get("repetition_penalty", 1)
+    return f"greedy answers of at most {m['max_new_tokens']} tokens" + (
+        f", repetition penalty {penalty}" if penalty != 1 else "")
+
+
 def out_dir(run_dir: Path, data) -> Path:
     """RUN/eval for the validation split, RUN/eval_<name of the first file> for data=FILE; for run_dir=RUN/checkpoint-N
     RUN/eval_checkpoint-N and RUN/eval_<name>_checkpoint-N."""
@@ -68,7 +75,6 @@ def out_dir(run_dir: Path, data) -> Path:
 def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 8, data=None,
              repetition_penalty: float = 1.0) -> dict:
     from . import card, runs
-    from .chat import sampling_args
     from .errors import UserError
 
     if repetition_penalty <= 0:
@@ -97,7 +103,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         print(f"warning: {longer}", file=sys.stderr)
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.record_messages(cfg, r) for r in val_records]  # as trained
-    greedy = sampling_args(repetition_penalty=repetition_penalty)
+    greedy = runs.sampling_args(repetition_penalty=repetition_penalty)
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, greedy,
@@ -153,10 +159,8 @@ def write(out: Path, metrics: dict, predictions: List[dict]) -> None:
         for p in predictions:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     at = f" at {metrics['adapter']}" if metrics["adapter"] != "final_model" else ""
-    penalty = metrics.get("repetition_penalty", 1)
     lines = [f"# Evaluation of {metrics['run_dir']}{at}", "",
-             f"{metrics['records']} records ({metrics['data']}); greedy answers of at most "
-             f"{metrics['max_new_tokens']} tokens" + (f", repetition penalty {penalty}" if penalty != 1 else "") + "."
+             f"{metrics['records']} records ({metrics['data']}); {answers_made(metrics)}."
              + (f" {metrics['also_in_training']} of the questions also appear in the training data."
                 if metrics["also_in_training"] else "")
              + (f" Note: {metrics['references_cut']}." if metrics.get("references_cut") else ""),

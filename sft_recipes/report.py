@@ -110,7 +110,7 @@ class SampleAnswers(TrainerCallback):
 
     def __init__(self, records, conversations, tokenizer, max_new_tokens: int, path: Path,
                  repetition_penalty: float = 1.0):
-        from .chat import sampling_args
+        from .runs import sampling_args
 
         self.records, self.conversations, self.max_new_tokens = records, conversations, max_new_tokens
         self.tok, self.path, self.greedy = tokenizer, Path(path), sampling_args(repetition_penalty=repetition_penalty)

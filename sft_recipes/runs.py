@@ -173,12 +173,19 @@ def record_messages(cfg, r, source: str = "") -> List[dict]:
     return messages(cfg, r.question, r.history_messages(), r.source or source, r.system)
 
 
+def sampling_args(temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> dict:
+    """generate's arguments: greedy at temperature 0, else sampled with temperature and top_p; a repetition penalty
+    above 1 makes tokens already in the conversation less likely (a small model's greedy loops)."""
+    args = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    return {**args, "repetition_penalty": repetition_penalty} if repetition_penalty != 1 else args
+
+
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
              sampling: Optional[dict] = None, use_cache: Optional[bool] = None, progress: str = ""):
-    """Answers for prompt conversations (greedy, or `sampling`: generate's do_sample/temperature/top_p), batched
-    with left padding (the tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit
-    layers on the CPU use bitsandbytes' inference layout while it runs (models.repacked_for_inference). With
-    `progress` (a label), answers done and the time left go to stderr when there is more than one batch.
+    """Answers for prompt conversations (greedy, or `sampling`: sampling_args), batched with left padding (the
+    tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit layers on the CPU use
+    bitsandbytes' inference layout while it runs (models.repacked_for_inference). With `progress` (a label), answers
+    done and the time left go to stderr when there is more than one batch.
     Returns [(text, stopped at end-of-turn)]."""
     from .models import repacked_for_inference
 
