@@ -223,11 +223,16 @@ def int8_as_in_training(model) -> None:
     """bitsandbytes' 8-bit layers on the CPU compute a training step with de-quantized weights (MatMul8bitFp), but
     an eval-mode forward with int8 inputs (MatMul8bitLt): another result than training's, 2-3x slower here, and a
     log line per layer per call. Each such layer computes as in training, so validation, evaluate and chat see what
-    training saw. (The layer has no dropout: its training flag selects only this path.)"""
+    training saw. (The layer has no dropout: its training flag selects only this path.)
+    DoRA de-quantizes the layer's weight at each forward and, on the CPU, puts it back as a new Int8Params without
+    its scales (SCB), which the layer's next forward takes as its own: the second training step failed with
+    "'NoneType' object has no attribute 'unsqueeze'". The hook gives such a weight its layer's scales back."""
     import bitsandbytes as bnb
 
     def as_in_training(module, args):
         module.training = True
+        if module.weight.CB is not None and module.weight.SCB is None:
+            module.weight.SCB = module.state.SCB
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear8bitLt):

@@ -336,6 +336,26 @@ def test_int8_layers_compute_validation_as_training_does_on_the_cpu(tiny_dir, ro
     assert "MatMul8bitLt" not in caplog.text
 
 
+def test_dora_on_int8_layers_trains_on_past_its_first_step(tiny_dir, rows):
+    """DoRA de-quantizes each 8-bit weight at every forward and, on the CPU, puts it back without its scales, which
+    bitsandbytes then took as the layer's own: the second step failed ('NoneType' object has no attribute
+    'unsqueeze'). On a model from load_model every step runs, each on the same weights."""
+    from sft_recipes import models
+
+    cfg = make("quantization=int8", "lora.dropout=0.0", "lora.use_dora=true")
+    model = get_peft_model(models.load_model(tiny_dir, "bfloat16", build.bnb_config(cfg.quantization), "sdpa"),
+                           build.lora_config(cfg.lora))
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == losses[1] == losses[2] and torch.isfinite(torch.tensor(losses)).all()
+
+
 def test_a_validation_leaves_4bit_training_gradients_as_they_were(tiny_dir, rows, recwarn):
     """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer's weights for inference at its first eval-mode
     forward, for good; its kernel then has no backward ("silently incorrect" gradients). A model from load_model keeps
