@@ -289,6 +289,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
     if not rows:
         raise UserError(f"{p}: contains no records.")
     records, problems, extra, missing = [], [], {}, set()  # extra: unknown field -> records where it holds a value
+    absent: Dict[str, List[str]] = {}  # field -> its problems "field 'x' is missing", one per record
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
@@ -328,17 +329,23 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             elif values[0] is None:
                 state = "missing" if keys[key][0] not in raw else "empty" if unit == "row" else "null"
                 problems.append(f"{at}: field '{names[0]}' is {state}")
+                if state == "missing":
+                    absent.setdefault(names[0], []).append(problems[-1])
                 missing.add(key)
             else:
                 problems.append(f"{at}: field '{names[0]}' is {'empty' if not values[0] else 'only whitespace'}")
         if not bad:
             records.append(Record(text["question"], text["answer"], text["source"], where))
     if problems:
+        nowhere = [name for name, theirs in absent.items() if len(theirs) == len(rows) > 1]
+        if nowhere:  # a field that no record has: said once, not once per record
+            said = {q for name in nowhere for q in absent[name]}
+            problems = [f"no {unit} has the field '{name}'" for name in nowhere] + [q for q in problems if q not in said]
         listing = "; ".join(problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         optional = " and ".join(shown(cols[k]) for k in FIELDS if k not in required)
-        raise UserError(f"{len(problems)} invalid record(s) in {p}: {listing}{more}. Each record needs non-empty "
-                        "string fields " + " and ".join(shown(cols[k]) for k in required) + f" ({optional} "
+        raise UserError(f"{len(rows) - len(records)} invalid record(s) in {p}: {listing}{more}. Each record needs "
+                        "non-empty string fields " + " and ".join(shown(cols[k]) for k in required) + f" ({optional} "
                         f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'}"
                         f"); {_column_hint(missing, extra)}.")
     if report is not None:
@@ -384,8 +391,20 @@ def expand(spec: Union[str, Sequence[str]]) -> List[Path]:
         elif Path(item).exists():
             files.append(Path(item))
         else:
-            raise UserError(f"Data file {item} does not exist.")
+            raise UserError(f"Data file {item} does not exist." + _hub_hint(item))
     return files
+
+
+def _hub_hint(item: str) -> str:
+    """For a missing path that reads as a Hub dataset id (owner/name, hf://datasets/owner/name): how to get it."""
+    name = item.removeprefix("hf://datasets/")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or plain(Path(name)).suffix in SUFFIXES:
+        return ""
+    folder = name.split("/")[1]
+    fetch = f"from datasets import load_dataset; load_dataset('{name}').save_to_disk('{folder}')"  # (no quotes in it)
+    return (f" If it names a dataset on the Hugging Face Hub: runs read local files only (validated, and the same "
+            f"again on resume), so save it to a folder once, python -c \"{fetch}\", then "
+            f"data.train_path={folder}/train (data.columns maps fields named other than question and answer).")
 
 
 def _dataset_dict_hint(folder: Path) -> str:

@@ -92,6 +92,8 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
 
 @pytest.mark.parametrize("override, message", [
     ("data.train_path=nope.json", "data.train_path: Data file nope.json does not exist"),
+    ("data.train_path=tatsu-lab/alpaca", "a dataset on the Hugging Face Hub.*python -c \"from datasets import "
+     "load_dataset; load_dataset('tatsu-lab/alpaca').save_to_disk('alpaca')\", then data.train_path=alpaca/train"),
     ("data.val_path=[nope/*.json]", "data.val_path: No data files match nope/\\*.json.*data.val_path=null"),
     ("data.split_by=chapter", "data.split_by=chapter must be record or source"),
     ("lora.target_modules=[q_proj,lm_head]", "LoRA on lm_head"),

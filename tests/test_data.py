@@ -94,8 +94,20 @@ def test_every_problem_is_listed_up_to_a_limit(tmp_path):
     msg = str(e.value)
     assert msg.startswith("3 invalid record(s)") and "record 1: field 'answer' is missing" in msg
     assert "record 2: field 'question' is missing" in msg and "record 4: field 'answer' is null" in msg
-    with pytest.raises(UserError, match=r"^30 invalid record\(s\).*record 20: field 'answer' is missing; and 10 more\."):
-        data.load_records(write(tmp_path, "many.json", json.dumps([{"question": "Q"}] * 30)))
+    with pytest.raises(UserError, match=r"^30 invalid record\(s\).*record 20: field 'answer' is empty; and 10 more\."):
+        data.load_records(write(tmp_path, "many.json", json.dumps([{"question": "Q", "answer": ""}] * 30)))
+
+
+def test_a_field_that_no_record_has_is_named_once(tmp_path):
+    """Records with other field names (a dataset saved from the Hub, say) get one line per missing field, not one per
+    record, then the fields they do have and the mapping that reads them."""
+    rows = [{"instruction": f"Q{i}?", "output": "A"} for i in range(30)] + [{"instruction": "Q?", "answer": "A"}]
+    with pytest.raises(UserError) as e:
+        data.load_records(write(tmp_path, "other.json", json.dumps(rows)))
+    msg = str(e.value)
+    assert msg.startswith("31 invalid record(s) in ") and ": no record has the field 'question'; record 1: field " \
+        "'answer' is missing; " in msg and msg.count("'answer' is missing") == 19 and "; and 11 more." in msg
+    assert msg.count("'question' is missing") == 0 and "data.columns.question=instruction" in msg
 
 
 def test_unknown_fields_are_a_warning_not_an_error(tmp_path):
