@@ -178,6 +178,7 @@ def _cli(argv):
 
     from . import models, runs
     from .errors import UserError
+    from .templates import refusals
     from .train import template_of
 
     args = runs.parse_args(argv, DEFAULTS, USAGE, __doc__)
@@ -207,6 +208,11 @@ def _cli(argv):
         print(f"note: this run's prompts name a source (data.template={cfg.data.template}: {user!r}); "
               f"source=\"...\" gives one{' to questions without their own' if records else ''}.", file=sys.stderr)
     tok = runs.tokenizer(args["run_dir"])
+    if args["system"]:  # (before the model loads)
+        asked = [{"role": "system", "content": args["system"]}, {"role": "user", "content": "?"}]
+        with refusals(f"system={args['system']!r}", asked, "This model's chat template takes no system message: "
+                      "ask without system=."):
+            tok.apply_chat_template(asked, add_generation_prompt=True, tokenize=False)
     model = runs.adapter_model(cfg, args["run_dir"])
     set_seed(args["seed"])
     sampling = sampling_args(args["temperature"], args["top_p"], args["repetition_penalty"])

@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from jinja2.exceptions import TemplateError
+
 from . import __version__
 from .data import MAX_LISTED, Record
 from .errors import UserError
-from .templates import Template
+from .templates import Template, refusals
 
 U, A = "\ue000USER\ue000", "\ue000ANSWER\ue000"  # placeholders (private-use characters)
 VERIFY_SAMPLE = 256
@@ -79,10 +81,12 @@ class Renderer:
         """(head, middle, tail) such that full text = head + user + middle + answer + tail, if the template
         renders placeholders that way; None otherwise."""
         sys_msgs = self.template.messages({}, self.system_prompt)[:-1]
-        prompt = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U}],
-                                              add_generation_prompt=True, tokenize=False)
-        full = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U},
-                                                        {"role": "assistant", "content": A}], tokenize=False)
+        with refusals(f"the prompt of data.template={self.template.name}" + (
+                f" with the system prompt {sys_msgs[0]['content']!r}" if sys_msgs else ""), sys_msgs):
+            prompt = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U}],
+                                                  add_generation_prompt=True, tokenize=False)
+            full = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U},
+                                                            {"role": "assistant", "content": A}], tokenize=False)
         if prompt.count(U) != 1 or not full.startswith(prompt) or not full[len(prompt):].startswith(A):
             return None
         head, middle = prompt.split(U)
@@ -102,8 +106,14 @@ class Renderer:
         trained = [[i for n, i in enumerate(j for j, m in enumerate(c) if m["role"] == "assistant")
                     if n not in r.untrained] for r, c in zip(records, convs)]
         render = lambda cs, **kw: self.tok.apply_chat_template(cs, tokenize=False, **kw)  # noqa: E731
-        prompts = iter(render([c[:i] for c, ts in zip(convs, trained) for i in ts], add_generation_prompt=True))
-        ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, ts in zip(convs, trained) for i in ts])))
+        try:
+            prompts = iter(render([c[:i] for c, ts in zip(convs, trained) for i in ts], add_generation_prompt=True))
+            ends = iter(map(self._end_at_eos, render([c[:i + 1] for c, ts in zip(convs, trained) for i in ts])))
+        except TemplateError:  # which record's messages did the chat template refuse?
+            for r, c in zip(records, convs):
+                with refusals(f"the messages of {r.where}", c):
+                    render([c])
+            raise
         texts, bounds = [], []  # bounds: each trained reply's (start, end) characters
         for r, c, ts in zip(records, convs, trained):
             pairs = [(next(prompts), next(ends)) for _ in ts]

@@ -10,6 +10,7 @@ Built in: `chat` (the tokenizer's template), `chat_with_source` (the source goes
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -59,6 +60,25 @@ class Template:
             raise UserError(
                 f"Template '{self.name}' uses the tokenizer's chat template, but this tokenizer has none "
                 "(a base model?). Use data.template=plain, or a template with its own chat_template.")
+
+
+NO_SYSTEM = ("This model's chat template takes no system message (Gemma's, say): train without one, data.system_prompt="
+             "null and a template with no 'system' (records' own system turns cannot train with it), or put the "
+             "instructions in the user field of a template of your own (conf/templates/: user: \"Answer briefly.\\n\\n"
+             "{question}\").")
+
+
+@contextlib.contextmanager
+def refusals(what: str, messages: Sequence[dict], no_system: str = NO_SYSTEM):
+    """A chat template's own refusal of `messages` (Jinja's raise_exception) as one paragraph naming `what` was
+    rendered; where the messages hold a system message, with `no_system`, the way out."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        yield
+    except TemplateError as e:
+        way_out = f" {no_system}" if any(m["role"] == "system" for m in messages) else ""
+        raise UserError(f"The chat template refused {what}: {e}.{way_out}") from None
 
 
 BUILTIN: Dict[str, Template] = {

@@ -236,6 +236,23 @@ def test_chat_gives_the_source_a_template_names(tiny_run, tmp_path, capsys):
     assert [a["source"] for a in answers] == ["Ch. 1", "Ch. 2"]  # a record's own source comes first
 
 
+def test_chat_names_a_system_prompt_that_the_chat_template_refuses(tiny_run, tmp_path):
+    """chat system="..." with a run whose chat template takes no system message (Gemma 2's): one paragraph, status 2,
+    before any model loads."""
+    import shutil
+
+    from test_templates import NO_SYSTEM_TEMPLATE
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("merged", "eval*", "checkpoint-*"))
+    (run / "final_model" / "chat_template.jinja").write_text(NO_SYSTEM_TEMPLATE)
+    r = subprocess.run([sys.executable, "-m", "sft_recipes.chat", f"run_dir={run}", "system=Be brief.", "prompt=Hi?"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: The chat template refused system='Be brief.': System role not supported. This model's chat template "
+        "takes no system message: ask without system=."), r.stderr[-2000:]
+
+
 def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

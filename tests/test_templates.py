@@ -53,3 +53,32 @@ def test_yaml_template_errors_name_file_and_field(tmp_path):
     bad.write_text("- name: y\n  user: '{questionn}'\n")
     with pytest.raises(UserError, match="field 'user' may only use"):
         templates.get("y", [str(bad)])
+
+
+NO_SYSTEM_TEMPLATE = (  # as Gemma 2's: no system role
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + "
+    "m['content'] + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
+    "{% endif %}")
+
+
+def test_a_chat_template_that_refuses_a_system_message_says_how_to_train(embedded_dir):
+    """A chat template's own refusal (Gemma 2's takes no system message) is one paragraph naming what it refused, the
+    run's system prompt or a record's own, and the way out; without a system message the same template trains."""
+    from sft_recipes import prepare
+    from sft_recipes.data import Record
+    from sft_recipes.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_dir)
+    t = templates.Template("gemma", chat_template=NO_SYSTEM_TEMPLATE)
+    t.apply_to(tok)
+    plain = Record("What is a p-value?", "A probability.", where="qa.jsonl, line 1")
+    own = Record("What is a mean?", "An average.", where="qa.jsonl, line 2", system="Be nice.")
+    with pytest.raises(UserError, match=r"^The chat template refused the prompt of data.template=gemma with the system "
+                                        r"prompt 'Be brief.': System role not supported. .*data.system_prompt=null"):
+        prepare.tokenize([plain], tok, t, 512, system_prompt="Be brief.")
+    with pytest.raises(UserError, match=r"^The chat template refused the messages of qa.jsonl, line 2: System role "
+                                        r"not supported. .*user: \"Answer briefly.\\n\\n\{question\}\""):
+        prepare.tokenize([plain, own], tok, t, 512)
+    dataset, stats = prepare.tokenize([plain], tok, t, 512)
+    assert stats.kept == 1 and tok.decode(dataset[0]["input_ids"]).startswith("<start_of_turn>user\nWhat is a p-value?")
