@@ -62,7 +62,7 @@ class Template:
                 "(a base model?). Use data.template=plain, or a template with its own chat_template.")
 
 
-NO_SYSTEM = ("This model's chat template takes no system message (Gemma's, say): train without one, data.system_prompt="
+NO_SYSTEM = ("This model's chat template takes no system message (Gemma 2's, say): train without one, data.system_prompt="
              "null and a template with no 'system' (records' own system turns cannot train with it), or put the "
              "instructions in the user field of a template of your own (conf/templates/: user: \"Answer briefly.\\n\\n"
              "{question}\").")
