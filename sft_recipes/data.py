@@ -563,16 +563,21 @@ def validate_main(paths: List[str], columns: Optional[Columns] = None) -> int:
             chats = sum(1 for r in records if r.history)
             notes = [f"{chats} conversation(s) of several exchanges"] * bool(chats) + rep.warnings
             rows.append((str(path), "ok", len(records), d.dropped, d.conflicting,
-                         sum(1 for r in records if r.source), "; ".join(notes)))
+                         sum(1 for r in records if r.source), as_flags("; ".join(notes))))
         except UserError as e:
             status = 2
-            rows.append((str(path), "INVALID", 0, 0, 0, 0, str(e)))
+            rows.append((str(path), "INVALID", 0, 0, 0, 0, as_flags(str(e))))
     head = ("file", "status", "records", "duplicates", "conflicting", "with source", "notes")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *[r[:6] + ("",) for r in rows])]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for r in rows:
         print("  ".join(str(x).ljust(w) for x, w in zip(r[:6], widths)) + ("  " + r[6] if r[6] else ""))
     return status
+
+
+def as_flags(message: str) -> str:
+    """A message's data.columns mappings as this command's --column flags."""
+    return re.sub(r"'?data\.columns\.(\w+)=\[?([\w,-]+)\]?'?", r"--column \1=\2", message)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

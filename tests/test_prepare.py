@@ -387,6 +387,10 @@ def test_validate_command(tmp_path):
     assert bad.returncode == 2 and "INVALID" in bad.stdout and "Traceback" not in bad.stderr
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Summarize.", "input": "Text.", "output": "A."}) + "\n")
+    unmapped = subprocess.run([sys.executable, "-m", "sft_recipes.data", "validate", str(alpaca)], capture_output=True,
+                              text=True)  # the mapping it names is this command's own flags
+    assert unmapped.returncode == 2 and unmapped.stdout.rstrip().endswith(
+        "map them with --column question=instruction,input --column answer=output."), unmapped.stdout
     mapped = subprocess.run([sys.executable, "-m", "sft_recipes.data", "validate", str(alpaca), "--column",
                              "question=instruction,input", "--column", "answer=output"], capture_output=True, text=True)
     assert mapped.returncode == 0 and " ok " in mapped.stdout and "ignored" not in mapped.stdout, mapped.stdout
