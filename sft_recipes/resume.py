@@ -21,6 +21,7 @@ from .errors import UserError
 COMPLETE = "COMPLETE"  # written last into a checkpoint or final_model folder, before it is renamed into place
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the config it was trained with (a resumed run keeps it)
 DATA_DIGEST = "data.sha256"  # in each checkpoint: prepare.data_digest of the data files it was trained on
+OVERRIDES = "overrides.yaml"  # in each checkpoint: the overrides that made the run (a resume's .hydra keeps them)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -200,6 +201,27 @@ def keep_trained_settings(cfg, checkpoint: Path):
             if hydra.output_subdir:
                 OmegaConf.save(cfg, Path(hydra.runtime.output_dir) / hydra.output_subdir / "config.yaml")
     return cfg
+
+
+def run_overrides(checkpoint: Optional[Path]) -> list:
+    """The command-line overrides that made this run: on resume those its checkpoint saved (OVERRIDES), then what
+    this command changes (train.max_steps=16), not resume_from. Hydra wrote this command's alone into the run's
+    .hydra/overrides.yaml, which a resume puts right (the record that sweep_report's table shows)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    key = lambda o: o.split("=")[0].lstrip("+~")  # noqa: E731
+    now = [o for o in HydraConfig.get().overrides.task if key(o) != "resume_from"]
+    saved = checkpoint / OVERRIDES if checkpoint else None
+    if not (saved and saved.exists()):
+        return now
+    given = {key(o) for o in now}
+    kept = [o for o in yaml.safe_load(saved.read_text()) or [] if key(o) not in given] + now
+    hydra = HydraConfig.get()
+    if hydra.output_subdir and os.environ.get("RANK", "0") == "0" and kept != list(hydra.overrides.task):
+        (Path(hydra.runtime.output_dir) / hydra.output_subdir / "overrides.yaml").write_text(yaml.safe_dump(kept))
+    return kept
 
 
 def set_on_command_line(key: str) -> bool:

@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import yaml
 from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
-from .resume import (DATA_DIGEST, RUN_CONFIG, data_changed, expand_home, finished, holding, keep_trained_settings,
-                     last_checkpoint, refuse_finished, resume_point, run_config, set_on_command_line, value)
+from .resume import (DATA_DIGEST, OVERRIDES, RUN_CONFIG, data_changed, expand_home, finished, holding,
+                     keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config, run_overrides,
+                     set_on_command_line, value)
 from .trainer import NonFiniteError, publish
 
 
@@ -310,6 +312,7 @@ def _run(cfg) -> Optional[Path]:
     checkpoint = None if cfg.dry_run else resume_point(cfg, out)
     if checkpoint:  # (checked after: the defaults in place of the run's own data files need not exist)
         cfg = keep_trained_settings(cfg, checkpoint)
+    overrides = run_overrides(checkpoint)  # (a resume keeps the run's own in .hydra/overrides.yaml)
     config.check(cfg)
     if cfg.model.adapter and not checkpoint:  # (a resumed run kept the LoRA settings it was trained with)
         use_adapter_lora(cfg)
@@ -381,7 +384,8 @@ def _run(cfg) -> Optional[Path]:
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
-            checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: data.digest},
+            checkpoint_files={RUN_CONFIG: run_config(cfg), DATA_DIGEST: data.digest,
+                              OVERRIDES: yaml.safe_dump(overrides)},
             **build.trainer_kwargs(cfg),
         )
     except Exception as e:  # PEFT applies lora.peft_args here, to the loaded weights

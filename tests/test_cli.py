@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, TRAIN, VAL, cli, tiny_args
@@ -161,6 +162,8 @@ def test_resume_from_auto_continues_the_newest_run(tmp_path, tiny_dir):
     assert "; LoRA's B matrices at 4x (train.loraplus_lr_ratio)" in r.stdout
     assert f"Run dir: {run}\n" in r.stdout
     assert len(list((tmp_path / "outputs").iterdir())) == 1  # continued in place, no new run dir
+    assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == args + [  # the run's own, kept
+        "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3", "train.logging_steps=1"]
     resumed = state(run / "checkpoint-4")
     assert resumed["global_step"] == 4
     log = (run / "training_log.txt").read_text()
@@ -254,6 +257,7 @@ def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, 
         assert 'data.columns={"question": ["instruction", "input"], "answer": "output", "source": "source"}' in kept
         assert f"Validation data: {project / 'qa_val.json'} (beside the training file" in r.stdout
         assert abs(loss() - first) < 1e-3 and "data files changed" not in r.stdout
+        assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) == args  # not resume_from alone
     monkeypatch.chdir(elsewhere)  # evaluate, chat and merge from there find the files too
     assert runs.config(run).data.train_path == str(project / "qa.json")
     # the data file edited since (a record fixed): the resume goes on with it and says so
