@@ -7,8 +7,11 @@ __version__ = "0.1.0"
 
 
 def conf_dir() -> str:
-    """The Hydra config tree: $SFT_RECIPES_CONF, else conf/ beside the package (a source checkout)."""
-    return os.environ.get("SFT_RECIPES_CONF") or str(Path(__file__).resolve().parent.parent / "conf")
+    """The Hydra config tree: $SFT_RECIPES_CONF, else conf/ beside the package (a source checkout, an editable
+    install), else the copy that a wheel installs inside it (sft_recipes/conf)."""
+    here = Path(__file__).resolve().parent
+    beside = here.parent / "conf"
+    return os.environ.get("SFT_RECIPES_CONF") or str(beside if (beside / "train.yaml").exists() else here / "conf")
 
 
 class _DropNoise(logging.Filter):

@@ -269,6 +269,28 @@ def test_resume_alone_continues_a_run_on_its_own_data_from_any_folder(tmp_path, 
                                   "their records as they are now") in r.stdout, r.stderr[-2000:]
 
 
+def test_an_installed_wheel_carries_its_config(tmp_path):
+    """pip install (not editable) puts conf/ in the package: python -m sft_recipes runs from any folder without
+    SFT_RECIPES_CONF (it stopped with Hydra's "Primary config directory not found")."""
+    import shutil
+
+    source, site, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "elsewhere"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "sft_recipes", "conf"):  # (pip builds in the tree it is given)
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(site), str(source)], check=True, capture_output=True)
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "SFT_RECIPES_CONF"} | {"PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import sft_recipes; print(sft_recipes.conf_dir())"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(site / "sft_recipes" / "conf"), where.stderr
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", "dry_run=true", f"data.train_path={TRAIN}",
+                        "data.template=tutor", "preset=low_memory"], cwd=elsewhere, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "Dry run: nothing was trained" in r.stdout, r.stderr[-2000:]
+
+
 def test_help_shows_usage_groups_and_the_config(tmp_path):
     r = cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and not list(tmp_path.iterdir())  # (writes nothing)
