@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import numbers
 import os
 import random
 import re
@@ -260,6 +261,19 @@ def exchange(turns, answered: bool = True):
     return (*pairs[-1], system, tuple(pairs[:-1]), untrained), ""
 
 
+def number(value) -> bool:
+    """A number that a JSON or Parquet field holds (not a bool, not NaN: a table's empty cell)."""
+    return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == value
+
+
+def as_text(value):
+    """A field's number as the text it was written as (42 -> "42", 0.5 -> "0.5"), as a CSV cell is read; NaN as
+    missing; anything else as it is."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return None if value != value else str(value) if isinstance(value, numbers.Integral) else repr(float(value))
+    return value
+
+
 def not_strings(at: str, names: Sequence[str], values: list) -> List[str]:
     """What is wrong with the fields that hold a value other than text."""
     return [f"{at}: field '{name}' must be a string, found {type(v).__name__}"
@@ -290,6 +304,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         raise UserError(f"{p}: contains no records.")
     records, problems, extra, missing = [], [], {}, set()  # extra: unknown field -> records where it holds a value
     absent: Dict[str, List[str]] = {}  # field -> its problems "field 'x' is missing", one per record
+    numeric: Dict[str, int] = {}  # field -> records where it holds a number, read as text
     for n, raw in rows:
         where, at = f"{p}, {unit} {n}", f"{unit} {n}"
         if not isinstance(raw, dict):
@@ -302,7 +317,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
         if chat:  # a chat transcript
             parsed, problem = exchange(raw[chat] if chat in raw else prompt_completion(raw), "answer" in required)
-            sources = [raw.get(k) for k in keys["source"]]
+            sources = [as_text(raw.get(k)) for k in keys["source"]]
             if wrong := not_strings(at, listed(cols["source"]), sources):
                 problems += wrong
             if problem:
@@ -315,6 +330,9 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         text, bad = {}, False
         for key in FIELDS:
             names, values = listed(cols[key]), [raw.get(k) for k in keys[key]]
+            for name in (name for name, v in zip(names, values) if number(v)):
+                numeric[name] = numeric.get(name, 0) + 1
+            values = [as_text(v) for v in values]
             if wrong := not_strings(at, names, values):
                 problems += wrong
                 bad = True
@@ -350,6 +368,8 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                         f"); {_column_hint(missing, extra)}.")
     if report is not None:
         report.records = len(records)
+        report.warnings += [f"{p}: field '{k}' held a number in {n} record(s), read as the text it was written as "
+                            "(42 as \"42\"; a CSV cell is text too)" for k, n in numeric.items()]
         if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
             report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
                 f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))

@@ -129,17 +129,40 @@ def test_records_in_the_one_list_of_an_object_are_read(tmp_path):
     assert [r.question for r in data.load_records(path)] == ["Q?"]
 
 
+def test_numbers_are_read_as_the_text_they_were_written_as(tmp_path):
+    """A JSON or Parquet field that holds a number (a sum's answer, a page as the source) is read as a CSV cell is,
+    as its text, and the file's report says how often; a bool, a list or an object stays an error, NaN is missing."""
+    import pandas as pd
+
+    rows = [{"question": "What is 21 + 21?", "answer": 42, "source": 7}, {"question": "Half of 1?", "answer": 0.5},
+            {"question": "A third?", "answer": 1e-05}, {"messages": [{"role": "user", "content": "Hi?"},
+                                                             {"role": "assistant", "content": "Hello."}], "source": 3}]
+    report = data.FileReport("numbers.json")
+    records = data.load_records(write(tmp_path, "numbers.json", json.dumps(rows)), report=report)
+    assert [(r.answer, r.source) for r in records] == [("42", "7"), ("0.5", ""), ("1e-05", ""), ("Hello.", "3")]
+    assert report.warnings == [
+        f"{tmp_path / 'numbers.json'}: field 'answer' held a number in 3 record(s), read as the text it was written as "
+        '(42 as "42"; a CSV cell is text too)',
+        f"{tmp_path / 'numbers.json'}: field 'source' held a number in 1 record(s), read as the text it was written as "
+        '(42 as "42"; a CSV cell is text too)']
+    pd.DataFrame({"question": ["Q1?", "Q2?"], "answer": [3.0, float("nan")]}).to_parquet(tmp_path / "n.parquet")
+    with pytest.raises(UserError, match=r"^1 invalid record\(s\) in .*n.parquet: row 2: field 'answer' is empty\."):
+        data.load_records(tmp_path / "n.parquet")
+    pd.DataFrame({"question": ["Q1?"], "answer": [3]}).to_parquet(tmp_path / "n.parquet")  # numpy's int64
+    assert [r.answer for r in data.load_records(tmp_path / "n.parquet")] == ["3"]
+
+
 def test_several_columns_join_into_one_field(tmp_path):
     """Alpaca's instruction and input make the question: the non-empty texts, one per line."""
     rows = [{"instruction": "Summarize.", "input": "The mean is the sum over the count.", "output": "sum / n"},
             {"instruction": "What is a median?", "input": "", "output": "The middle value."},
-            {"instruction": "  ", "input": None, "output": "A."}, {"instruction": "Q", "input": 3, "output": "A."}]
+            {"instruction": "  ", "input": None, "output": "A."}, {"instruction": "Q", "input": [3], "output": "A."}]
     path = write(tmp_path, "alpaca.json", json.dumps(rows))
     columns = {"question": ["instruction", "input"], "answer": "output"}
     with pytest.raises(UserError) as e:
         data.load_records(path, columns)
     assert (f"2 invalid record(s) in {path}: record 3: fields 'instruction' + 'input' are all missing or empty; record "
-            "4: field 'input' must be a string, found int. Each record needs non-empty string fields 'instruction' + "
+            "4: field 'input' must be a string, found list. Each record needs non-empty string fields 'instruction' + "
             "'input' and 'output' ('source' is an optional string)") in str(e.value)
     records = data.load_records(write(tmp_path, "ok.json", json.dumps(rows[:2])), columns)
     assert [(r.question, r.answer) for r in records] == [("Summarize.\nThe mean is the sum over the count.", "sum / n"),
@@ -185,7 +208,7 @@ def test_chat_transcripts_are_records(tmp_path):
         {"messages": [turn("user", "a"), turn("user", "b"), turn("assistant", "c")]},
         {"messages": [turn("user", "Q?"), {"role": "assistant", "content": ["A."]}]},
         {"messages": [turn("user", "Q?"), turn("assistant", " ")]}, {"messages": "Q? A."},
-        {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": 5},
+        {"messages": [turn("user", "Q?"), turn("assistant", "A.")], "source": [5]},
         {"messages": [{"role": ["user"], "content": "Q?"}, turn("assistant", "A.")]},
         {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]},
         {"messages": [turn("user", "Q?"), {"role": "assistant", "content": "A.", "weight": 0.5}]},
@@ -197,7 +220,7 @@ def test_chat_transcripts_are_records(tmp_path):
         "is a system message (optional), then user turns and the assistant's replies in turn, ending with a reply; "
         "line 2: field 'messages' turn 2: its content must be a string, found list; line 3: field 'messages' turn 2 "
         "(assistant) is empty; line 4: field 'messages' must be a list of {role, content} objects; line 5: field "
-        "'source' must be a string, found int; line 6: field 'messages' turn 1: its role must be a string, found list; "
+        "'source' must be a string, found list; line 6: field 'messages' turn 1: its role must be a string, found list; "
         "line 7: field 'messages' holds the turns user, assistant, user: a conversation is a system message "
         "(optional), then user turns and the assistant's replies in turn, ending with a reply; line 8: field "
         "'messages' turn 2: its weight must be 0 (not trained) or 1, found 0.5; line 9: field 'messages' has no reply "
