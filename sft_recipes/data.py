@@ -4,8 +4,8 @@ Input: a JSON array, JSON lines, CSV (`,` or `;`), TSV or Parquet file (CSV and 
 elsewhere is read as its text), a `datasets` save_to_disk folder, a folder or glob of such files, or a list of these.
 A record is a question/answer object (data.columns names its fields, or lists fields to join) or a chat transcript
 (OpenAI's messages, ShareGPT's conversations, TRL's conversational prompt and completion): its last exchange is the
-question and answer, the earlier ones its history. Every invalid record is reported (up to MAX_LISTED, then a count) with its file, record or line
-number and field, in one `UserError`; unknown extra fields are a warning.
+question and answer, the earlier ones its history. Every invalid record is reported (up to MAX_LISTED, then a count)
+with its file, record or line number and field, in one `UserError`; unknown extra fields are a warning.
 `python -m sft_recipes.data validate PATH...` checks files without any model.
 """
 from __future__ import annotations
