@@ -261,17 +261,17 @@ def exchange(turns, answered: bool = True):
     return (*pairs[-1], system, tuple(pairs[:-1]), untrained), ""
 
 
-def number(value) -> bool:
-    """A number that a JSON or Parquet field holds (not a bool, not NaN: a table's empty cell)."""
-    return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == value
-
-
-def as_text(value):
-    """A field's number as the text it was written as (42 -> "42", 0.5 -> "0.5"), as a CSV cell is read; NaN as
-    missing; anything else as it is."""
-    if isinstance(value, numbers.Number) and not isinstance(value, bool):
-        return None if value != value else str(value) if isinstance(value, numbers.Integral) else repr(float(value))
-    return value
+def as_texts(names: Sequence[str], values: list, numeric: Dict[str, int]) -> list:
+    """The fields' values with each number as the text it was written as (42 -> "42", 0.5 -> "0.5"), as a CSV cell is
+    read, counted in `numeric` by field name; NaN (a table's empty cell) as missing; anything else as it is."""
+    out = []
+    for name, v in zip(names, values):
+        if isinstance(v, numbers.Number) and not isinstance(v, bool):
+            if v == v:
+                numeric[name] = numeric.get(name, 0) + 1
+            v = None if v != v else str(v) if isinstance(v, numbers.Integral) else repr(float(v))
+        out.append(v)
+    return out
 
 
 def not_strings(at: str, names: Sequence[str], values: list) -> List[str]:
@@ -317,7 +317,7 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
         if chat:  # a chat transcript
             parsed, problem = exchange(raw[chat] if chat in raw else prompt_completion(raw), "answer" in required)
-            sources = [as_text(raw.get(k)) for k in keys["source"]]
+            sources = as_texts(listed(cols["source"]), [raw.get(k) for k in keys["source"]], numeric)
             if wrong := not_strings(at, listed(cols["source"]), sources):
                 problems += wrong
             if problem:
@@ -329,10 +329,8 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             extra[k] = extra.get(k, 0) + (raw[k] not in (None, "", [], {}))
         text, bad = {}, False
         for key in FIELDS:
-            names, values = listed(cols[key]), [raw.get(k) for k in keys[key]]
-            for name in (name for name, v in zip(names, values) if number(v)):
-                numeric[name] = numeric.get(name, 0) + 1
-            values = [as_text(v) for v in values]
+            names = listed(cols[key])
+            values = as_texts(names, [raw.get(k) for k in keys[key]], numeric)
             if wrong := not_strings(at, names, values):
                 problems += wrong
                 bad = True

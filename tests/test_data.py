@@ -143,7 +143,7 @@ def test_numbers_are_read_as_the_text_they_were_written_as(tmp_path):
     assert report.warnings == [
         f"{tmp_path / 'numbers.json'}: field 'answer' held a number in 3 record(s), read as the text it was written as "
         '(42 as "42"; a CSV cell is text too)',
-        f"{tmp_path / 'numbers.json'}: field 'source' held a number in 1 record(s), read as the text it was written as "
+        f"{tmp_path / 'numbers.json'}: field 'source' held a number in 2 record(s), read as the text it was written as "
         '(42 as "42"; a CSV cell is text too)']
     pd.DataFrame({"question": ["Q1?", "Q2?"], "answer": [3.0, float("nan")]}).to_parquet(tmp_path / "n.parquet")
     with pytest.raises(UserError, match=r"^1 invalid record\(s\) in .*n.parquet: row 2: field 'answer' is empty\."):
