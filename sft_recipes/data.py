@@ -317,8 +317,9 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
             chat = "prompt' + 'completion"  # TRL's conversational prompt-completion: the prompt's replies are context
         if chat:  # a chat transcript
             parsed, problem = exchange(raw[chat] if chat in raw else prompt_completion(raw), "answer" in required)
-            sources = as_texts(listed(cols["source"]), [raw.get(k) for k in keys["source"]], numeric)
-            if wrong := not_strings(at, listed(cols["source"]), sources):
+            names = listed(cols["source"])
+            sources = as_texts(names, [raw.get(k) for k in keys["source"]], numeric)
+            if wrong := not_strings(at, names, sources):
                 problems += wrong
             if problem:
                 problems.append(f"{at}: field '{chat}' {problem}")

@@ -203,6 +203,11 @@ def keep_trained_settings(cfg, checkpoint: Path):
     return cfg
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets ("+train.sft_args.x=1": "train.sft_args.x"; "lora=all_linear": "lora")."""
+    return override.split("=")[0].lstrip("+~")
+
+
 def run_overrides(checkpoint: Optional[Path]) -> list:
     """The command-line overrides that made this run: on resume those its checkpoint saved (OVERRIDES), then what
     this command changes (train.max_steps=16), not resume_from. Hydra wrote this command's alone into the run's
@@ -211,14 +216,13 @@ def run_overrides(checkpoint: Optional[Path]) -> list:
 
     if not HydraConfig.initialized():
         return []
-    key = lambda o: o.split("=")[0].lstrip("+~")  # noqa: E731
-    now = [o for o in HydraConfig.get().overrides.task if key(o) != "resume_from"]
+    hydra = HydraConfig.get()
+    now = [o for o in hydra.overrides.task if override_key(o) != "resume_from"]
     saved = checkpoint / OVERRIDES if checkpoint else None
     if not (saved and saved.exists()):
         return now
-    given = {key(o) for o in now}
-    kept = [o for o in yaml.safe_load(saved.read_text()) or [] if key(o) not in given] + now
-    hydra = HydraConfig.get()
+    given = {override_key(o) for o in now}
+    kept = [o for o in yaml.safe_load(saved.read_text()) or [] if override_key(o) not in given] + now
     if hydra.output_subdir and os.environ.get("RANK", "0") == "0" and kept != list(hydra.overrides.task):
         (Path(hydra.runtime.output_dir) / hydra.output_subdir / "overrides.yaml").write_text(yaml.safe_dump(kept))
     return kept
@@ -231,7 +235,7 @@ def set_on_command_line(key: str) -> bool:
 
     if not HydraConfig.initialized():
         return False
-    given = {o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    given = {override_key(o) for o in HydraConfig.get().overrides.task}
     group = key.split(".")[0]
     return (key in given or group in given or any(g.startswith(f"{key}.") for g in given)  # data.columns.question=
             or ("preset" in given and group in ("train", "data")))
