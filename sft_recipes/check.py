@@ -6,19 +6,25 @@ import sys
 from typing import Callable, List, Tuple
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core"]
-MINIMUM = {"transformers": "5.20", "trl": "1.16", "peft": "0.21", "bitsandbytes": "0.50", "hydra-core": "1.3.2"}
 
 
 def _version_ok(name: str) -> Tuple[bool, str]:
+    """Installed, and in the range that pyproject.toml gives (read from the installed sft-recipes' metadata)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         v = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False, "not installed (make install)"
-    from packaging.version import Version
-
-    need = MINIMUM.get(name)
-    if need and Version(v) < Version(need):
-        return False, f"{v}, need >= {need}"
+    try:
+        required = [Requirement(r) for r in importlib.metadata.requires("sft-recipes") or []]
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        required = []
+    need = next((r.specifier for r in required if canonicalize_name(r.name) == canonicalize_name(name)
+                 and not r.marker), None)
+    if need and not need.contains(v, prereleases=True):
+        return False, f"{v}, need {need} (pip install -e . upgrades it)"
     return True, v
 
 

@@ -160,7 +160,7 @@ class Config:
     seed: int = 42
     dry_run: bool = False
     resume_from: Optional[str] = None  # null | auto | a run dir | a checkpoint-N folder
-    output_dir: str = "${hydra:runtime.output_dir}"
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"  # (null outside a run: --cfg job --resolve)
     debug: bool = False  # show tracebacks for errors we explain
 
 

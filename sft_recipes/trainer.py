@@ -192,7 +192,7 @@ def compile_layers(model, options: Optional[dict] = None, checkpoint: str = "aut
     for layer in layers:
         raw = getattr(type(layer).forward, "__wrapped__", None)  # the forward under transformers' checkpointing
         try:
-            if raw is None:  # transformers < 5.20 checkpoints __call__, around the compiled layer
+            if raw is None:  # a layer of a model's own code (trust_remote_code): checkpointed, if at all, around it
                 layer.compile(options=options)
             elif traced:
                 layer.forward = checkpointed(layer, raw, context_fn=recompute_policy)

@@ -297,6 +297,9 @@ def test_help_shows_usage_groups_and_the_config(tmp_path):
     assert r.stdout.startswith("python -m sft_recipes [group=option ...] [key=value ...]: fine-tune")
     assert "preset: default, fast_test, full_training, gpu_fast, low_memory" in r.stdout
     assert "lora:\n  r: 16\n  alpha: null" in r.stdout and "__main__" not in r.stdout
+    resolved = cli("--cfg", "job", "--resolve", "preset=low_memory", cwd=tmp_path)  # Hydra's own view, resolved
+    assert resolved.returncode == 0 and "max_length: 512" in resolved.stdout, resolved.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_missing_default_data_file_leaves_the_folder_as_it_was(tmp_path):
@@ -345,6 +348,18 @@ def test_setup_check_passes_here(tmp_path):
     assert items["4-bit quantization"].startswith("NF4 linear layer on cpu: relative error")
     assert "SmolLM2-135M-Instruct embedded in" in items["default model"]
     assert items["GGUF export"].endswith("not found (optional: bash tools/llama_cpp.sh builds it)")
+
+
+def test_setup_check_holds_versions_to_the_ranges_in_pyproject(monkeypatch):
+    """The ranges are read from the installed package's metadata (pyproject.toml's), not written twice."""
+    import importlib.metadata
+
+    from sft_recipes import check
+
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "5.20.0" if n == "transformers" else installed(n))
+    assert check._version_ok("transformers") == (False, "5.20.0, need <6,>=5.23 (pip install -e . upgrades it)")
+    assert check._version_ok("trl") == (True, installed("trl"))
 
 
 def test_what_resume_from_a_path_continues(tmp_path):
