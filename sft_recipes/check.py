@@ -3,26 +3,31 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from typing import Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "hydra-core"]
 
 
-def _version_ok(name: str) -> Tuple[bool, str]:
-    """Installed, and in the range that pyproject.toml gives (read from the installed sft-recipes' metadata)."""
+def _ranges() -> Dict[str, Any]:
+    """pyproject.toml's version ranges, read from the installed sft-recipes' metadata (none in an uninstalled tree)."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        required = [Requirement(r) for r in importlib.metadata.requires("sft-recipes") or []]
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    return {canonicalize_name(r.name): r.specifier for r in required if not r.marker}
+
+
+def _version_ok(name: str, ranges: Dict[str, Any]) -> Tuple[bool, str]:
     from packaging.utils import canonicalize_name
 
     try:
         v = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False, "not installed (make install)"
-    try:
-        required = [Requirement(r) for r in importlib.metadata.requires("sft-recipes") or []]
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
-        required = []
-    need = next((r.specifier for r in required if canonicalize_name(r.name) == canonicalize_name(name)
-                 and not r.marker), None)
+    need = ranges.get(canonicalize_name(name))
     if need and not need.contains(v, prereleases=True):
         return False, f"{v}, need {need} (pip install -e . upgrades it)"
     return True, v
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
     checks: List[Tuple[str, Callable[[], Tuple[bool, str]]]] = [
         (f"python {sys.version.split()[0]}", lambda: (sys.version_info >= (3, 11), "need >= 3.11 (TRL 1.16)")),
     ]
-    checks += [(name, (lambda n=name: _version_ok(n))) for name in PACKAGES]
+    ranges = _ranges()
+    checks += [(name, (lambda n=name: _version_ok(n, ranges))) for name in PACKAGES]
     checks += [("device", _device), ("4-bit quantization", _four_bit), ("default model", _default_model),
                ("GGUF export", _gguf_export)]
     failed = 0

@@ -358,8 +358,9 @@ def test_setup_check_holds_versions_to_the_ranges_in_pyproject(monkeypatch):
 
     installed = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "5.20.0" if n == "transformers" else installed(n))
-    assert check._version_ok("transformers") == (False, "5.20.0, need <6,>=5.23 (pip install -e . upgrades it)")
-    assert check._version_ok("trl") == (True, installed("trl"))
+    ranges = check._ranges()
+    assert check._version_ok("transformers", ranges) == (False, "5.20.0, need <6,>=5.23 (pip install -e . upgrades it)")
+    assert check._version_ok("trl", ranges) == (True, installed("trl"))
 
 
 def test_what_resume_from_a_path_continues(tmp_path):
