@@ -133,25 +133,6 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "", system: Optional
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
-def load_questions(spec, columns: dict):
-    """The records of question files, read with the run's column names, or else with the plain ones."""
-    from .data import DEFAULT_COLUMNS, load_many, shown, without_hint
-    from .errors import UserError
-
-    try:
-        return load_many(spec, columns, required=("question",))
-    except UserError as e:
-        error = str(e)
-    if columns != DEFAULT_COLUMNS:
-        try:
-            return load_many(spec, DEFAULT_COLUMNS, required=("question",))
-        except UserError:
-            pass
-    also = "" if columns == DEFAULT_COLUMNS else ", or from 'question'"
-    raise UserError(f"{without_hint(error).rstrip('.')}. (The questions are read from the run's question column, "
-                    f"{shown(columns['question'])}{also}.)")
-
-
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
                 sampling: dict, source: str = "") -> None:
     """Answer every record's question (with its source, else `source`); JSON lines into `out`, written whole at the
@@ -195,7 +176,7 @@ def _cli(argv):
         from .data import expand, plain
         from .train import data_options
 
-        records = load_questions(args["questions"], data_options(cfg).columns)
+        records = runs.load_files(args["questions"], data_options(cfg).columns, required=("question",))
         files = expand(args["questions"])
         name = f"answers_{plain(files[0]).stem}" + (f"_{checkpoint}" if checkpoint else "")
         out = Path(args["out"] or runs.run_of(args["run_dir"]) / f"{name}.jsonl")

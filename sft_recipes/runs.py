@@ -253,9 +253,7 @@ def validation(cfg, tok, limit: int = 0, data=None):
     from .train import data_options, data_paths, template_of
 
     if data:
-        from .data import load_many
-
-        records = load_many(data, data_options(cfg).columns)
+        records = load_files(data, data_options(cfg).columns)
     else:
         _, records, _ = prepare.load_and_split(*data_paths(cfg), data_options(cfg))
     records = records[:limit] if limit else records
@@ -264,6 +262,28 @@ def validation(cfg, tok, limit: int = 0, data=None):
     rows, _ = prepare.tokenize(records, tok, template_of(cfg), cfg.data.max_length, "truncate", cfg.data.system_prompt,
                                cfg.data.train_replies)
     return records, rows
+
+
+def load_files(spec, columns: dict, required: Sequence[str] = ("question", "answer")) -> list:
+    """The records of files given to evaluate (data=) or chat (questions=), read with the run's column names
+    (data.columns) or, where those are not in the files, with the plain ones (a test set made apart from the
+    training file's columns). Errors leave out the data.columns hint: these commands take no data.columns."""
+    from .data import DEFAULT_COLUMNS, load_many, shown, without_hint
+
+    try:
+        return load_many(spec, columns, required=tuple(required))
+    except UserError as e:
+        error = str(e)
+    if columns != DEFAULT_COLUMNS:
+        try:
+            return load_many(spec, DEFAULT_COLUMNS, required=tuple(required))
+        except UserError:
+            pass
+    fields = f"{' and '.join(required)} column{'s' if len(required) > 1 else ''}"
+    plain = "" if columns == DEFAULT_COLUMNS else f", or from {' and '.join(shown(k) for k in required)}"
+    what = "questions" if list(required) == ["question"] else "records"
+    raise UserError(f"{without_hint(error).rstrip('.')}. (The {what} are read from the run's {fields}, "
+                    f"{' and '.join(shown(columns[k]) for k in required)}{plain}.)")
 
 
 def ancestors(cfg) -> list:

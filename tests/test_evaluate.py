@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TRAIN, VAL
-from sft_recipes import chat, data, evaluate, merge
+from sft_recipes import chat, data, evaluate, merge, runs
 from sft_recipes.errors import UserError
 
 
@@ -395,12 +395,29 @@ def test_chat_answers_a_file_of_questions(tiny_run, tmp_path, capsys):
         chat._cli([f"run_dir={tiny_run}", f"questions={bad}"])
     assert "data.columns" not in str(e.value)  # no data.columns to set here
     renamed = {"question": "Q", "answer": "A", "source": "S"}  # a run trained on a file with other column names
-    assert [r.question for r in chat.load_questions(str(questions), renamed)] == ["What is a mean?", "What is a median?"]
+    assert [r.question for r in runs.load_files(str(questions), renamed, ["question"])] == ["What is a mean?", "What is a median?"]
     with pytest.raises(UserError, match="read from the run's question column, 'Q', or from 'question'"):
-        chat.load_questions(str(bad), renamed)
+        runs.load_files(str(bad), renamed, ["question"])
     with pytest.raises(UserError, match="is one of the question files"):
         chat._cli([f"run_dir={tiny_run}", f"questions={questions}", f"out={questions}"])
     assert questions.read_text().startswith('{"question": "What is a mean?"}')  # untouched
+
+
+def test_a_test_file_is_read_with_the_runs_column_names_or_the_plain_ones(tmp_path):
+    """A run trained on prompt/response columns evaluates a file with question/answer ones; errors name both ways
+    and no data.columns, which evaluate does not take."""
+    renamed = {"question": "prompt", "answer": "response", "source": "source"}
+    theirs, plain, bad = tmp_path / "theirs.csv", tmp_path / "plain.csv", tmp_path / "bad.csv"
+    theirs.write_text("prompt,response\nWhat is a mean?,The average.\n")
+    plain.write_text("question,answer\nWhat is a mean?,The average.\n")
+    bad.write_text("question,reply\nWhat is a mean?,The average.\n")
+    for f in (theirs, plain):
+        assert [(r.question, r.answer) for r in runs.load_files(str(f), renamed)] == [("What is a mean?", "The average.")]
+    with pytest.raises(UserError, match=r"bad.csv: row 1: field 'prompt' is missing.* \(The records are read from the "
+                                        r"run's question and answer columns, 'prompt' and 'response', or from "
+                                        r"'question' and 'answer'\.\)$") as e:
+        runs.load_files(str(bad), renamed)
+    assert "data.columns" not in str(e.value)
 
 
 def test_gguf_needs_a_base_that_came_as_gguf(tiny_run):
