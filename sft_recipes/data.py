@@ -296,8 +296,30 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                  report: Optional[FileReport] = None, required: Sequence[str] = REQUIRED) -> List[Record]:
     """Read and validate one file. `columns` maps our fields to the file's names (e.g. question -> prompt), or to
     a list of names whose non-empty texts are joined, one per line (question -> [instruction, input]);
-    `required` (question and answer) must be non-empty strings, the other fields strings if present."""
-    p = Path(path)
+    `required` (question and answer) must be non-empty strings, the other fields strings if present.
+    A file that those names do not fit but the plain ones do is read with the plain ones, and the report says so:
+    files of two shapes train together (your question/answer file beside Alpaca's instruction/output records), and
+    a test set keeps the plain names. The error raised is the one with `columns`."""
+    report = report if report is not None else FileReport(str(path))
+    try:
+        return _load_records(Path(path), columns, report, required)
+    except UserError as e:
+        mapped = {k: v for k, v in (columns or {}).items() if listed(v) != [k]}
+        names = {n for v in mapped.values() for n in listed(v)}
+        rows = _parse(Path(path))[1] if mapped else []
+        if not mapped or any(isinstance(r, dict) and any(_key(r, n) in r for n in names) for _, r in rows):
+            raise
+        report.records, report.warnings = 0, []
+        try:
+            records = _load_records(Path(path), None, report, required)
+        except UserError:
+            raise e from None
+        report.warnings.insert(0, f"{path}: read with the plain field names, as it has none of the mapped ones ("
+                               + ", ".join(f"{k}={shown(v)}" for k, v in mapped.items()) + ")")
+        return records
+
+
+def _load_records(p: Path, columns: Optional[Columns], report: FileReport, required: Sequence[str]) -> List[Record]:
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
     unit, rows = _parse(p)
     if not rows:
@@ -365,15 +387,13 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
                         "non-empty string fields " + " and ".join(shown(cols[k]) for k in required) + f" ({optional} "
                         f"{'is an optional string' if len(FIELDS) - len(required) == 1 else 'are optional strings'}"
                         f"); {_column_hint(missing, extra)}.")
-    if report is not None:
-        report.records = len(records)
-        report.warnings += [f"{p}: field '{k}' held a number in {n} record(s), read as the text it was written as "
-                            "(42 as \"42\"; a CSV cell is text too)" for k, n in numeric.items()]
-        if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
-            report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
-                f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))
-                + _join_hint(cols["question"], [k for k, n in extra.items()
-                                                if n and k in ALIASES["question"] + CONTEXT]))
+    report.records = len(records)
+    report.warnings += [f"{p}: field '{k}' held a number in {n} record(s), read as the text it was written as "
+                        "(42 as \"42\"; a CSV cell is text too)" for k, n in numeric.items()]
+    if extra:  # how much is left out: Alpaca's 'input', say, may hold part of the question
+        report.warnings.append(f"{p}: unknown field(s) ignored: " + ", ".join(
+            f"'{k}' (a value in {n} of {len(rows)} records)" for k, n in sorted(extra.items()))
+            + _join_hint(cols["question"], [k for k, n in extra.items() if n and k in ALIASES["question"] + CONTEXT]))
     return records
 
 

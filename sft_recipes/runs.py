@@ -265,20 +265,15 @@ def validation(cfg, tok, limit: int = 0, data=None):
 
 
 def load_files(spec, columns: dict, required: Sequence[str] = ("question", "answer")) -> list:
-    """The records of files given to evaluate (data=) or chat (questions=), read with the run's column names
-    (data.columns) or, where those are not in the files, with the plain ones (a test set made apart from the
-    training file's columns). Errors leave out the data.columns hint: these commands take no data.columns."""
+    """The records of files given to evaluate (data=) or chat (questions=), read as training read its files: with
+    the run's column names (data.columns), or the plain ones where a file has none of those. Errors leave out the
+    data.columns hint: these commands take no data.columns."""
     from .data import DEFAULT_COLUMNS, load_many, shown, without_hint
 
     try:
         return load_many(spec, columns, required=tuple(required))
     except UserError as e:
         error = str(e)
-    if columns != DEFAULT_COLUMNS:
-        try:
-            return load_many(spec, DEFAULT_COLUMNS, required=tuple(required))
-        except UserError:
-            pass
     fields = f"{' and '.join(required)} column{'s' if len(required) > 1 else ''}"
     plain = "" if columns == DEFAULT_COLUMNS else f", or from {' and '.join(shown(k) for k in required)}"
     what = "questions" if list(required) == ["question"] else "records"

@@ -188,6 +188,23 @@ def test_records_under_other_names_get_the_mapping_that_reads_them(tmp_path):
                                     "one per line")
 
 
+def test_a_file_that_has_none_of_the_mapped_names_is_read_with_the_plain_ones(tmp_path):
+    """Alpaca's records and your own question/answer file train together under one data.columns; a file that has a
+    mapped name is held to the mapping."""
+    alpaca = write(tmp_path, "alpaca.json", json.dumps([{"instruction": "Q1?", "input": "", "output": "A1."}]))
+    mine = write(tmp_path, "mine.jsonl", json.dumps({"question": "Q2?", "answer": "A2.", "source": "Ch. 1"}))
+    columns = {"question": ["instruction", "input"], "answer": "output"}
+    reports = []
+    records = data.load_many([str(alpaca), str(mine)], columns, reports)
+    assert [(r.question, r.answer, r.source) for r in records] == [("Q1?", "A1.", ""), ("Q2?", "A2.", "Ch. 1")]
+    assert reports[0].warnings == [] and reports[1].warnings == [
+        f"{mine}: read with the plain field names, as it has none of the mapped ones (question='instruction' + 'input', "
+        "answer='output')"]
+    half = write(tmp_path, "half.json", json.dumps([{"question": "Q?", "answer": "A.", "output": ""}]))
+    with pytest.raises(UserError, match=r"half.json: record 1: fields 'instruction' \+ 'input' are all missing"):
+        data.load_records(half, columns)
+
+
 def test_chat_transcripts_are_records(tmp_path):
     """OpenAI's {"messages": [{role, content}]} and ShareGPT's {"conversations": [{from, value}]}: a system message
     (optional), then user turns and replies in turn; the last exchange is the record's question and answer, the
