@@ -21,13 +21,11 @@ def _ranges() -> Dict[str, Any]:
 
 
 def _version_ok(name: str, ranges: Dict[str, Any]) -> Tuple[bool, str]:
-    from packaging.utils import canonicalize_name
-
     try:
         v = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False, "not installed (make install)"
-    need = ranges.get(canonicalize_name(name))
+    need = ranges.get(name)  # (PACKAGES are written as canonical names)
     if need and not need.contains(v, prereleases=True):
         return False, f"{v}, need {need} (pip install -e . upgrades it)"
     return True, v

@@ -268,17 +268,18 @@ def load_files(spec, columns: dict, required: Sequence[str] = ("question", "answ
     """The records of files given to evaluate (data=) or chat (questions=), read as training read its files: with
     the run's column names (data.columns), or the plain ones where a file has none of those. Errors leave out the
     data.columns hint: these commands take no data.columns."""
-    from .data import DEFAULT_COLUMNS, load_many, shown, without_hint
+    from .data import load_many, shown, without_hint
 
     try:
         return load_many(spec, columns, required=tuple(required))
     except UserError as e:
         error = str(e)
     fields = f"{' and '.join(required)} column{'s' if len(required) > 1 else ''}"
-    plain = "" if columns == DEFAULT_COLUMNS else f", or from {' and '.join(shown(k) for k in required)}"
+    plain = " and ".join(shown(k) for k in required)
+    theirs = " and ".join(shown(columns[k]) for k in required)
     what = "questions" if list(required) == ["question"] else "records"
-    raise UserError(f"{without_hint(error).rstrip('.')}. (The {what} are read from the run's {fields}, "
-                    f"{' and '.join(shown(columns[k]) for k in required)}{plain}.)")
+    also = "" if theirs == plain else f", or from {plain} in a file that has none of those"
+    raise UserError(f"{without_hint(error).rstrip('.')}. (The {what} are read from the run's {fields}, {theirs}{also}.)")
 
 
 def ancestors(cfg) -> list:

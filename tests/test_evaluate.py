@@ -415,7 +415,7 @@ def test_a_test_file_is_read_with_the_runs_column_names_or_the_plain_ones(tmp_pa
         assert [(r.question, r.answer) for r in runs.load_files(str(f), renamed)] == [("What is a mean?", "The average.")]
     with pytest.raises(UserError, match=r"bad.csv: row 1: field 'prompt' is missing.* \(The records are read from the "
                                         r"run's question and answer columns, 'prompt' and 'response', or from "
-                                        r"'question' and 'answer'\.\)$") as e:
+                                        r"'question' and 'answer' in a file that has none of those\.\)$") as e:
         runs.load_files(str(bad), renamed)
     assert "data.columns" not in str(e.value)
 
