@@ -122,14 +122,14 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "", system: Optional
             continue
         if not line:
             continue
-        print("model> ", end="", flush=True)
-        try:
+        try:  # a Ctrl-C from "model> " to the end of the line stops this answer, never the chat
+            print("model> ", end="", flush=True)
             reply = ask(runs.messages(cfg, line, history, source),
                         stream=lambda piece: print(piece, end="", flush=True))
-        except KeyboardInterrupt:  # (before the answer began)
+            print()
+        except KeyboardInterrupt:  # (before the answer began, or as it ended)
             print(" [stopped]")
             continue
-        print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 

@@ -93,6 +93,11 @@ class Terminal:
 
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child
+            import signal
+
+            # Ctrl-C at a terminal interrupts: a shell without job control starts background jobs (a CI runner's,
+            # `cmd &` in a script) with SIGINT ignored, which the child would inherit and never see the Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execve(sys.executable, [sys.executable, "-m", "sft_recipes.chat", *args],
                       {**os.environ, "TERM": "xterm"})  # (readline's echo as an xterm gets it, whatever CI's TERM is)
@@ -153,6 +158,32 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_run):
     term.type(b"/exit\r")
     assert term.exit_code() == 0, term.out[-2000:]
     assert term.out.count(b" [stopped]\r\nyou> ") == 2, term.out[-2000:]
+
+
+@pytest.mark.parametrize("edge", ["model> ", "end of the answer"])
+def test_ctrl_c_at_the_edges_of_an_answer_stops_that_answer_not_the_chat(tiny_run, monkeypatch, capsys, edge):
+    """A Ctrl-C comes between any two steps: one that lands as "model> " is written (a person who pressed it as the
+    answer began), or as a finished answer's line ends, stops that answer as one during it does; the chat goes on.
+    (Through the pseudo-terminal above this is a race; here the interrupt is raised at that step.)"""
+    import builtins
+
+    questions = iter(["What is a mean?", "And a median?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(questions))
+    real_print, raised = builtins.print, []
+
+    def print_then_interrupt(*args, **kwargs):
+        real_print(*args, **kwargs)
+        if not raised and (args == ("model> ",) if edge == "model> " else args == () and "end" not in kwargs):
+            raised.append(args)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "print", print_then_interrupt)
+    try:
+        chat._cli([f"run_dir={tiny_run}", "max_new_tokens=3"])
+    except KeyboardInterrupt:  # (uncaught, it would stop the test session)
+        pytest.fail(f"the Ctrl-C {edge!r} ended the chat")
+    out = capsys.readouterr().out
+    assert raised and out.count(" [stopped]\n") == 1 and out.count("model> ") == 2, out
 
 
 def test_relative_paths_of_a_run_are_found_from_another_folder(tmp_path, monkeypatch):
