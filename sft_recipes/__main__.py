@@ -101,11 +101,13 @@ def precheck(argv) -> None:
     if resuming and dry_run:
         raise UserError("dry_run=true plans a new run; it does not combine with resume_from (a resumed run continues "
                         "with the settings its checkpoint holds): drop one of them.")
+    if "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
+        return  # (a sweep checks its jobs itself; other processes of a launch leave this to the main one)
     run_dir = value("hydra.run.dir")
-    if run_dir is None and resuming:
-        run_dir = config.run_dir("outputs", value("resume_from"))  # what hydra.run.dir resolves to (conf/train.yaml)
-    if run_dir is None or "-m" in argv or "--multirun" in argv or os.environ.get("RANK", "0") != "0":
-        return  # (other processes of a multi-process launch leave this to the main one)
+    if run_dir is None and resuming:  # what hydra.run.dir resolves to (conf/train.yaml): a new run's folder is made
+        run_dir = config.run_dir("outputs", value("resume_from"))
+    if run_dir is None:
+        return
     if resuming:
         _hydra_files.update({p: p.read_bytes() for p in (Path(run_dir) / ".hydra").glob("*.yaml")})
     else:

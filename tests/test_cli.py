@@ -58,8 +58,12 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path, tiny_dir):
                                               "jobs stay as they are), or start it in another folder "
                                               "(hydra.sweep.dir=...).\n")
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
-    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8", "train.lr=1e-4,2e-4", "resume_from=auto")
+    elsewhere = tmp_path / "elsewhere"  # (it left an empty outputs/<time>/ in the folder it ran from)
+    elsewhere.mkdir()
+    r = cli("-m", *args, f"hydra.sweep.dir={sweep}", "lora.r=4,8", "train.lr=1e-4,2e-4", "resume_from=auto",
+            cwd=elsewhere)
     assert r.returncode == 0 and r.stdout.count("already finished (step 1 of 1)") == 4, r.stderr[-3000:]
+    assert not list(elsewhere.iterdir())
     assert all(p.read_bytes() == before[p] for p in sweep.glob("*/final_model/*"))
 
 
