@@ -8,11 +8,13 @@ Parquet; only the question field is needed; a chat transcript's last user turn i
 writes `{question, answer, source, stopped_at_end_of_turn}` lines (and `history`, for those) to `out`
 (RUN/answers_<file name>.jsonl). The run's chat template and system prompt are used, as in training.
 Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `seed`); `repetition_penalty=1.1`
-discourages a small model's loops (more also rules out the words the answer needs again); `base=true` answers with
-the base model alone, for comparison. With a template that names the source in the prompt (`chat_with_source`),
-`source="..."` gives it; `system="..."` asks with another system prompt than the run's (a run trained on chat
-transcripts with their own). `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its answers file:
-answers_<file name>_checkpoint-N).
+discourages a small model's loops (more also rules out the words the answer needs again), and an answer that
+repeats itself (three copies of one passage in a row) is stopped there and kept with one copy, with a note
+(`stop_loops=false` lets it run on to `max_new_tokens`; files of questions are answered as generated);
+`base=true` answers with the base model alone, for comparison. With a template that names the source in the prompt
+(`chat_with_source`), `source="..."` gives it; `system="..."` asks with another system prompt than the run's (a run
+trained on chat transcripts with their own). `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its
+answers file: answers_<file name>_checkpoint-N).
 """
 from __future__ import annotations
 
@@ -20,32 +22,56 @@ import json
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .runs import sampling_args
 
 USAGE = ('python -m sft_recipes.chat run_dir=RUN[/checkpoint-N]|latest [prompt="..." | questions=FILE '
          '[out=FILE.jsonl]] [source="..."] [max_new_tokens=256] [temperature=0] [top_p=1] [seed=0] '
-         '[repetition_penalty=1] [base=false] [batch_size=8] [system="..."]')
+         '[repetition_penalty=1] [stop_loops=true] [base=false] [batch_size=8] [system="..."]')
 DEFAULTS = {"run_dir": None, "prompt": "", "questions": "", "out": "", "max_new_tokens": 256, "temperature": 0.0,
-            "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "base": False, "batch_size": 8, "source": "",
-            "system": None}
+            "top_p": 1.0, "seed": 0, "repetition_penalty": 1.0, "stop_loops": True, "base": False, "batch_size": 8,
+            "source": "", "system": None}
+LOOP_NOTE = "repeating itself: stopped; repetition_penalty=1.1 makes that rarer, stop_loops=false lets it run on"
+
+# A greedy answer that has begun to repeat itself runs on to max_new_tokens (a small model's habit): LOOP_COPIES
+# back-to-back copies of one block of up to LOOP_PERIOD tokens, and at least LOOP_SPAN tokens in all, end it.
+LOOP_COPIES, LOOP_SPAN, LOOP_PERIOD = 3, 32, 64
 
 
-def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None) -> str:
+def loop_start(ids: Sequence[int]) -> Optional[int]:
+    """Where the repeats begin when `ids` end in a loop (the length of the tokens up to and with its first copy);
+    None when they do not."""
+    tail = list(ids[-LOOP_PERIOD * LOOP_COPIES:])
+    for period in range(1, min(LOOP_PERIOD, len(tail) // LOOP_COPIES) + 1):
+        span = period * max(LOOP_COPIES, -(-LOOP_SPAN // period))  # (copies of `period` tokens, LOOP_SPAN at least)
+        if span <= len(tail) and tail[-span:] == tail[-period:] * (span // period):
+            return len(ids) - span + period
+    return None
+
+
+def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None,
+           stop_loops: bool = True) -> str:
     """The answer to a conversation: greedy, or per `sampling` (sampling_args); with `stream`, each piece of text is
-    passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on)."""
+    passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on). With `stop_loops`, an answer
+    that repeats itself stops there, and the answer returned keeps one copy of the repeated passage (LOOP_NOTE is
+    streamed, or printed to stderr)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    stop = threading.Event()
+    stop, prompt_length, kept = threading.Event(), inputs["input_ids"].shape[1], []
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            if stop_loops and not kept:
+                generated = input_ids[0, prompt_length:].tolist()
+                if (end := loop_start(generated)) is not None:
+                    kept.append(generated[:end])
+            return torch.full((input_ids.shape[0],), stop.is_set() or bool(kept), dtype=torch.bool,
+                              device=input_ids.device)
 
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **(sampling or sampling_args()),
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
@@ -70,6 +96,13 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
         if not stream:
             raise
         stream(" [stopped]")
+        return "".join(pieces).strip()
+    if kept:  # a loop: the answer keeps its first copy
+        if stream:
+            stream(f" [{LOOP_NOTE}]")
+        else:
+            print(f"note: the answer was {LOOP_NOTE}.", file=sys.stderr)
+        return tok.decode(kept[0], skip_special_tokens=True).strip()
     return "".join(pieces).strip()
 
 
@@ -198,7 +231,7 @@ def _cli(argv):
     set_seed(args["seed"])
     sampling = sampling_args(args["temperature"], args["top_p"], args["repetition_penalty"])
     ask = lambda conversation, stream=None: answer(  # noqa: E731
-        model, tok, conversation, args["max_new_tokens"], stream, sampling)
+        model, tok, conversation, args["max_new_tokens"], stream, sampling, args["stop_loops"])
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
         if args["questions"]:  # (runs.generate repacks the 4-bit layers for inference itself)
             answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],

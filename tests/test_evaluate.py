@@ -145,7 +145,7 @@ def test_chat_in_a_terminal_edits_lines_and_recalls_questions(tiny_run):
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(tiny_run):
-    term = Terminal(f"run_dir={tiny_run}", "max_new_tokens=900")  # (the random tiny model rarely stops by itself)
+    term = Terminal(f"run_dir={tiny_run}", "max_new_tokens=900", "stop_loops=false")  # (the tiny model loops at once)
     term.until(b"you> ")
     term.type(b"What is a mean?\r")
     term.until(b"model> ", more=20)  # some words of the answer
@@ -184,6 +184,35 @@ def test_ctrl_c_at_the_edges_of_an_answer_stops_that_answer_not_the_chat(tiny_ru
         pytest.fail(f"the Ctrl-C {edge!r} ended the chat")
     out = capsys.readouterr().out
     assert raised and out.count(" [stopped]\n") == 1 and out.count("model> ") == 2, out
+
+
+def test_loop_start_finds_where_an_answer_begins_to_repeat_itself():
+    from sft_recipes.chat import loop_start
+
+    sentence = list(range(100, 120))  # 20 tokens
+    assert loop_start([1, 2] + sentence * 3) == 22  # three copies in a row: the answer keeps the first
+    assert loop_start([1, 2] + sentence * 2) is None  # two are not a loop yet
+    assert loop_start([1] + [7] * 32) == 2 and loop_start([1] + [7] * 31) is None  # a short block: 32 tokens in all
+    assert loop_start([1, 2, 3] * 10) is None and loop_start([1, 2, 3] * 11) == 3
+    assert loop_start(list(range(300))) is None and loop_start([]) is None
+
+
+def test_chat_stops_an_answer_that_repeats_itself(tiny_run, monkeypatch, capsys):
+    """The random tiny model falls into a loop at once: the answer stops there and keeps one copy, with a note (one
+    answer: on stderr; in the conversation: after the streamed text); stop_loops=false lets it run on."""
+    import builtins
+
+    ask = [f"run_dir={tiny_run}", "prompt=What is a mean?", "max_new_tokens=300"]
+    chat._cli(ask)
+    stopped = capsys.readouterr()
+    chat._cli([*ask, "stop_loops=false"])
+    whole = capsys.readouterr().out.strip()
+    assert "note: the answer was repeating itself: stopped; repetition_penalty=1.1" in stopped.err
+    assert whole.startswith(stopped.out.strip()) and len(stopped.out.strip()) < len(whole) / 3, (stopped, whole)
+    questions = iter(["What is a mean?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(questions))
+    chat._cli(ask[:1] + ask[2:])
+    assert " [repeating itself: stopped; " in capsys.readouterr().out
 
 
 def test_relative_paths_of_a_run_are_found_from_another_folder(tmp_path, monkeypatch):
