@@ -301,17 +301,18 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
     files of two shapes train together (your question/answer file beside Alpaca's instruction/output records), and
     a test set keeps the plain names. The error raised is the one with `columns`."""
     report = report if report is not None else FileReport(str(path))
+    p = Path(path)
+    unit, rows = _parse(p)  # (once: the plain names read the same rows)
     try:
-        return _load_records(Path(path), columns, report, required)
+        return _load_records(p, unit, rows, columns, report, required)
     except UserError as e:
         mapped = {k: v for k, v in (columns or {}).items() if listed(v) != [k]}
         names = {n for v in mapped.values() for n in listed(v)}
-        rows = _parse(Path(path))[1] if mapped else []
         if not mapped or any(isinstance(r, dict) and any(_key(r, n) in r for n in names) for _, r in rows):
             raise
         report.records, report.warnings = 0, []
         try:
-            records = _load_records(Path(path), None, report, required)
+            records = _load_records(p, unit, rows, None, report, required)
         except UserError:
             raise e from None
         report.warnings.insert(0, f"{path}: read with the plain field names, as it has none of the mapped ones ("
@@ -319,9 +320,10 @@ def load_records(path: Union[str, Path], columns: Optional[Columns] = None,
         return records
 
 
-def _load_records(p: Path, columns: Optional[Columns], report: FileReport, required: Sequence[str]) -> List[Record]:
+def _load_records(p: Path, unit: str, rows: List[Tuple[int, object]], columns: Optional[Columns], report: FileReport,
+                  required: Sequence[str]) -> List[Record]:
+    """load_records' reading of the rows _parse found in `p`, with one set of column names."""
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
-    unit, rows = _parse(p)
     if not rows:
         raise UserError(f"{p}: contains no records.")
     records, problems, extra, missing = [], [], {}, set()  # extra: unknown field -> records where it holds a value
