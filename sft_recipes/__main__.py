@@ -123,6 +123,13 @@ def precheck(argv) -> None:
         hold(Path(run_dir))
 
 
+def groups(argv) -> set:
+    """The config groups: the folders of conf/ and of a --config-dir (model=..., or a user's +experiment=...)."""
+    dirs = [conf_dir(), *(b for a, b in zip(argv, argv[1:]) if a in ("--config-dir", "-cd")),
+            *(a.split("=", 1)[1] for a in argv if a.startswith("--config-dir="))]
+    return {p.name for d in dirs if Path(d).is_dir() for p in Path(d).iterdir() if p.is_dir()}
+
+
 def cli() -> None:
     """The console entry point: config errors (Hydra's, before the run starts) exit with status 2 like ours."""
     argv = sys.argv[1:]
@@ -135,6 +142,7 @@ def cli() -> None:
             key, value = home.split("=", 1)
             raise UserError(f"{home}: Hydra reads a ~ at the start of a value as its own syntax, and no shell "
                             f"expands it there; write {key}=$HOME{value[1:]} (or quote it: \"{key}='{value}'\").")
+        config.check_overrides(argv, groups(argv))
         precheck(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

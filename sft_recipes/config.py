@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 from datetime import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -212,6 +214,96 @@ def register() -> None:
     OmegaConf.register_new_resolver("sft_run_dir", run_dir, replace=True)
 
 
+# Names other tools use for our settings (TRL's and transformers' script arguments, PEFT's, other trainers'), with the
+# setting that holds each here; the TRL names that sft_recipes/build.py sets from the config are known there too
+ALIASES = {"max_seq_length": "data.max_length", "sequence_len": "data.max_length", "cutoff_len": "data.max_length",
+           "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path", "torch_dtype": "model.dtype",
+           "lora_r": "lora.r", "lora_rank": "lora.r", "lora_target_modules": "lora.target_modules",
+           "lora_target": "lora.target_modules", "dataset_name": "data.train_path", "dataset": "data.train_path",
+           "train_file": "data.train_path", "validation_file": "data.val_path", "resume_from_checkpoint": "resume_from",
+           "bf16": "model.dtype=bfloat16", "fp16": "model.dtype=float16", "load_in_4bit": "quantization=nf4",
+           "load_in_8bit": "quantization=int8", "num_epochs": "train.epochs", "micro_batch_size": "train.batch_size"}
+
+
+@lru_cache(maxsize=None)
+def settings(cls=Config, prefix: str = "") -> Dict[str, bool]:
+    """Every key of the schema, dotted (train.lr), and whether it takes keys of its own (train.sft_args.NAME)."""
+    keys = {}
+    for f in fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if is_dataclass(hint):
+            keys |= settings(hint, f"{prefix}{f.name}.")
+        else:
+            keys[prefix + f.name] = get_origin(hint) is dict
+    return keys
+
+
+def is_setting(key: str) -> bool:
+    known = settings()
+    parts = key.split(".")
+    return key in known or any(known.get(".".join(parts[:i])) for i in range(1, len(parts)))
+
+
+def extra_keys(node, prefix: str = "") -> List[str]:
+    """The keys of a composed config that are not settings (what a +key=value override added)."""
+    known, extra = settings(), []
+    for name in node:
+        key = f"{prefix}{name}"
+        if key not in known and OmegaConf.is_dict(node.get(name)) and any(k.startswith(f"{key}.") for k in known):
+            extra += extra_keys(node.get(name), f"{key}.")
+        elif key not in known:
+            extra.append(key)
+    return extra
+
+
+def not_a_setting(key: str, value: Any, plus: str = "") -> str:
+    """What to say of `key=value`, a key that the schema lacks, with the settings it most likely meant: the one that
+    another tool's name stands for, the ones with its last part (lr: train.lr), or the closest in spelling."""
+    from .build import CONFIG_KEYS, LORA_KEYS
+
+    name = key.rsplit(".", 1)[-1]
+    known = list(settings())
+    theirs = ALIASES | {k: v for k, v in (LORA_KEYS | CONFIG_KEYS).items() if re.fullmatch(r"[a-z_.]+(=\w+)?", v)}
+    if key.startswith("data.columns."):  # (it maps our fields to the file's names, not the other way round)
+        meant = [f"data.columns.question={name}", f"data.columns.answer={name}"]
+    else:
+        meant = ([theirs[name]] if name in theirs else [k for k in known if k.rsplit(".", 1)[-1] == name]
+                 or [theirs[n] for n in difflib.get_close_matches(name, list(theirs), n=1, cutoff=0.8)]
+                 + difflib.get_close_matches(key, known, n=2, cutoff=0.75))
+    meant = [m if "=" in m else f"{m}={value}" for m in dict.fromkeys(meant)]
+    if not meant:  # an argument of TRL's SFTConfig or PEFT's LoraConfig that the config does not set: passed as is
+        from peft import LoraConfig
+        from trl import SFTConfig
+
+        for target, owner in (("train.sft_args", SFTConfig), ("lora.peft_args", LoraConfig)):
+            if name in {f.name for f in fields(owner)}:
+                meant.append(f"+{target}.{name}={value}")
+                break
+    return (f"{plus}{key}={value}: {key} is not a setting" + (f" (did you mean {' or '.join(meant[:3])}?)" if meant
+                                                              else "")
+            + (f"; a {plus} adds a key that nothing reads (except under train.sft_args, lora.peft_args and "
+               "train.compile_options)" if plus else "") + ". `python -m sft_recipes --help` lists every setting.")
+
+
+def check_overrides(argv, groups) -> None:
+    """Before Hydra composes: a command-line key that is not a setting (a typo, or another tool's name for one) is
+    refused with the ones it most likely meant; Hydra's own message would suggest adding it with +, after which it
+    would be read by nothing. `groups`: the config groups (model=..., +experiment=... where a config dir has one)."""
+    problems = []
+    for arg in argv:
+        m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w.]*)=(.*)", arg, re.DOTALL)
+        if not m or m[2] == "hydra" or m[2].startswith("hydra.") or m[2] in groups:
+            continue
+        plus, key, value = m.groups()
+        if key == "output_dir":
+            problems.append(f"{arg}: a run's folder is chosen with hydra.run.dir={value} (a sweep's with "
+                            f"hydra.sweep.dir={value}); output_dir follows it.")
+        elif not is_setting(key):
+            problems.append(not_a_setting(key, value, plus))
+    if problems:
+        raise UserError(" ".join(problems))
+
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -239,7 +331,7 @@ def report_problems(names) -> list:
 
 def check(cfg: Config) -> None:
     """Cross-field checks that need no model. Each message names the override that fixes it."""
-    problems = []
+    problems = [not_a_setting(key, OmegaConf.select(cfg, key)) for key in extra_keys(cfg)]
     if cfg.model.dtype not in DTYPES:
         problems.append(f"model.dtype={cfg.model.dtype} is not one of {', '.join(DTYPES)}.")
     q = cfg.quantization

@@ -314,13 +314,30 @@ def test_a_missing_default_data_file_leaves_the_folder_as_it_was(tmp_path):
 
 def test_misspelled_key_fails_naming_it(tmp_path, tiny_dir):
     r = cli(*tiny_args(tiny_dir, tmp_path / "x", "train.lerning_rate=1e-4"))
-    assert r.returncode != 0
-    assert "lerning_rate" in r.stderr
+    assert r.returncode == 2 and not (tmp_path / "x").exists()
+    assert "train.lerning_rate=1e-4: train.lerning_rate is not a setting (did you mean train.lr=1e-4?)" in r.stderr
+    # another tool's names, Hydra's + (which would add a key that nothing reads: the run went on with train.lr's
+    # default) and output_dir (which put the run's files apart from its .hydra/): every one named, nothing written
+    r = cli(*tiny_args(tiny_dir, tmp_path / "x", "+train.learning_rate=1e-4", "max_seq_length=256",
+                       "neftune_noise_alpha=5", "output_dir=mine"))
+    assert r.returncode == 2 and not (tmp_path / "x").exists() and not (ROOT / "mine").exists()
+    for said in ("+train.learning_rate=1e-4: train.learning_rate is not a setting (did you mean train.lr=1e-4?); a + "
+                 "adds a key that nothing reads", "max_seq_length=256: max_seq_length is not a setting (did you mean "
+                 "data.max_length=256?)", "(did you mean +train.sft_args.neftune_noise_alpha=5?)",
+                 "output_dir=mine: a run's folder is chosen with hydra.run.dir=mine"):
+        assert said in r.stderr, r.stderr
     out = tmp_path / "y"  # an SFTConfig argument that does not exist: refused before any model loads
     r = cli(*tiny_args(tiny_dir, out, "+train.sft_args.neftun_noise_alpha=5"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
     assert "train.sft_args.neftun_noise_alpha is not a trl.SFTConfig argument (did you mean neftune_noise_alpha?)" \
         in r.stderr
+
+
+def test_a_config_group_of_ones_own_is_not_taken_for_a_key(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "slow.yaml").write_text("# @package _global_\ntrain:\n  lr: 5.0e-5\n")
+    r = cli("--config-dir", str(tmp_path), "+experiment=slow", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0 and "  lr: 5.0e-05\n" in r.stdout, r.stderr[-2000:]
 
 
 def test_bad_data_fails_before_training_and_writes_no_result(tmp_path, tiny_dir):

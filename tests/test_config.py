@@ -137,6 +137,29 @@ def test_cross_field_checks_name_the_fix(override, message):
         config.check(make(*override.split()))
 
 
+@pytest.mark.parametrize("key, value, meant", [
+    ("lr", "1e-4", "train.lr=1e-4"), ("train.learning_rate", "1e-4", "train.lr=1e-4"),  # by its last part; TRL's name
+    ("num_train_epochs", "2", "train.epochs=2"), ("per_device_train_batch_size", "8", "train.batch_size=8"),
+    ("lora_alpha", "64", "lora.alpha=64"), ("load_in_4bit", "true", "quantization=nf4"),
+    ("bf16", "true", "model.dtype=bfloat16"), ("trian.lr", "1", "train.lr=1"),  # by spelling
+    ("train.batchsize", "8", "train.batch_size=8"), ("data.colums.question", "q", "data.columns.question=q"),
+    ("data.columns.prompt", "x", "data.columns.question=prompt or data.columns.answer=prompt"),  # the other way round
+    ("layers_to_transform", "[0]", "+lora.peft_args.layers_to_transform=[0]"),  # passed through to PEFT
+])
+def test_a_key_that_is_not_a_setting_names_the_one_meant(key, value, meant):
+    assert not config.is_setting(key) and config.is_setting("train.sft_args.anything")
+    assert f"{key}={value}: {key} is not a setting (did you mean {meant}?)" in config.not_a_setting(key, value)
+
+
+def test_a_key_added_with_a_plus_is_refused_not_ignored():
+    cfg = make("+train.learning_rate=1e-4", "+train.sft_args.neftune_noise_alpha=5", "+lora.peft_args.use_qalora=true")
+    assert cfg.train.learning_rate == 1e-4  # Hydra composes it; nothing would read it
+    with pytest.raises(UserError, match=r"^Invalid configuration: train.learning_rate=0.0001: train.learning_rate is not "
+                                        r"a setting \(did you mean train.lr=0.0001\?\)\. `python -m"):
+        config.check(cfg)
+    assert config.extra_keys(cfg) == ["train.learning_rate"]
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     """hydra.run.dir's default, outputs/<time>, and hydra.sweep.dir's, multirun/<time>: each process (here: the
     resolver's cache emptied) claims a folder; within one process the same one."""
