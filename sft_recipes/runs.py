@@ -95,8 +95,14 @@ def config(run_dir) -> object:
     """The run's config (for a checkpoint: the config it was trained with, kept in its run_config.yaml)."""
     run = run_of(run_dir)
     path = run / ".hydra" / "config.yaml"
+    if not run.is_dir():
+        raise UserError(f"run_dir={run_dir}: no such folder (from {Path.cwd()}).")
     if not path.exists():
-        raise UserError(f"{run_dir} is not a run dir: {path} is missing.")
+        held = {p.stat().st_mtime: p.parent.parent for p in run.glob("*/.hydra/config.yaml")}  # outputs/, a sweep's
+        raise UserError(f"{run_dir} is not a run dir: {path} is missing."
+                        + (f" It holds {len(held)} run(s): give one, e.g. the newest: run_dir={held[max(held)]}"
+                           + (" (or run_dir=latest: the newest finished run under outputs/)." if run.name == "outputs"
+                              else ".") if held else ""))
     from .config import Config
 
     if is_checkpoint(run_dir) and (Path(run_dir) / RUN_CONFIG).exists():

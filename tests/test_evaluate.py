@@ -258,6 +258,14 @@ def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
                           "max_new_tokens=3"], capture_output=True, text=True, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     assert "run_dir=latest: outputs/2026-01-01_00-00-00" in one.stderr
+    # the folder of runs rather than one of them, and a folder that is not there
+    (tmp_path / "outputs" / "2026-12-31_00-00-00" / ".hydra").mkdir()
+    (tmp_path / "outputs" / "2026-12-31_00-00-00" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(UserError, match=r"outputs is not a run dir: .* It holds 2 run\(s\): give one, e.g. the newest: "
+                                        r"run_dir=.*outputs/2026-12-31_00-00-00 \(or run_dir=latest"):
+        runs.config(tmp_path / "outputs")
+    with pytest.raises(UserError, match=r"run_dir=.*/nope: no such folder \(from "):
+        runs.config(tmp_path / "nope")
 
 
 def test_chat_samples_with_a_seed_and_talks_to_the_base_model(tiny_run, capsys):
