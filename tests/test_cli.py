@@ -220,6 +220,10 @@ def test_resume_from_a_run_or_its_checkpoint(tmp_path, tiny_dir):
                                               "(hydra.run.dir=...), or none.\n")
     r = cli(*args, "dry_run=true", f"resume_from={run}", cwd=tmp_path)
     assert r.returncode == 2 and "dry_run=true plans a new run; it does not combine with resume_from" in r.stderr
+    r = cli(*args, "resume_from=outputs", cwd=tmp_path)  # the folder of runs: its newest checkpoint's run is named
+    assert r.returncode == 2 and ("nor a run dir holding one. It holds 2 run(s) that do: give one, e.g. the newest: "
+                                  f"resume_from=outputs/{new.name} (or resume_from=auto).") in r.stderr, r.stderr
+    assert len(list((tmp_path / "outputs").iterdir())) == 2
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # a folder that holds no checkpoint (a dry run's, say) is refused; evaluate/chat/merge say what it is
     dry = tmp_path / "dry"
