@@ -102,6 +102,19 @@ def saved_dataset(folder: Path) -> Optional[str]:
     return "dict" if (folder / "dataset_dict.json").is_file() else None
 
 
+def _json_problem(e: json.JSONDecodeError) -> Tuple[str, int, int]:
+    """(what is wrong, line, column) of a JSON parse error, in plain words for the usual slips: a comma after the last
+    item (or, in JSON lines, after a record) and Python's single quotes."""
+    before, here, pos, said = e.doc[:e.pos].rstrip(), e.doc[e.pos:e.pos + 1], e.pos, e.msg[0].lower() + e.msg[1:]
+    if e.msg.startswith("Illegal trailing comma") or before.endswith(",") and here and here in "]}":
+        said, pos = "a comma after the last item, which JSON does not allow", pos if here == "," else len(before) - 1
+    elif e.msg.startswith("Extra data") and here == ",":
+        said = "a comma after the record; JSON lines have none between records"
+    elif here == "'":
+        said = "a single quote, where JSON takes double quotes (a Python dict's repr() is not JSON)"
+    return said, e.doc.count("\n", 0, pos) + 1, pos - e.doc.rfind("\n", 0, pos)
+
+
 def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
     """(unit, [(number, raw value)]): line numbers for JSON lines, positions in a JSON array ("record"; or in the one
     list of an object, {"data": [...]}) or a table ("row", the header not counted; a save_to_disk folder's rows too)."""
@@ -120,7 +133,8 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):
-                raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+                said, line, column = _json_problem(e)
+                raise UserError(f"{path}: not valid JSON at line {line}, column {column}: {said}.") from None
     if value is None:  # JSON lines: one record per line
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -131,7 +145,8 @@ def _parse(path: Path) -> Tuple[str, List[Tuple[int, object]]]:
                     suffix = plain(path).suffix
                     kind = ("" if suffix in SUFFIXES else f" (a {suffix or 'suffix-less'} file is read as "
                             f"JSON; {', '.join(SUFFIXES)} name the formats read here)")
-                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}){kind}.") from None
+                    said, _, column = _json_problem(e)
+                    raise UserError(f"{path}, line {n}: not valid JSON at column {column}: {said}{kind}.") from None
         return "line", rows
     lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
     if len(lists) == 1 and all(isinstance(r, dict) for r in value[lists[0]]):  # {"data": [records], "version": ...}
