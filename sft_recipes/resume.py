@@ -276,11 +276,12 @@ def resume_point(cfg, out: Path) -> Optional[Path]:
     checkpoint = checkpoint_of(cfg.resume_from)
     if not checkpoint:
         last_checkpoint(Path(cfg.resume_from), warn=True)  # names the folders that were cut short, if any
-        held = {c.stat().st_mtime: c.parent for r in Path(cfg.resume_from).glob("*") if (c := last_checkpoint(r))}
+        held = sorted((c.stat().st_mtime, str(c.parent)) for r in Path(cfg.resume_from).glob("*")
+                      if (c := last_checkpoint(r)))
         raise UserError(f"resume_from={cfg.resume_from} is neither a complete checkpoint (a checkpoint-N folder with "
                         f"its {COMPLETE} marker) nor a run dir holding one."
                         + (f" It holds {len(held)} run(s) that do: give one, e.g. the newest: resume_from="
-                           f"{held[max(held)]}" + (" (or resume_from=auto)." if Path(cfg.resume_from).name == "outputs"
+                           f"{held[-1][1]}" + (" (or resume_from=auto)." if Path(cfg.resume_from).name == "outputs"
                                                    else ".") if held else ""))
     if checkpoint.parent.resolve() == out.resolve():
         print(f"Resuming from {checkpoint}")

@@ -98,9 +98,9 @@ def config(run_dir) -> object:
     if not run.is_dir():
         raise UserError(f"run_dir={run_dir}: no such folder (from {Path.cwd()}).")
     if not path.exists():
-        held = {p.stat().st_mtime: p.parent.parent for p in run.glob("*/.hydra/config.yaml")}  # outputs/, a sweep's
+        held = sorted((p.stat().st_mtime, str(p.parent.parent)) for p in run.glob("*/.hydra/config.yaml"))  # outputs/
         raise UserError(f"{run_dir} is not a run dir: {path} is missing."
-                        + (f" It holds {len(held)} run(s): give one, e.g. the newest: run_dir={held[max(held)]}"
+                        + (f" It holds {len(held)} run(s): give one, e.g. the newest: run_dir={held[-1][1]}"
                            + (" (or run_dir=latest: the newest finished run under outputs/)." if run.name == "outputs"
                               else ".") if held else ""))
     from .config import Config
