@@ -226,22 +226,23 @@ ALIASES = {"max_seq_length": "data.max_length", "sequence_len": "data.max_length
 
 
 @lru_cache(maxsize=None)
-def settings(cls=Config, prefix: str = "") -> Dict[str, bool]:
-    """Every key of the schema, dotted (train.lr), and whether it takes keys of its own (train.sft_args.NAME)."""
+def settings(cls=Config, prefix: str = "") -> Dict[str, Any]:
+    """Every key of the schema, dotted (train.lr), with its kind: dict for one that takes keys of its own
+    (train.sft_args.NAME), list for a list (lora.target_modules), else None."""
     keys = {}
     for f in fields(cls):
         hint = get_type_hints(cls)[f.name]
         if is_dataclass(hint):
             keys |= settings(hint, f"{prefix}{f.name}.")
         else:
-            keys[prefix + f.name] = get_origin(hint) is dict
+            keys[prefix + f.name] = get_origin(hint) if get_origin(hint) in (dict, list) else None
     return keys
 
 
 def is_setting(key: str) -> bool:
     known = settings()
     parts = key.split(".")
-    return key in known or any(known.get(".".join(parts[:i])) for i in range(1, len(parts)))
+    return key in known or any(known.get(".".join(parts[:i])) is dict for i in range(1, len(parts)))
 
 
 def extra_keys(node, prefix: str = "") -> List[str]:
@@ -300,6 +301,9 @@ def check_overrides(argv, groups) -> None:
                             f"hydra.sweep.dir={value}); output_dir follows it.")
         elif not is_setting(key):
             problems.append(not_a_setting(key, value, plus))
+        elif settings().get(key) is list and not re.match(r"\[|null$|\w+\(", value):  # ([a,b], null, choice(...))
+            problems.append(f"{arg}: {key} is a list; write {key}=[{value}] (several: '{key}=[a,b]', quoted for the "
+                            "shell).")
     if problems:
         raise UserError(" ".join(problems))
 

@@ -151,6 +151,16 @@ def test_a_key_that_is_not_a_setting_names_the_one_meant(key, value, meant):
     assert f"{key}={value}: {key} is not a setting (did you mean {meant}?)" in config.not_a_setting(key, value)
 
 
+def test_command_line_keys_are_checked_before_hydra_composes():
+    config.check_overrides(["-m", "lora=all_linear", "+experiment=mine", "lora.r=8,16", "++train.lr=1e-4",
+                            "+train.sft_args.neftune_noise_alpha=5", "lora.target_modules=[q_proj]",
+                            "train.report_to=choice([],[tensorboard])", "hydra.run.dir=x", "hydra/sweeper=optuna",
+                            "data.columns.question=[instruction,input]"], groups={"lora", "experiment"})
+    with pytest.raises(UserError, match=r"^lora.target_modules=q_proj: lora.target_modules is a list; write "
+                                        r"lora.target_modules=\[q_proj\] \(several: 'lora.target_modules=\[a,b\]'"):
+        config.check_overrides(["lora.target_modules=q_proj"], groups=set())
+
+
 def test_a_key_added_with_a_plus_is_refused_not_ignored():
     cfg = make("+train.learning_rate=1e-4", "+train.sft_args.neftune_noise_alpha=5", "+lora.peft_args.use_qalora=true")
     assert cfg.train.learning_rate == 1e-4  # Hydra composes it; nothing would read it
