@@ -7,6 +7,7 @@ renders prompts exactly as training did. `run_dir=RUN/checkpoint-N` means that c
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -28,7 +29,10 @@ def parse_args(argv: Sequence[str], defaults: Dict[str, object], usage: str, doc
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in defaults:
-            raise UserError(f"Unknown argument '{arg}'. Usage: {usage} (keys: {', '.join(defaults)}).")
+            meant = ["prompt"] if key == "question" and "prompt" in defaults else difflib.get_close_matches(
+                key, defaults, 1)
+            raise UserError(f"Unknown argument '{arg}'" + (f" (did you mean {meant[0]}?)" if sep and meant else "")
+                            + f". Usage: {usage} (keys: {', '.join(defaults)}).")
         kind = type(defaults[key]) if defaults[key] is not None else str
         try:
             out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)

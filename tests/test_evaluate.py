@@ -496,8 +496,10 @@ def test_gguf_needs_a_base_that_came_as_gguf(tiny_run):
 
 
 def test_cli_arguments_are_checked(tiny_run):
-    with pytest.raises(UserError, match="Unknown argument 'max_tokens=3'"):
+    with pytest.raises(UserError, match=r"Unknown argument 'max_tokens=3' \(did you mean max_new_tokens\?\)"):
         evaluate._cli([f"run_dir={tiny_run}", "max_tokens=3"])
+    with pytest.raises(UserError, match=r"Unknown argument 'question=What is a mean\?' \(did you mean prompt\?\)"):
+        chat._cli([f"run_dir={tiny_run}", "question=What is a mean?"])
     with pytest.raises(UserError, match="limit=x: expected int"):
         evaluate._cli([f"run_dir={tiny_run}", "limit=x"])
     for arg, message in [("limit=-1", "limit=-1 must be 0 or positive"), ("max_new_tokens=0", "must be positive"),
