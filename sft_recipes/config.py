@@ -257,41 +257,59 @@ def extra_keys(node, prefix: str = "") -> List[str]:
     return extra
 
 
-def not_a_setting(key: str, value: Any, plus: str = "") -> str:
-    """What to say of `key=value`, a key that the schema lacks, with the settings it most likely meant: the one that
-    another tool's name stands for, the ones with its last part (lr: train.lr), or the closest in spelling."""
+def meant(key: str, value: Any) -> List[str]:
+    """The settings that `key=value`, a key that the schema lacks, most likely meant (as overrides): the one that
+    another tool's name stands for, the ones with its last part (lr: train.lr), or the closest in spelling; else an
+    argument of TRL's SFTConfig or PEFT's LoraConfig that the config does not set, passed through as is."""
     from .build import CONFIG_KEYS, LORA_KEYS
 
     name = key.rsplit(".", 1)[-1]
     known = list(settings())
     theirs = ALIASES | {k: v for k, v in (LORA_KEYS | CONFIG_KEYS).items() if re.fullmatch(r"[a-z_.]+(=\w+)?", v)}
     if key.startswith("data.columns."):  # (it maps our fields to the file's names, not the other way round)
-        meant = [f"data.columns.question={name}", f"data.columns.answer={name}"]
+        found = [f"data.columns.question={name}", f"data.columns.answer={name}"]
     else:
-        meant = ([theirs[name]] if name in theirs else [k for k in known if k.rsplit(".", 1)[-1] == name]
+        found = ([theirs[name]] if name in theirs else [k for k in known if k.rsplit(".", 1)[-1] == name]
                  or [theirs[n] for n in difflib.get_close_matches(name, list(theirs), n=1, cutoff=0.8)]
                  + difflib.get_close_matches(key, known, n=2, cutoff=0.75))
-    meant = [m if "=" in m else f"{m}={value}" for m in dict.fromkeys(meant)]
-    if not meant:  # an argument of TRL's SFTConfig or PEFT's LoraConfig that the config does not set: passed as is
+    found = [m if "=" in m else f"{m}={value}" for m in dict.fromkeys(found)]
+    if not found:
         from peft import LoraConfig
         from trl import SFTConfig
 
         for target, owner in (("train.sft_args", SFTConfig), ("lora.peft_args", LoraConfig)):
             if name in {f.name for f in fields(owner)}:
-                meant.append(f"+{target}.{name}={value}")
-                break
-    return (f"{plus}{key}={value}: {key} is not a setting" + (f" (did you mean {' or '.join(meant[:3])}?)" if meant
-                                                              else "")
+                return [f"+{target}.{name}={value}"]
+    return found[:3]
+
+
+def not_a_setting(key: str, value: Any, plus: str = "") -> str:
+    """What to say of `key=value`, a key that the schema lacks, with the settings it most likely meant."""
+    return (f"{plus}{key}={value}: {key} is not a setting"
+            + (f" (did you mean {' or '.join(found)}?)" if (found := meant(key, value)) else "")
             + (f"; a {plus} adds a key that nothing reads (except under train.sft_args, lora.peft_args and "
                "train.compile_options)" if plus else "") + ". `python -m sft_recipes --help` lists every setting.")
+
+
+# Hydra's own command-line flags; any other --flag is another tool's way of setting a value
+HYDRA_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p", "--run",
+               "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
 
 
 def check_overrides(argv, groups) -> None:
     """Before Hydra composes: a command-line key that is not a setting (a typo, or another tool's name for one) is
     refused with the ones it most likely meant; Hydra's own message would suggest adding it with +, after which it
     would be read by nothing. `groups`: the config groups (model=..., +experiment=... where a config dir has one)."""
-    problems = []
-    for arg in argv:
+    problems, flags = [], []
+    for n, arg in enumerate(argv):
+        if arg.startswith("--") and arg.split("=", 1)[0] not in HYDRA_FLAGS:  # (trl sft --learning_rate 1e-4)
+            name, sep, value = arg[2:].partition("=")
+            if not sep and n + 1 < len(argv) and not argv[n + 1].startswith("-") and "=" not in argv[n + 1]:
+                arg, value = f"{arg} {argv[n + 1]}", argv[n + 1]
+            key = name.replace("-", "_")
+            found = [f"{key}={value or 'VALUE'}"] if is_setting(key) else meant(key, value or "VALUE")
+            flags.append(f"{arg} is {' or '.join(found)}" if found else f"{arg} is not a setting")
         m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w.]*)=(.*)", arg, re.DOTALL)
         if not m or m[2] == "hydra" or m[2].startswith("hydra.") or m[2] in groups:
             continue
@@ -304,6 +322,9 @@ def check_overrides(argv, groups) -> None:
         elif settings().get(key) is list and not re.match(r"\[|null$|\w+\(", value):  # ([a,b], null, choice(...))
             problems.append(f"{arg}: {key} is a list; write {key}=[{value}] (several: '{key}=[a,b]', quoted for the "
                             "shell).")
+    if flags:
+        problems.insert(0, f"Settings are given as key=value (Hydra's overrides), not as --flags: {'; '.join(flags)}"
+                           " (`python -m sft_recipes --help` lists them).")
     if problems:
         raise UserError(" ".join(problems))
 

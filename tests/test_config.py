@@ -156,6 +156,13 @@ def test_command_line_keys_are_checked_before_hydra_composes():
                             "+train.sft_args.neftune_noise_alpha=5", "lora.target_modules=[q_proj]",
                             "train.report_to=choice([],[tensorboard])", "hydra.run.dir=x", "hydra/sweeper=optuna",
                             "data.columns.question=[instruction,input]"], groups={"lora", "experiment"})
+    with pytest.raises(UserError) as e:  # another tool's --flags (trl sft's), each with the override it stands for
+        config.check_overrides(["--learning_rate", "1e-4", "--num_train_epochs=2", "--lora-r", "32", "--packing",
+                                "lora.r=4", "--foo"], groups=set())
+    assert str(e.value) == ("Settings are given as key=value (Hydra's overrides), not as --flags: --learning_rate 1e-4 "
+                            "is train.lr=1e-4; --num_train_epochs=2 is train.epochs=2; --lora-r 32 is lora.r=32; "
+                            "--packing is train.packing=VALUE; --foo is not a setting (`python -m sft_recipes --help` "
+                            "lists them).")
     with pytest.raises(UserError, match=r"^lora.target_modules=q_proj: lora.target_modules is a list; write "
                                         r"lora.target_modules=\[q_proj\] \(several: 'lora.target_modules=\[a,b\]'"):
         config.check_overrides(["lora.target_modules=q_proj"], groups=set())
