@@ -100,7 +100,7 @@ def config(run_dir) -> object:
     run = run_of(run_dir)
     path = run / ".hydra" / "config.yaml"
     if not run.is_dir():
-        raise UserError(f"run_dir={run_dir}: no such folder (from {Path.cwd()}).")
+        raise UserError(f"run_dir={run_dir}: no such folder" + ("." if run.is_absolute() else f" (from {Path.cwd()})."))
     if not path.exists():
         held = sorted((p.stat().st_mtime, str(p.parent.parent)) for p in run.glob("*/.hydra/config.yaml"))  # outputs/
         raise UserError(f"{run_dir} is not a run dir: {path} is missing."

@@ -81,7 +81,7 @@ def test_chat_one_shot_and_interactive(tiny_run):
         "And a median?", "And a mode?", None, True)
     bad = subprocess.run([sys.executable, "-m", "sft_recipes.chat", "run_dir=/nowhere"], capture_output=True, text=True,
                          cwd=ROOT)
-    assert bad.returncode == 2 and "not a run dir" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr == "error: run_dir=/nowhere: no such folder.\n"
 
 
 class Terminal:
@@ -239,7 +239,7 @@ def test_relative_paths_of_a_run_are_found_from_another_folder(tmp_path, monkeyp
     assert cfg.data.train_path == "qa.json"
 
 
-def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
+def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path, monkeypatch):
     """run_dir=latest (make chat/eval/merge without RUN): the run under ./outputs whose final_model/ was saved last;
     a run without final_model/ (a dry run, one still training) is not one."""
     import os
@@ -264,8 +264,9 @@ def test_run_dir_latest_is_the_newest_finished_run(tiny_run, tmp_path):
     with pytest.raises(UserError, match=r"outputs is not a run dir: .* It holds 2 run\(s\): give one, e.g. the newest: "
                                         r"run_dir=.*outputs/2026-12-31_00-00-00 \(or run_dir=latest"):
         runs.config(tmp_path / "outputs")
-    with pytest.raises(UserError, match=r"run_dir=.*/nope: no such folder \(from "):
-        runs.config(tmp_path / "nope")
+    with pytest.raises(UserError, match=rf"^run_dir=nope: no such folder \(from {tmp_path}\)\.$"):
+        monkeypatch.chdir(tmp_path)
+        runs.config("nope")
 
 
 def test_chat_samples_with_a_seed_and_talks_to_the_base_model(tiny_run, capsys):
