@@ -325,6 +325,9 @@ def _run(cfg) -> Optional[Path]:
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     if cfg.data.val_path == "auto":
         print(validation_choice(cfg))
+    if (val_spec := data_paths(cfg)[1]) and cfg.data.val_fraction > 0:
+        print(f"warning: data.val_fraction={cfg.data.val_fraction} is not used: {val_spec} validates (data.val_path="
+              f"null splits {cfg.data.val_fraction:.0%} of the training data off instead)")
     data = prepare_data(cfg, tokenizer)
     train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
     print(report.data_summary("Training data", train_stats))
