@@ -422,7 +422,8 @@ def check(cfg: Config) -> None:
     wants = [k for k, on in (("train.final_model=best", t.final_model == "best"),
                              (f"train.early_stopping_patience={t.early_stopping_patience}",
                               t.early_stopping_patience > 0),
-                             ("eval.after_train=true", cfg.eval.after_train)) if on]
+                             ("eval.after_train=true", cfg.eval.after_train),
+                             (f"eval.samples={cfg.eval.samples}", cfg.eval.samples > 0)) if on]
     from .data import data_specs, expand
 
     val_spec = data_specs(cfg.data.train_path, cfg.data.val_path)[1]

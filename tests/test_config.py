@@ -110,6 +110,7 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("data.val_path=null train.final_model=best train.early_stopping_patience=3",
      "train.final_model=best and train.early_stopping_patience=3 need validation data: set data.val_path=FILE"),
     ("data.val_path=null eval.after_train=true", "eval.after_train=true needs validation data: set data.val_path="),
+    ("data.val_path=null eval.samples=2", "eval.samples=2 needs validation data: set data.val_path="),
     ("train.final_model=best train.save_steps=50 train.eval_steps=20", "set train.eval_steps=0 (validation at every train.save_steps)"),
     ("eval.samples=-1", "eval.samples=-1 must be 0 (off) or positive"),
     ("eval.repetition_penalty=0", "eval.repetition_penalty=0.0 must be positive (1: none)"),
