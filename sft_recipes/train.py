@@ -325,9 +325,11 @@ def _run(cfg) -> Optional[Path]:
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     if cfg.data.val_path == "auto":
         print(validation_choice(cfg))
-    if (val_spec := data_paths(cfg)[1]) and cfg.data.val_fraction > 0:
-        print(f"warning: data.val_fraction={cfg.data.val_fraction} is not used: {val_spec} validates (data.val_path="
-              f"null splits {cfg.data.val_fraction:.0%} of the training data off instead)")
+    unused = [k for k, on in ((f"data.val_fraction={cfg.data.val_fraction}", cfg.data.val_fraction > 0),
+                              ("data.split_by=source", cfg.data.split_by == "source")) if on]
+    if unused and (val_spec := data_paths(cfg)[1]):
+        print(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: {val_spec} validates "
+              "(with data.val_path=null they split the training data)")
     data = prepare_data(cfg, tokenizer)
     train_ds, val_ds, train_stats, val_stats = data.train, data.val, data.train_stats, data.val_stats
     print(report.data_summary("Training data", train_stats))

@@ -382,12 +382,13 @@ def test_validation_file_beside_the_training_file_or_none(tmp_path, capsys):
     train.run(make(f"output_dir={tmp_path / 'a'}", f"data.train_path={mine}", "dry_run=true"))
     assert "No validation data: no <name>_val file beside the training data" in capsys.readouterr().out
     (tmp_path / "mine_val.jsonl").write_text(json.dumps(json.loads(VAL.read_text())[0]) + "\n")
-    train.run(make(f"output_dir={tmp_path / 'b'}", f"data.train_path={mine}", "dry_run=true", "data.val_fraction=0.1"))
+    train.run(make(f"output_dir={tmp_path / 'b'}", f"data.train_path={mine}", "dry_run=true", "data.val_fraction=0.1",
+                   "data.split_by=source"))
     out = capsys.readouterr().out
     assert f"Validation data: {tmp_path / 'mine_val.jsonl'} (beside the training file" in out
     assert "Validation data: 1 record, kept 1" in out and "Training data: 40 records" in out
-    assert (f"warning: data.val_fraction=0.1 is not used: {tmp_path / 'mine_val.jsonl'} validates (data.val_path=null "
-            "splits 10% of the training data off instead)") in out  # (a setting given and read by nothing is named)
+    assert (f"warning: data.val_fraction=0.1 and data.split_by=source are not used: {tmp_path / 'mine_val.jsonl'} "
+            "validates (with data.val_path=null they split the training data)") in out  # (settings read by nothing)
     train.run(make(f"output_dir={tmp_path / 'c'}", f"data.train_path={TRAIN.parent}", "dry_run=true"))
     out = capsys.readouterr().out  # the sample folder: sft_sample_val.json validates, as beside the single file
     assert f"Validation data: {VAL} (beside" in out and "Training data: 112 records" in out
