@@ -310,6 +310,7 @@ def check_overrides(argv, groups) -> None:
             key = name.replace("-", "_")
             found = [f"{key}={value or 'VALUE'}"] if is_setting(key) else meant(key, value or "VALUE")
             flags.append(f"{arg} is {' or '.join(found)}" if found else f"{arg} is not a setting")
+            continue
         m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w.]*)=(.*)", arg, re.DOTALL)
         if not m or m[2] == "hydra" or m[2].startswith("hydra.") or m[2] in groups:
             continue
