@@ -222,20 +222,21 @@ ALIASES = {"max_seq_length": "data.max_length", "sequence_len": "data.max_length
            "lora_target": "lora.target_modules", "dataset_name": "data.train_path", "dataset": "data.train_path",
            "train_file": "data.train_path", "validation_file": "data.val_path", "resume_from_checkpoint": "resume_from",
            "bf16": "model.dtype=bfloat16", "fp16": "model.dtype=float16", "load_in_4bit": "quantization=nf4",
-           "load_in_8bit": "quantization=int8", "num_epochs": "train.epochs", "micro_batch_size": "train.batch_size"}
+           "load_in_8bit": "quantization=int8", "num_epochs": "train.epochs", "micro_batch_size": "train.batch_size",
+           "train_data": "data.train_path", "no_4bit": "quantization=none"}  # (the last two: train_sft.py's flags)
 
 
 @lru_cache(maxsize=None)
 def settings(cls=Config, prefix: str = "") -> Dict[str, Any]:
     """Every key of the schema, dotted (train.lr), with its kind: dict for one that takes keys of its own
-    (train.sft_args.NAME), list for a list (lora.target_modules), else None."""
+    (train.sft_args.NAME), list for a list (lora.target_modules), else its type (bool, int, Optional[str], ...)."""
     keys = {}
     for f in fields(cls):
         hint = get_type_hints(cls)[f.name]
         if is_dataclass(hint):
             keys |= settings(hint, f"{prefix}{f.name}.")
         else:
-            keys[prefix + f.name] = get_origin(hint) if get_origin(hint) in (dict, list) else None
+            keys[prefix + f.name] = get_origin(hint) if get_origin(hint) in (dict, list) else hint
     return keys
 
 
@@ -309,6 +310,8 @@ def check_overrides(argv, groups) -> None:
                 arg, value = f"{arg} {argv[n + 1]}", argv[n + 1]
             key = name.replace("-", "_")
             found = [f"{key}={value or 'VALUE'}"] if is_setting(key) else meant(key, value or "VALUE")
+            if not value:  # a flag alone: true for a yes/no setting (--dry-run: dry_run=true)
+                found = [f"{f.split('=')[0]}=true" if settings().get(f.split("=")[0]) is bool else f for f in found]
             flags.append(f"{arg} is {' or '.join(found)}" if found else f"{arg} is not a setting")
             continue
         m = re.fullmatch(r"(\+{0,2})([A-Za-z_][\w.]*)=(.*)", arg, re.DOTALL)

@@ -159,11 +159,12 @@ def test_command_line_keys_are_checked_before_hydra_composes():
                             "data.columns.question=[instruction,input]"], groups={"lora", "experiment"})
     with pytest.raises(UserError) as e:  # another tool's --flags (trl sft's), each with the override it stands for
         config.check_overrides(["--learning_rate", "1e-4", "--num_train_epochs=2", "--lora-r", "32", "--packing",
-                                "lora.r=4", "--foo"], groups=set())
+                                "lora.r=4", "--foo", "--train-data", "qa.json", "--dry-run", "--no-4bit"], groups=set())
     assert str(e.value) == ("Settings are given as key=value (Hydra's overrides), not as --flags: --learning_rate 1e-4 "
                             "is train.lr=1e-4; --num_train_epochs=2 is train.epochs=2; --lora-r 32 is lora.r=32; "
-                            "--packing is train.packing=VALUE; --foo is not a setting (`python -m sft_recipes --help` "
-                            "lists them).")
+                            "--packing is train.packing=true; --foo is not a setting; --train-data qa.json is "
+                            "data.train_path=qa.json; --dry-run is dry_run=true; --no-4bit is quantization=none "
+                            "(`python -m sft_recipes --help` lists them).")
     with pytest.raises(UserError, match=r"^lora.target_modules=q_proj: lora.target_modules is a list; write "
                                         r"lora.target_modules=\[q_proj\] \(several: 'lora.target_modules=\[a,b\]'"):
         config.check_overrides(["lora.target_modules=q_proj"], groups=set())
