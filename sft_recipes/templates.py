@@ -35,7 +35,7 @@ PLAIN_CHAT_TEMPLATE = (
 @dataclass(frozen=True)
 class Template:
     name: str
-    user: str = "{question}"  # str.format over question, answer, source
+    user: str = "{question}"  # str.format over question and source
     system: Optional[str] = None  # None: no system message (the chat template's own default applies)
     chat_template: Optional[str] = None  # None: the tokenizer's own
     description: str = ""
@@ -124,10 +124,12 @@ def load_yaml_templates(path: Path) -> List[Template]:
             chat = (path.parent / chat.strip()).read_text(encoding="utf-8")
         user = item.get("user", "{question}")
         try:
-            user.format(question="", answer="", source="")
+            user.format(question="", source="")
         except (KeyError, IndexError, ValueError) as e:
+            leak = (" ({answer} would put the answer in the prompt that trains the model to give it; at inference "
+                    "there is none)" if "answer" in repr(e) else f" ({e!r})")
             raise UserError(f"Template file {path}, entry {i} ('{item['name']}'): field 'user' may only use "
-                            f"{{question}}, {{answer}} and {{source}} ({e!r}).") from None
+                            f"{{question}} and {{source}}{leak}.") from None
         out.append(Template(item["name"], user=user, system=item.get("system"), chat_template=chat,
                             description=item.get("description", "")))
     return out

@@ -53,6 +53,10 @@ def test_yaml_template_errors_name_file_and_field(tmp_path):
     bad.write_text("- name: y\n  user: '{questionn}'\n")
     with pytest.raises(UserError, match="field 'user' may only use"):
         templates.get("y", [str(bad)])
+    bad.write_text("- name: z\n  user: 'Q: {question}\\nA: {answer}'\n")  # the answer would be in its own prompt
+    with pytest.raises(UserError, match=r"field 'user' may only use \{question\} and \{source\} \(\{answer\} would put "
+                                        r"the answer in the prompt that trains the model to give it"):
+        templates.get("z", [str(bad)])
 
 
 NO_SYSTEM_TEMPLATE = (  # as Gemma 2's: no system role
