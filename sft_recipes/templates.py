@@ -130,6 +130,10 @@ def load_yaml_templates(path: Path) -> List[Template]:
                     "there is none)" if "answer" in repr(e) else f" ({e!r})")
             raise UserError(f"Template file {path}, entry {i} ('{item['name']}'): field 'user' may only use "
                             f"{{question}} and {{source}}{leak}.") from None
+        if "{question}" not in user:
+            raise UserError(f"Template file {path}, entry {i} ('{item['name']}'): field 'user' has no {{question}}, so "
+                            "every prompt would be the same; write where the question goes (user: \"Answer briefly."
+                            "\\n\\n{question}\").")
         out.append(Template(item["name"], user=user, system=item.get("system"), chat_template=chat,
                             description=item.get("description", "")))
     return out

@@ -57,6 +57,9 @@ def test_yaml_template_errors_name_file_and_field(tmp_path):
     with pytest.raises(UserError, match=r"field 'user' may only use \{question\} and \{source\} \(\{answer\} would put "
                                         r"the answer in the prompt that trains the model to give it"):
         templates.get("z", [str(bad)])
+    bad.write_text("- name: w\n  user: 'Answer briefly.'\n")  # every prompt the same, the question left out
+    with pytest.raises(UserError, match=r"field 'user' has no \{question\}, so every prompt would be the same"):
+        templates.get("w", [str(bad)])
 
 
 NO_SYSTEM_TEMPLATE = (  # as Gemma 2's: no system role
