@@ -355,6 +355,17 @@ def own_system_prompts(records, system: Optional[str]) -> Optional[str]:
             f"run's{fix}")
 
 
+def unsourced_prompts(records, template: Template) -> Optional[str]:
+    """A template that names the source in the prompt ({source}), with records that have none: their prompts name an
+    empty one ("Source: " and nothing after it)."""
+    if "{source}" not in template.user or not (unsourced := sum(not r.source for r in records)):
+        return None
+    which = "no record has one" if unsourced == len(records) else f"{unsourced} of {len(records)} records have none"
+    return (f"data.template={template.name} names the source in each prompt, but {which}: their prompts name an empty "
+            "source. Give them a source field (data.columns.source=NAME for another name), or use a template without "
+            "{source} (data.template=chat).")
+
+
 def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) -> Prepared:
     """Load, validate, deduplicate, split and tokenize; reuse the cached result when nothing changed."""
     from .data import FileReport, expand, held_out_warning, overlap
@@ -391,7 +402,8 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                                   f"(e.g. {leaks[0].where}): the validation loss will be optimistic")
     system = opts.system_prompt if opts.system_prompt is not None else template.system
     for warning in (own_system_prompts(train_records + val_records, system),
-                    special_token_text(train_records + val_records, tokenizer)):
+                    special_token_text(train_records + val_records, tokenizer),
+                    unsourced_prompts(train_records + val_records, template)):
         report["warnings"] += [warning] if warning else []
     train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,
                                   opts.system_prompt, opts.train_replies)

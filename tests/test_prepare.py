@@ -264,6 +264,16 @@ def test_split_by_source_says_when_records_have_no_source(tmp_path, tokenizer):
     assert any(w.startswith("data.split_by=source: no record has a source;") for w in warnings())
 
 
+def test_a_template_that_names_the_source_says_when_records_have_none():
+    records = [data.Record("What is a mean?", "The average.", "Ch. 1"), data.Record("What is a mode?", "The most common.")]
+    assert prepare.unsourced_prompts(records, templates.get("chat")) is None  # (no {source} in its prompt)
+    assert prepare.unsourced_prompts(records[:1], templates.get("chat_with_source")) is None
+    assert prepare.unsourced_prompts(records, templates.get("chat_with_source")) == (
+        "data.template=chat_with_source names the source in each prompt, but 1 of 2 records have none: their prompts "
+        "name an empty source. Give them a source field (data.columns.source=NAME for another name), or use a template "
+        "without {source} (data.template=chat).")
+
+
 @pytest.mark.parametrize("template", ["chat", "chat_with_source", "tutor"])
 def test_fast_path_equals_the_reference_token_for_token(tokenizer, template):
     records = data.load_records(TRAIN) + [data.Record(q, a, s, f"extra {i}") for i, (q, a, s) in enumerate([
