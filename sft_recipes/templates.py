@@ -127,7 +127,7 @@ def load_yaml_templates(path: Path) -> List[Template]:
             user.format(question="", source="")
         except (KeyError, IndexError, ValueError) as e:
             leak = (" ({answer} would put the answer in the prompt that trains the model to give it; at inference "
-                    "there is none)" if "answer" in repr(e) else f" ({e!r})")
+                    "there is none)" if e.args == ("answer",) else f" ({e!r})")
             raise UserError(f"Template file {path}, entry {i} ('{item['name']}'): field 'user' may only use "
                             f"{{question}} and {{source}}{leak}.") from None
         if "{question}" not in user:
