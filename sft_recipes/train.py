@@ -107,15 +107,23 @@ def lora_fits(cfg, model_path: str, peft_config):
         meta = models.meta_model(model_path, cfg.model.trust_remote_code)
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
         return None
+    names = [n for n, _ in meta.named_modules()]
+    linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
+                              - {"lm_head"}))
+    targets = value(list(cfg.lora.target_modules))
+    # PEFT refuses only when no name matches (its rule: the module's name, or its end after a dot): one misspelled
+    # name among several would train no LoRA there, silently
+    if missing := [t for t in cfg.lora.target_modules if t != "all-linear"
+                   and not any(n == t or n.endswith("." + t) for n in names)]:
+        raise UserError(f"lora.target_modules={targets} names {', '.join(missing)}, which {cfg.model.name_or_path} has "
+                        f"no layer of: LoRA would not go there. The model's linear layers: {linear} "
+                        "(lora=all_linear takes them all).")
     try:
         return get_peft_model(meta, copy.deepcopy(peft_config))
     except (ValueError, TypeError) as e:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
-                        - {"lm_head"})
         extra = f" and lora.peft_args {OmegaConf.to_container(cfg.lora.peft_args)}" if cfg.lora.peft_args else ""
-        raise UserError(f"PEFT cannot put LoRA on {cfg.model.name_or_path} with lora.target_modules="
-                        f"{value(list(cfg.lora.target_modules))}{extra}: {e} The model's linear layers: "
-                        f"{', '.join(linear)} (lora=all_linear takes them all).") from None
+        raise UserError(f"PEFT cannot put LoRA on {cfg.model.name_or_path} with lora.target_modules={targets}{extra}: "
+                        f"{e} The model's linear layers: {linear} (lora=all_linear takes them all).") from None
 
 
 class Plan(NamedTuple):

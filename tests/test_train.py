@@ -212,11 +212,14 @@ def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
                                         r"\{'layers_to_transform': \[99\]\}: Target modules .* not found"):
         run(tmp_path / "none", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
             "+lora.peft_args.layers_to_transform=[99]")
-    with pytest.raises(UserError, match=r"lora.target_modules=\[\"query\", \"value\"\]: Target modules .* not found"
-                                        r".* The model's linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, "
-                                        r"up_proj, v_proj \(lora=all_linear"):
-        run(tmp_path / "typo", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
-            "lora.target_modules=[query,value]")
+    # a name no layer has, also beside ones that match (which PEFT lets by: no LoRA there, silently)
+    for targets, missing in (("[query,value]", "query, value"), ("[q_proj,k_proj,v_prj,o_proj]", "v_prj")):
+        with pytest.raises(UserError, match=rf"lora.target_modules=\[.*\] names {missing}, which .* has no layer of: "
+                                            r"LoRA would not go there. The model's linear layers: down_proj, gate_proj, "
+                                            r"k_proj, o_proj, q_proj, up_proj, v_proj \(lora=all_linear"):
+            run(tmp_path / "typo", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+                f"lora.target_modules={targets}")
+        assert not (tmp_path / "typo").exists()
 
 
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
