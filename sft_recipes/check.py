@@ -35,12 +35,16 @@ def _device() -> Tuple[bool, str]:
     import torch
 
     if torch.cuda.is_available():
+        from .models import bf16_advice
+
         gpus = []
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
-            gpus.append(f"{p.name} ({total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free)")
-        return True, f"CUDA {torch.version.cuda}: " + "; ".join(gpus)
+            gpus.append(f"{p.name} ({total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free, compute capability "
+                        f"{p.major}.{p.minor})")
+        slow = bf16_advice({"bfloat16"}, True, (p.name, (p.major, p.minor)))  # (the defaults)
+        return True, f"CUDA {torch.version.cuda}: " + "; ".join(gpus) + (f". Note: {slow}" if slow else "")
     import os
 
     return True, f"no CUDA GPU: training runs on the CPU ({os.cpu_count()} cores), slowly but for real"

@@ -175,6 +175,27 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def bf16_advice(dtypes: set, four_bit: bool, gpu: Optional[tuple]) -> Optional[str]:
+    """A warning when a run computes in bfloat16 (among `dtypes`: model.dtype, and the 4-bit compute dtype) on a GPU
+    (name, (major, minor)) older than compute capability 8.0 (V100, T4, ...): PyTorch lets it, emulated, several
+    times slower than float16 there."""
+    if "bfloat16" not in dtypes or gpu is None or tuple(gpu[1]) >= (8, 0):
+        return None
+    fix = "model.dtype=float16" + (" quantization.compute_dtype=float16" if four_bit else "")
+    return (f"{gpu[0]} (compute capability {gpu[1][0]}.{gpu[1][1]}) has no native bfloat16: the run computes in it "
+            f"emulated, several times slower than in float16; {fix} trains in float16 (with a loss scaler).")
+
+
+def cuda_gpu() -> Optional[tuple]:
+    """(name, compute capability) of this process's CUDA GPU, or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+
+
 def load_model(path: str, dtype: str, quantization_config=None, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False):
     import torch

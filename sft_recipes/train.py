@@ -363,6 +363,10 @@ def _run(cfg) -> Optional[Path]:
     if cost := validation_cost(cfg, data, plan, args.eval_steps if args.eval_strategy != "no" else 0):
         print(f"warning: {cost}")
     args.disable_tqdm = not terminal()  # a log file gets lines, not bars
+    four_bit = cfg.quantization.bits == 4
+    if slow := models.bf16_advice({cfg.model.dtype, cfg.quantization.compute_dtype if four_bit else None}, four_bit,
+                                  models.cuda_gpu()):
+        print(f"warning: {slow}")
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)
     meta = lora_fits(cfg, model_path, peft_config) if peft_config is not None else None

@@ -278,3 +278,17 @@ def test_out_of_memory_advice_names_overrides():
     for part in ("train.batch_size=2 train.grad_accum=8", "data.max_length=512", "quantization=nf4",
                  "train.gradient_checkpointing=true", "preset=low_memory"):
         assert part in advice
+
+
+def test_bfloat16_on_a_gpu_without_it_names_float16():
+    """bfloat16 on a GPU before compute capability 8.0 runs emulated (PyTorch lets it): the run and the setup check
+    warn, naming the float16 overrides; on an H100, in float16 or on the CPU nothing is said."""
+    from sft_recipes.models import bf16_advice
+
+    advice = bf16_advice({"bfloat16"}, True, ("Tesla T4", (7, 5)))
+    assert advice.startswith("Tesla T4 (compute capability 7.5) has no native bfloat16")
+    assert "model.dtype=float16 quantization.compute_dtype=float16 trains in float16" in advice
+    assert "compute_dtype" not in bf16_advice({"bfloat16", None}, False, ("Tesla V100-SXM2-16GB", (7, 0)))
+    assert bf16_advice({"float16", None}, False, ("Tesla T4", (7, 5))) is None
+    assert bf16_advice({"bfloat16"}, True, ("NVIDIA H100 80GB HBM3", (9, 0))) is None
+    assert bf16_advice({"bfloat16"}, True, None) is None
