@@ -25,7 +25,7 @@ def main(cfg):
 
     from hydra.core.hydra_config import HydraConfig
 
-    from .train import run
+    from .train import in_sweep, run
 
     if HydraConfig.get().job.chdir:  # hydra.job.chdir=true: paths stay the user's (every file goes to cfg.output_dir)
         os.chdir(hydra.utils.get_original_cwd())
@@ -56,13 +56,6 @@ def main(cfg):
         raise
 
 
-def in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def stopped(out: Path) -> None:
     """Ctrl-C outside the training steps: one line on what is kept, no traceback, exit status 130."""
     from .resume import last_checkpoint
@@ -86,8 +79,9 @@ def _leave_as_found(run_dir: Path) -> None:
         path.write_bytes(content)
     if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):  # outputs/, made for this run alone
-            run_dir.parent.rmdir()
+        parent = run_dir.parent  # outputs/, when made for this run alone (not a folder of the user's, a mount point)
+        if parent.resolve() == Path("outputs").resolve() and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def precheck(argv) -> None:

@@ -1,9 +1,13 @@
 """One fine-tuning run, top to bottom: check, data, tokenizer, model, trainer, train, save, report."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -32,6 +36,85 @@ def oom_advice(cfg) -> str:
         tips.append("train.gradient_checkpointing=true")
     tips.append("preset=low_memory")
     return "; ".join(tips)
+
+
+def save_sizes(adapter: int, trainable: int, optim: str, tokenizer) -> tuple[int, int]:
+    """Bytes of (one checkpoint, the final model): the adapter (`adapter` bytes, `trainable` parameters), its
+    optimizer state (two moments, Adam's, in the adapter's dtype, or a byte each for an 8-bit optimizer), the
+    tokenizer's files, and Trainer's small files."""
+    optimizer = 2 * trainable if "8bit" in optim else 2 * adapter
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tok = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    return adapter + optimizer + tok + 2**16, adapter + tok + 2**14
+
+
+def room_for_saves(out: Path, sizes: tuple[int, int], saves: int, keep: Optional[int]) -> tuple[str, Optional[str]]:
+    """What the run's saves take at once (the checkpoints train.save_total_limit keeps, the one written before the
+    oldest goes, and the final model) in a line, and a warning when the run dir's disk has less free space."""
+    at_once = min(saves, keep + 1 if keep else saves)
+    need, free = at_once * sizes[0] + sizes[1], shutil.disk_usage(out).free
+    mb = lambda n: f"{n / 2**20:,.1f} MB"  # noqa: E731
+    why = (f"the {keep} of train.save_total_limit and the next, written before the oldest goes" if keep and saves > keep
+           else "all the run saves")
+    line = f"about {mb(need)} at once in {out}: {at_once} checkpoint(s) of {mb(sizes[0])} ({why}) and the final model"
+    return line, None if free >= need else (
+        f"this run's checkpoints and final model take {line}, but its disk has {mb(free)} free: the run would stop "
+        "at the first save that does not fit. Free space, keep fewer checkpoints (train.save_total_limit=1), or run "
+        "on another disk (hydra.run.dir=DIR).")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(e: BaseException) -> bool:
+    """A full disk (or quota): an OSError's errno, or the text of the errors safetensors, tokenizers and torch.save
+    raise, which carry none ("... (os error 28)", "file write failed")."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE or any(
+                text in str(e) for text in ("No space left on device", "Disk quota exceeded", "file write failed",
+                                            *(f"(os error {n})" for n in NO_SPACE))):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def room_to_save(out: Path, trainer, checkpoint_size: int):
+    """A save that finds the disk full: the partly written folder removed, one paragraph on what is kept and how
+    to continue (instead of safetensors' or torch's traceback)."""
+    try:
+        yield
+    except Exception as e:
+        if not no_space(e):
+            raise
+        shutil.rmtree(out / ".staging", ignore_errors=True)
+        reason = str(e).strip().splitlines()[-1]
+        raise UserError(f"No space left to save step {trainer.state.global_step} in {out} ({reason}); the partly "
+                        f"written save was removed. A checkpoint of this run takes about "
+                        f"{checkpoint_size / 2**20:,.1f} MB: free space, or keep fewer (train.save_total_limit=1). "
+                        f"{what_is_kept(out)}") from None
+
+
+def what_is_kept(out: Path) -> str:
+    """After a run failed in training: its last complete checkpoint and the command that continues from it. With
+    none, the attempt's files go (and the run dir with them, once only Hydra's are left, as for any failure before
+    training), so that the same command runs again: resume_from=auto would start from step 0 without its settings,
+    which only a checkpoint holds."""
+    if (last := last_checkpoint(out)) or in_sweep():
+        return f"The last complete checkpoint is {last or 'none yet'}. {continue_command(out)}"
+    for name in ("training_log.txt", "samples.md"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("runs", ".staging"):  # (TensorBoard's logs, Trainer's default logging_dir)
+        shutil.rmtree(out / name, ignore_errors=True)
+    return "Nothing of the run is kept (no checkpoint yet): its command starts it again."
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def template_of(cfg) -> templates.Template:
@@ -200,6 +283,10 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
         f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in parts.items() if k != "total") + f"; batch of "
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
+    # (a 4- or 8-bit model's adapter trains in bfloat16, TRL's choice; PEFT keeps another one's in float32)
+    sizes = save_sizes(trainable * (2 if cfg.quantization.bits < 16 else 4), trainable, args.optim, tokenizer)
+    disk, tight = room_for_saves(out, sizes, math.ceil(plan.steps / args.save_steps), cfg.train.save_total_limit)
+    print(f"Disk: {disk}" if not tight else f"warning: {tight}")
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
     report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts,
                        out / "data_report.md")
@@ -288,9 +375,8 @@ def continue_command(out: Path) -> str:
     import sys
 
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_sweep():
         argv = [a for a in sys.argv[1:] if not a.startswith(("resume_from=", "hydra.sweep.dir="))]
         return ("Continue the sweep with: python -m sft_recipes " + shlex.join(argv) + " "
                 + shlex.join([f"hydra.sweep.dir={HydraConfig.get().sweep.dir}", "resume_from=auto"]))
@@ -414,21 +500,32 @@ def _run(cfg) -> Optional[Path]:
         trainer.add_callback(report.Progress(log))
     elif trainer.pop_callback(PrinterCallback):  # no terminal: each log as that line, with the time left
         trainer.add_callback(report.LogLines(log))
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    sizes = save_sizes(sum(p.numel() * p.element_size() for p in trainable), sum(p.numel() for p in trainable),
+                       args.optim, tokenizer)
+    checkpoint_size = sizes[0]
     if trainer.is_world_process_zero():
         plan_lines(plan, args, val_ds is not None, cfg.train.loraplus_lr_ratio)
+        if tight := room_for_saves(out, sizes, math.ceil(plan.steps / args.save_steps), cfg.train.save_total_limit)[1]:
+            print(f"warning: {tight}")
         print(f"Run dir: {out}", flush=True)
     start = time.perf_counter()
     memory.start()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with room_to_save(out, trainer, checkpoint_size):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteError as e:
-        last = last_checkpoint(out)
-        raise UserError(f"Training stopped: {e} (learning rate {cfg.train.lr}). Nothing from that step was "
-                        f"saved; the last good checkpoint is {last or 'none yet'}. Lower train.lr, or set "
-                        "train.on_nonfinite=skip to drop such steps, then continue with resume_from=auto.") from None
+        fix = ("Lower train.lr in a new run (a resumed one keeps its own), or add train.on_nonfinite=skip to that "
+               "command to drop such steps." if last_checkpoint(out) or in_sweep() else
+               "Lower train.lr, or set train.on_nonfinite=skip to drop such steps.")
+        raise UserError(f"Training stopped: {e} (learning rate {cfg.train.lr}). Nothing from that step was saved. "
+                        f"{what_is_kept(out)} {fix}") from None
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"Out of GPU memory. To fit, try: {oom_advice(cfg)}. Continue with "
-                        "resume_from=auto to keep the finished steps.") from None
+        resumable = "" if not last_checkpoint(out) else (
+            " (these change the run, so they start a new one)" if cfg.train.gradient_checkpointing else
+            " (of these, a resumed run takes train.gradient_checkpointing=true; the others change the run, so they "
+            "start a new one)")
+        raise UserError(f"Out of GPU memory. To fit, try: {oom_advice(cfg)}{resumable}. {what_is_kept(out)}") from None
     if guard.stopped_by:
         print(f"Stopped by {guard.stopped_by[0]} at step {trainer.state.global_step}; saved {last_checkpoint(out)}. "
               f"{continue_command(out)}", flush=True)
@@ -448,9 +545,11 @@ def _run(cfg) -> Optional[Path]:
     staging = out / ".staging" / "final_model"
     if trainer.is_fsdp_enabled:  # gather the sharded adapter into one file for the final save
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(staging))  # adapter + tokenizer with its chat template
+    with room_to_save(out, trainer, checkpoint_size):
+        trainer.save_model(str(staging))  # adapter + tokenizer with its chat template
+        if trainer.is_world_process_zero():
+            publish(staging, final, "final model")
     if trainer.is_world_process_zero():
-        publish(staging, final, "final model")
         try:
             staging.parent.rmdir()  # .staging/ is empty once everything is in place
         except OSError:

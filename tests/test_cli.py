@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,13 @@ def test_dry_run_reports_and_trains_nothing(tmp_path, tiny_dir):
     report = (out / "data_report.md").read_text()
     assert "| train | 112 | 112 |" in report and "Estimated peak memory" in report and "optimizer steps: 56" in report
     assert (out / "token_lengths.png").stat().st_size > 1000
+    # what the saves take on disk, estimated before any weights load, against a run's checkpoint
+    disk = re.search(r"Disk: about ([\d.]+) MB at once in .*: 1 checkpoint\(s\) of ([\d.]+) MB \(all the run saves\) and "
+                     r"the final model", cli(*tiny_args(tiny_dir, tmp_path / "plan", "dry_run=true", "train.max_steps=2",
+                                                        "train.save_steps=2")).stdout)
+    r = cli(*tiny_args(tiny_dir, tmp_path / "run", "train.max_steps=2", "train.save_steps=2"))
+    measured = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoint-2").iterdir()) / 2**20
+    assert r.returncode == 0 and abs(float(disk[2]) - measured) < 0.1 * measured, (disk[0], measured)
 
 
 def test_dry_run_marks_every_reply_of_a_conversation_with_hydra_job_chdir(tmp_path, tiny_dir):

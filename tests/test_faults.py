@@ -2,6 +2,7 @@
 checkpoint cut short is ignored; NaN stops the run keeping the last good checkpoint; finished runs are never
 overwritten; bad configs and unwritable dirs end in one paragraph with exit status 2."""
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
     assert r.returncode == 2, r.stderr[-1000:]
     assert "the loss or its gradient became NaN or infinite at step 2" in r.stderr
     assert "checkpoint-1." in r.stderr and (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    assert "add train.on_nonfinite=skip to that command" in r.stderr  # (train.lr may not change on resume)
 
 
 def test_skip_policy_drops_the_update_of_a_nonfinite_step():
@@ -231,6 +233,64 @@ def test_a_finished_run_is_never_overwritten(tmp_path, tiny_dir, reference):
 def test_unwritable_run_dir(tiny_dir):
     r = cli(*args(tiny_dir, "/sys/sft-recipes-test-run"))
     assert r.returncode == 2 and "Cannot write to the run dir /sys/sft-recipes-test-run" in r.stderr
+
+
+def test_a_full_disk_is_named_before_training_and_where_a_save_fails(tmp_path, tiny_dir):
+    """A run dir on a real small file system (tmpfs): a warning before training names what the saves take and the
+    space there is. A save that does not fit ends the run in one paragraph (exit status 2, no traceback), its partly
+    written folder removed: with a checkpoint kept, the printed command continues the run once there is room; with
+    none, nothing of the run is left and the same command runs again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    try:
+        command = args(tiny_dir, disk / "run", "train.max_steps=4", "train.save_steps=2", "train.save_total_limit=1")
+        r = cli(*command)  # checkpoint-2 fits (a tokenizer and a tiny adapter: 3.5 MB), checkpoint-4 beside it not
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert re.search(r"warning: this run's checkpoints and final model take about [\d.]+ MB at once in .*/run: "
+                         r"2 checkpoint\(s\) of 3.\d MB \(the 1 of train.save_total_limit and the next, written before "
+                         r"the oldest goes\) and the final model, but its disk has [\d.]+ MB free: the run would stop at "
+                         r"the first save that does not fit", r.stdout), r.stdout[-2000:]
+        assert re.search(r"error: No space left to save step 4 in .*/run \(.*\); the partly written save was removed\. "
+                         r"A checkpoint of this run takes about 3.\d MB: free space, or keep fewer "
+                         r"\(train.save_total_limit=1\)\. The last complete checkpoint is .*/run/checkpoint-2\. "
+                         r"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir=.*/run$", r.stderr.strip()
+                         ), r.stderr[-2000:]
+        assert not (disk / "run" / ".staging").exists() and [p.name for p in (disk / "run").glob("checkpoint-*")] == [
+            "checkpoint-2"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        r = cli("resume_from=auto", f"hydra.run.dir={disk / 'run'}")
+        assert r.returncode == 0 and "Resuming from" in r.stdout and (disk / "run" / "final_model").is_dir(), r.stderr
+        shutil.rmtree(disk / "run")
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        r = cli(*args(tiny_dir, disk / "new", "train.max_steps=2"))  # the first checkpoint does not fit
+        assert r.returncode == 2 and r.stderr.strip().endswith(
+            "Nothing of the run is kept (no checkpoint yet): its command starts it again."), r.stderr[-2000:]
+        assert not (disk / "new").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_disk_full_errors_are_known_by_their_errno_or_text():
+    """safetensors, tokenizers and torch.save raise their own errors for a full disk, without an errno."""
+    import errno
+
+    from sft_recipes.train import no_space
+
+    assert no_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert no_space(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert no_space(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 512 vs 374: "
+                                 "PytorchStreamWriter failed writing file data/0: file write failed"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert no_space(outer)
+    assert not no_space(OSError(errno.EACCES, "Permission denied")) and not no_space(RuntimeError("CUDA error"))
 
 
 @pytest.mark.parametrize("override, message", [
