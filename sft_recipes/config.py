@@ -448,7 +448,7 @@ def check(cfg: Config) -> None:
                         "(python -m sft_recipes.evaluate runs after it).")
     if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
         problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
-                        f"train.eval_steps=0 (validation at every train.save_steps).")
+                        "train.eval_steps=0 (validation at every train.save_steps).")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
     if t.lr <= 0:

@@ -7,10 +7,15 @@ AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward 
 Activations per token and layer follow the tensors a Llama-style decoder layer saves; with gradient
 checkpointing only each layer's input is kept, plus one layer recomputed; with activation offloading most of
 what is kept waits in CPU memory instead.
+
+And what a run's saves take on disk: its checkpoints (adapter, optimizer state, tokenizer) and final model.
 """
 from __future__ import annotations
 
-from typing import Dict
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
 
 GIB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -111,3 +116,29 @@ class PeakMemory:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
         return max(0, _status_kib("VmHWM") * 1024 - self.before_model)
+
+
+def save_sizes(adapter: int, trainable: int, optim: str, tokenizer) -> tuple[int, int]:
+    """Bytes of (one checkpoint, the final model): the adapter (`adapter` bytes, `trainable` parameters), its
+    optimizer state (two moments, Adam's, in the adapter's dtype, or a byte each for an 8-bit optimizer), the
+    tokenizer's files, and Trainer's small files."""
+    optimizer = 2 * trainable if "8bit" in optim else 2 * adapter
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tok = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    return adapter + optimizer + tok + 2**16, adapter + tok + 2**14
+
+
+def room_for_saves(out: Path, sizes: tuple[int, int], saves: int, keep: Optional[int]) -> tuple[str, Optional[str]]:
+    """What the run's saves take at once (the checkpoints train.save_total_limit keeps, the one written before the
+    oldest goes, and the final model) in a line, and a warning when the run dir's disk has less free space."""
+    at_once = min(saves, keep + 1 if keep else saves)
+    need, free = at_once * sizes[0] + sizes[1], shutil.disk_usage(out).free
+    mb = lambda n: f"{n / 2**20:,.1f} MB"  # noqa: E731
+    why = (f"the {keep} of train.save_total_limit and the next, written before the oldest goes" if keep and saves > keep
+           else "all the run saves")
+    line = f"about {mb(need)} at once in {out}: {at_once} checkpoint(s) of {mb(sizes[0])} ({why}) and the final model"
+    return line, None if free >= need else (
+        f"this run's checkpoints and final model take {line}, but its disk has {mb(free)} free: the run would stop "
+        "at the first save that does not fit. Free space, keep fewer checkpoints (train.save_total_limit=1), or run "
+        "on another disk (hydra.run.dir=DIR).")

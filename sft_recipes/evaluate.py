@@ -202,8 +202,6 @@ def _cli(argv):
 
 
 if __name__ == "__main__":
-    import sys
-
     from .runs import main_guard
 
     sys.exit(main_guard(_cli))

@@ -7,7 +7,6 @@ import math
 import os
 import shlex
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -15,7 +14,7 @@ from typing import NamedTuple, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from . import build, card, conf_dir, config, models, prepare, report, templates, terminal
+from . import build, card, conf_dir, config, estimate, models, prepare, report, templates, terminal
 from .errors import NothingToDo, UserError
 from .resume import (DATA_DIGEST, OVERRIDES, RUN_CONFIG, data_changed, expand_home, finished, holding,
                      keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config, run_overrides,
@@ -36,32 +35,6 @@ def oom_advice(cfg) -> str:
         tips.append("train.gradient_checkpointing=true")
     tips.append("preset=low_memory")
     return "; ".join(tips)
-
-
-def save_sizes(adapter: int, trainable: int, optim: str, tokenizer) -> tuple[int, int]:
-    """Bytes of (one checkpoint, the final model): the adapter (`adapter` bytes, `trainable` parameters), its
-    optimizer state (two moments, Adam's, in the adapter's dtype, or a byte each for an 8-bit optimizer), the
-    tokenizer's files, and Trainer's small files."""
-    optimizer = 2 * trainable if "8bit" in optim else 2 * adapter
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        tok = sum(f.stat().st_size for f in Path(tmp).iterdir())
-    return adapter + optimizer + tok + 2**16, adapter + tok + 2**14
-
-
-def room_for_saves(out: Path, sizes: tuple[int, int], saves: int, keep: Optional[int]) -> tuple[str, Optional[str]]:
-    """What the run's saves take at once (the checkpoints train.save_total_limit keeps, the one written before the
-    oldest goes, and the final model) in a line, and a warning when the run dir's disk has less free space."""
-    at_once = min(saves, keep + 1 if keep else saves)
-    need, free = at_once * sizes[0] + sizes[1], shutil.disk_usage(out).free
-    mb = lambda n: f"{n / 2**20:,.1f} MB"  # noqa: E731
-    why = (f"the {keep} of train.save_total_limit and the next, written before the oldest goes" if keep and saves > keep
-           else "all the run saves")
-    line = f"about {mb(need)} at once in {out}: {at_once} checkpoint(s) of {mb(sizes[0])} ({why}) and the final model"
-    return line, None if free >= need else (
-        f"this run's checkpoints and final model take {line}, but its disk has {mb(free)} free: the run would stop "
-        "at the first save that does not fit. Free space, keep fewer checkpoints (train.save_total_limit=1), or run "
-        "on another disk (hydra.run.dir=DIR).")
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -284,8 +257,9 @@ def dry_run(cfg, model_path: str, tokenizer, data, plan: Plan, args, out: Path, 
         f"{cfg.train.batch_size} x {plan.longest} tokens)")
     out.mkdir(parents=True, exist_ok=True)
     # (a 4- or 8-bit model's adapter trains in bfloat16, TRL's choice; PEFT keeps another one's in float32)
-    sizes = save_sizes(trainable * (2 if cfg.quantization.bits < 16 else 4), trainable, args.optim, tokenizer)
-    disk, tight = room_for_saves(out, sizes, math.ceil(plan.steps / args.save_steps), cfg.train.save_total_limit)
+    sizes = estimate.save_sizes(trainable * (2 if cfg.quantization.bits < 16 else 4), trainable, args.optim, tokenizer)
+    saves = math.ceil(plan.steps / args.save_steps)
+    disk, tight = estimate.room_for_saves(out, sizes, saves, cfg.train.save_total_limit)
     print(f"Disk: {disk}" if not tight else f"warning: {tight}")
     report.length_histogram(data.train_stats, cfg.data.max_length, out / "token_lengths.png")
     report.data_report(cfg, data, f"{steps}; learning rate {lr}", plan.advice, (trainable, total), parts,
@@ -501,12 +475,12 @@ def _run(cfg) -> Optional[Path]:
     elif trainer.pop_callback(PrinterCallback):  # no terminal: each log as that line, with the time left
         trainer.add_callback(report.LogLines(log))
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-    sizes = save_sizes(sum(p.numel() * p.element_size() for p in trainable), sum(p.numel() for p in trainable),
-                       args.optim, tokenizer)
-    checkpoint_size = sizes[0]
+    sizes = estimate.save_sizes(sum(p.numel() * p.element_size() for p in trainable),
+                                sum(p.numel() for p in trainable), args.optim, tokenizer)
+    checkpoint_size, saves = sizes[0], math.ceil(plan.steps / args.save_steps)
     if trainer.is_world_process_zero():
         plan_lines(plan, args, val_ds is not None, cfg.train.loraplus_lr_ratio)
-        if tight := room_for_saves(out, sizes, math.ceil(plan.steps / args.save_steps), cfg.train.save_total_limit)[1]:
+        if tight := estimate.room_for_saves(out, sizes, saves, cfg.train.save_total_limit)[1]:
             print(f"warning: {tight}")
         print(f"Run dir: {out}", flush=True)
     start = time.perf_counter()
