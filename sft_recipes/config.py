@@ -447,7 +447,7 @@ def check(cfg: Config) -> None:
         problems.append("eval.samples generates in one process only; set eval.samples=0 for a multi-process run "
                         "(python -m sft_recipes.evaluate runs after it).")
     if t.final_model == "best" and t.eval_steps not in (0, t.save_steps):
-        problems.append(f"train.final_model=best picks among the checkpoints, so it validates at every save: set "
+        problems.append("train.final_model=best picks among the checkpoints, so it validates at every save: set "
                         "train.eval_steps=0 (validation at every train.save_steps).")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={t.on_nonfinite} must be stop or skip.")
