@@ -46,9 +46,11 @@ def runs_with_checkpoint(root) -> List[Path]:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether a folder already holds a training run's results."""
+    """Whether a folder already holds a training run's results: a checkpoint or the final model. (A run that stopped
+    before its first checkpoint left none: its command starts it again there, its log going on. One that is still
+    training there is refused by its lock, `hold`.)"""
     d = Path(run_dir)
-    return any((d / n).exists() for n in ("final_model", "training_log.txt")) or any(d.glob("checkpoint-*"))
+    return (d / "final_model").exists() or any(d.glob("checkpoint-*"))
 
 
 def refuse_finished(run_dir: Path, dry_run: bool = False) -> None:

@@ -71,15 +71,10 @@ def room_to_save(out: Path, trainer, checkpoint_size: int):
 
 def what_is_kept(out: Path) -> str:
     """After a run failed in training: its last complete checkpoint and the command that continues from it. With
-    none, the attempt's files go (and the run dir with them, once only Hydra's are left, as for any failure before
-    training), so that the same command runs again: resume_from=auto would start from step 0 without its settings,
-    which only a checkpoint holds."""
+    none, its own command starts it again (resume_from=auto would start from step 0 without the run's settings, which
+    only a checkpoint holds)."""
     if (last := last_checkpoint(out)) or in_sweep():
         return f"The last complete checkpoint is {last or 'none yet'}. {continue_command(out)}"
-    for name in ("training_log.txt", "samples.md"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("runs", ".staging"):  # (TensorBoard's logs, Trainer's default logging_dir)
-        shutil.rmtree(out / name, ignore_errors=True)
     return "Nothing of the run is kept (no checkpoint yet): its command starts it again."
 
 

@@ -264,10 +264,15 @@ def test_a_full_disk_is_named_before_training_and_where_a_save_fails(tmp_path, t
         assert r.returncode == 0 and "Resuming from" in r.stdout and (disk / "run" / "final_model").is_dir(), r.stderr
         shutil.rmtree(disk / "run")
         subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
-        r = cli(*args(tiny_dir, disk / "new", "train.max_steps=2"))  # the first checkpoint does not fit
+        command = args(tiny_dir, disk / "new", "train.max_steps=2")
+        r = cli(*command)  # the first checkpoint does not fit
         assert r.returncode == 2 and r.stderr.strip().endswith(
             "Nothing of the run is kept (no checkpoint yet): its command starts it again."), r.stderr[-2000:]
-        assert not (disk / "new").exists()
+        assert not list((disk / "new").glob("checkpoint-*")) and not (disk / "new" / ".staging").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        r = cli(*command)  # (not refused as a folder that holds a run: it holds none)
+        assert r.returncode == 0 and (disk / "new" / "final_model").is_dir(), r.stderr[-2000:]
+        assert (disk / "new" / "training_log.txt").read_text().count("# training starts at step 0") == 2
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
