@@ -58,17 +58,13 @@ def main(cfg):
 
 def stopped(out: Path) -> None:
     """Ctrl-C outside the training steps: one line on what is kept, no traceback, exit status 130."""
-    from .resume import last_checkpoint
+    from .train import what_is_kept
 
     _leave_as_found(out)
     if not out.is_dir():
         print("Stopped by Ctrl-C before training; nothing was written.", file=sys.stderr)
     else:
-        last = last_checkpoint(out)
-        from .train import continue_command
-
-        print(f"Stopped by Ctrl-C; {f'the last complete checkpoint is {last}' if last else 'no checkpoint yet'}. "
-              f"{continue_command(out)}", file=sys.stderr)
+        print(f"Stopped by Ctrl-C. {what_is_kept(out)}", file=sys.stderr)
     sys.exit(130)
 
 

@@ -160,12 +160,16 @@ def test_ctrl_c_outside_the_training_steps_says_what_is_kept(tmp_path, capsys):
     assert e.value.code == 130 and not out.exists()
     assert capsys.readouterr().err == "Stopped by Ctrl-C before training; nothing was written.\n"
     (out / ".hydra").mkdir(parents=True)
-    (out / "training_log.txt").write_text("")
+    (out / "training_log.txt").write_text("")  # a run that stopped before its first checkpoint
+    with pytest.raises(SystemExit):
+        stopped(out)
+    assert capsys.readouterr().err == ("Stopped by Ctrl-C. Nothing of the run is kept (no checkpoint yet): its command "
+                                       "starts it again.\n")
     (out / "checkpoint-4").mkdir()
     (out / "checkpoint-4" / COMPLETE).write_text("")
     with pytest.raises(SystemExit):
         stopped(out)
-    assert capsys.readouterr().err == (f"Stopped by Ctrl-C; the last complete checkpoint is {out / 'checkpoint-4'}. "
+    assert capsys.readouterr().err == (f"Stopped by Ctrl-C. The last complete checkpoint is {out / 'checkpoint-4'}. "
                                        f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}\n")
 
 
