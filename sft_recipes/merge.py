@@ -34,7 +34,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     from transformers.utils import logging as hf_logging
 
     from . import card, gguf_export, models, runs
-    from .errors import UserError
+    from .errors import UserError, no_space
 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
@@ -73,6 +73,13 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except Exception as e:
+        if not no_space(e):
+            raise
+        size = merged.num_parameters() * (2 if dtype == "bfloat16" else 4) / 2**30
+        raise UserError(f"No space left to write {out} (the merged model takes about {size:,.2f} GiB in {dtype}"
+                        + (", the GGUF file more" if gguf else "") + f"): free space in {run_dir}'s disk. "
+                        + ("The merged/ there is as it was." if out.exists() else "Nothing was written.")) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     del merged, base  # the copies below are read back from the files
