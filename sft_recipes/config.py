@@ -484,7 +484,8 @@ def check(cfg: Config) -> None:
             expand(list(spec) if not isinstance(spec, str) else spec)
         except UserError as e:
             fix = (" Set data.val_path=null to split off data.val_fraction of the training data instead."
-                   if key == "val_path" else "")
+                   if key == "val_path" else " That is the default, the sample data in a clone of sft-recipes: give "
+                   "your own with data.train_path=FILE." if spec == DataConfig.train_path else "")
             problems.append(f"data.{key}: {e} Relative paths start from {os.getcwd()}.{fix}")
     if cfg.resume_from not in (None, "auto") and not Path(cfg.resume_from).is_dir():
         problems.append(f"resume_from={cfg.resume_from} is not a folder: give a run dir or one of its checkpoint-N "

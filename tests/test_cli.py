@@ -320,7 +320,8 @@ def test_help_shows_usage_groups_and_the_config(tmp_path):
 
 def test_a_missing_default_data_file_leaves_the_folder_as_it_was(tmp_path):
     r = cli("dry_run=true", cwd=tmp_path)  # the default run dir, outputs/<time>/, and a relative data path
-    assert r.returncode == 2 and f"Relative paths start from {tmp_path}" in r.stderr
+    assert r.returncode == 2 and f"Relative paths start from {tmp_path}. That is the default, the sample data in a " \
+        "clone of sft-recipes: give your own with data.train_path=FILE." in r.stderr
     assert not list(tmp_path.iterdir())  # no empty outputs/ behind
 
 
