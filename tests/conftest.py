@@ -47,6 +47,28 @@ def tiny_dir(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of a few MB (tmpfs), for what a full disk does: `small_disk("6m")` mounts it (or resizes
+    it: it grows, and shrinks to no less than it holds) and returns its folder. Mounting needs root; elsewhere the
+    test is skipped."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def size(megabytes: str) -> Path:
+        remount = ["-o", f"remount,size={megabytes}"] if os.path.ismount(disk) else ["-t", "tmpfs", "-o",
+                                                                                    f"size={megabytes}", "tmpfs"]
+        if subprocess.run(["mount", *remount, str(disk)], capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+        return disk
+
+    yield size
+    if os.path.ismount(disk):
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def cli(*args, cwd=None, timeout=600):
     """Run `python -m sft_recipes ARGS` in a real subprocess; returns the CompletedProcess."""
     import subprocess

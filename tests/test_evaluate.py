@@ -323,26 +323,19 @@ def test_chat_names_a_system_prompt_that_the_chat_template_refuses(tiny_run, tmp
         "takes no system message: ask without system=."), r.stderr[-2000:]
 
 
-def test_merge_onto_a_full_disk_says_so_and_keeps_the_run(tiny_run, tmp_path):
+def test_merge_onto_a_full_disk_says_so_and_keeps_the_run(tiny_run, small_disk):
     """A run on a real small file system (tmpfs) that the merged model does not fit on: one paragraph naming its
     size, nothing written, the run as it was."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
-    try:
-        run = disk / "run"
-        shutil.copytree(tiny_run, run, ignore=lambda d, names: [n for n in names if n.startswith(("checkpoint-", "eval",
-                                                                                                   "merged", "runs"))])
-        (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 2**19))
-        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-        with pytest.raises(UserError, match=rf"No space left to write {run}/merged \(the merged model takes about "
-                                            rf"0.0\d GiB in bfloat16\): free space in {run}'s disk. Nothing was "
-                                            r"written.$"):
-            merge.merge(run)
-        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = small_disk("32m")
+    run = disk / "run"
+    shutil.copytree(tiny_run, run, ignore=lambda d, names: [n for n in names if n.startswith(("checkpoint-", "eval",
+                                                                                               "merged", "runs"))])
+    (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 2**19))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=rf"No space left to write {run}/merged \(the merged model takes about "
+                                        rf"0.0\d GiB in bfloat16\): free space in {run}'s disk. Nothing was written.$"):
+        merge.merge(run)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):

