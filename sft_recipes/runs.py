@@ -8,6 +8,7 @@ renders prompts exactly as training did. `run_dir=RUN/checkpoint-N` means that c
 from __future__ import annotations
 
 import difflib
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -120,8 +121,8 @@ def config(run_dir) -> object:
             raise UserError(f"{run_dir} holds a dry run: it trained nothing.")
         newest = last_checkpoint(run)
         raise UserError(f"{run_dir} has no final_model/ adapter yet (is the run finished? continue it with python -m "
-                        f"sft_recipes resume_from={run_dir}" + (f", or give its newest checkpoint: run_dir={newest}"
-                                                                if newest else "") + ").")
+                        f"sft_recipes {shlex.quote(f'resume_from={run_dir}')}"
+                        + (f", or give its newest checkpoint: run_dir={newest}" if newest else "") + ").")
     return cfg
 
 

@@ -333,7 +333,7 @@ def continue_command(out: Path) -> str:
         argv = [a for a in sys.argv[1:] if not a.startswith(("resume_from=", "hydra.sweep.dir="))]
         return ("Continue the sweep with: python -m sft_recipes " + shlex.join(argv) + " "
                 + shlex.join([f"hydra.sweep.dir={HydraConfig.get().sweep.dir}", "resume_from=auto"]))
-    return f"Continue with: python -m sft_recipes resume_from=auto hydra.run.dir={out}"
+    return f"Continue with: python -m sft_recipes resume_from=auto {shlex.quote(f'hydra.run.dir={out}')}"
 
 
 def run(cfg) -> Optional[Path]:
@@ -468,11 +468,11 @@ def _run(cfg) -> Optional[Path]:
         with room_to_save(out, trainer, checkpoint_size):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteError as e:
-        fix = ("Lower train.lr in a new run (a resumed one keeps its own), or add train.on_nonfinite=skip to that "
-               "command to drop such steps." if last_checkpoint(out) or in_sweep() else
-               "Lower train.lr, or set train.on_nonfinite=skip to drop such steps.")
+        fix = ("Lower train.lr in a new run (a resumed one keeps its own), or add train.on_nonfinite=skip to the "
+               "command below, which continues this one dropping such steps." if last_checkpoint(out) or in_sweep()
+               else "Lower train.lr, or set train.on_nonfinite=skip to drop such steps.")
         raise UserError(f"Training stopped: {e} (learning rate {cfg.train.lr}). Nothing from that step was saved. "
-                        f"{what_is_kept(out)} {fix}") from None
+                        f"{fix} {what_is_kept(out)}") from None
     except torch.cuda.OutOfMemoryError:
         resumable = "" if not last_checkpoint(out) else (
             " (these change the run, so they start a new one)" if cfg.train.gradient_checkpointing else

@@ -208,7 +208,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir):
     assert r.returncode == 2, r.stderr[-1000:]
     assert "the loss or its gradient became NaN or infinite at step 2" in r.stderr
     assert "checkpoint-1." in r.stderr and (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
-    assert "add train.on_nonfinite=skip to that command" in r.stderr  # (train.lr may not change on resume)
+    assert "add train.on_nonfinite=skip to the command below" in r.stderr  # (train.lr may not change on resume)
 
 
 def test_skip_policy_drops_the_update_of_a_nonfinite_step():
