@@ -46,7 +46,7 @@ def room_to_save(out: Path, trainer, checkpoint_size: int):
         if not no_space(e):
             raise
         shutil.rmtree(out / ".staging", ignore_errors=True)
-        reason = str(e).strip().splitlines()[-1]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise UserError(f"No space left to save step {trainer.state.global_step} in {out} ({reason}); the partly "
                         f"written save was removed. A checkpoint of this run takes about "
                         f"{checkpoint_size / 2**20:,.1f} MB: free space, or keep fewer (train.save_total_limit=1). "
