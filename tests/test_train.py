@@ -354,3 +354,37 @@ def test_time_left_reads_as_a_clock():
     from sft_recipes.report import duration
 
     assert [duration(s) for s in (3.4, 59.6, 75, 3725)] == ["3 s", "1:00", "1:15", "1:02:05"]
+
+
+def test_out_of_gpu_memory_names_what_shrinks_the_run_and_what_a_resume_takes(tmp_path, tiny_dir, monkeypatch):
+    """torch's OutOfMemoryError in a training step (raised there: this machine has no GPU) ends in one paragraph: the
+    overrides that shrink the run, which of them a resumed run takes, and what is kept; the resume it names trains
+    on with that override. With no checkpoint yet, the run's own command starts it again."""
+    from sft_recipes.trainer import Trainer
+
+    step = Trainer.training_step
+    fail_at = {"step": 2}
+
+    def out_of_memory(self, *args, **kwargs):
+        if self.state.global_step == fail_at["step"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", out_of_memory)
+    overrides = ["preset=fast_test", "train.max_steps=4", "train.save_steps=2", "data.val_path=null"]
+    with pytest.raises(UserError) as e:
+        run(tmp_path / "a", tiny_dir, *overrides)
+    assert str(e.value).startswith("Out of GPU memory. To fit, try: train.batch_size=1 train.grad_accum=2 (same "
+                                   "samples per step); data.max_length=256")
+    assert str(e.value).endswith(
+        "train.gradient_checkpointing=true; preset=low_memory (of these, a resumed run takes "
+        "train.gradient_checkpointing=true; the others change the run, so they start a new one). The last complete "
+        f"checkpoint is {tmp_path / 'a' / 'checkpoint-2'}. Continue with: python -m sft_recipes resume_from=auto "
+        f"hydra.run.dir={tmp_path / 'a'}")
+    fail_at["step"] = 0
+    with pytest.raises(UserError, match=r"; preset=low_memory\. Nothing of the run is kept \(no checkpoint yet\): "
+                                        r"its command starts it again\.$"):
+        run(tmp_path / "b", tiny_dir, *overrides)
+    monkeypatch.undo()
+    assert run(tmp_path / "a", tiny_dir, *overrides, "resume_from=auto", "train.gradient_checkpointing=true").is_dir()
+    assert max(loss_history(tmp_path / "a")) == 4
