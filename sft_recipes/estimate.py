@@ -123,9 +123,12 @@ def save_sizes(adapter: int, trainable: int, optim: str, tokenizer) -> tuple[int
     optimizer state (two moments, Adam's, in the adapter's dtype, or a byte each for an 8-bit optimizer), the
     tokenizer's files, and Trainer's small files."""
     optimizer = 2 * trainable if "8bit" in optim else 2 * adapter
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        tok = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            tok = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    except Exception:  # (no room in the temporary folder, say: an estimate never stops a run)
+        tok = 0
     return adapter + optimizer + tok + 2**16, adapter + tok + 2**14
 
 

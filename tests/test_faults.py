@@ -369,3 +369,15 @@ def test_bfloat16_on_a_gpu_without_it_names_float16():
     assert bf16_advice({"float16", None}, False, ("Tesla T4", (7, 5))) is None
     assert bf16_advice({"bfloat16"}, True, ("NVIDIA H100 80GB HBM3", (9, 0))) is None
     assert bf16_advice({"bfloat16"}, True, None) is None
+
+
+def test_the_disk_estimate_never_stops_a_run(small_disk, tokenizer, monkeypatch):
+    """The estimate measures the tokenizer's files in a temporary folder; with no room there it leaves them out."""
+    import tempfile
+
+    from sft_recipes import estimate
+
+    assert estimate.save_sizes(100, 50, "adamw_torch", tokenizer)[1] > 3 * 2**20  # (tokenizer.json: 3.4 MB)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk("1m")))
+    assert estimate.save_sizes(100, 50, "adamw_torch", tokenizer) == (100 + 200 + 2**16, 100 + 2**14)
+    assert estimate.save_sizes(100, 50, "paged_adamw_8bit", tokenizer)[0] == 100 + 100 + 2**16
