@@ -136,7 +136,10 @@ def room_for_saves(out: Path, sizes: tuple[int, int], saves: int, keep: Optional
     """What the run's saves take at once (the checkpoints train.save_total_limit keeps, the one written before the
     oldest goes, and the final model) in a line, and a warning when the run dir's disk has less free space."""
     at_once = min(saves, keep + 1 if keep else saves)
-    need, free = at_once * sizes[0] + sizes[1], shutil.disk_usage(out).free
+    where = Path(out).absolute()
+    while not where.exists():  # (a run dir not made yet: the folder it will be made in)
+        where = where.parent
+    need, free = at_once * sizes[0] + sizes[1], shutil.disk_usage(where).free
     mb = lambda n: f"{n / 2**20:,.1f} MB"  # noqa: E731
     why = (f"the {keep} of train.save_total_limit and the next, written before the oldest goes" if keep and saves > keep
            else "all the run saves")
