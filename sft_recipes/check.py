@@ -35,7 +35,7 @@ def _device() -> Tuple[bool, str]:
     import torch
 
     if torch.cuda.is_available():
-        from .models import bf16_advice
+        from .models import bf16_advice, cuda_gpu
 
         gpus = []
         for i in range(torch.cuda.device_count()):
@@ -43,7 +43,7 @@ def _device() -> Tuple[bool, str]:
             free, total = torch.cuda.mem_get_info(i)
             gpus.append(f"{p.name} ({total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free, compute capability "
                         f"{p.major}.{p.minor})")
-        slow = bf16_advice({"bfloat16"}, True, (p.name, (p.major, p.minor)))  # (the defaults)
+        slow = bf16_advice({"bfloat16"}, True, cuda_gpu())  # (the defaults, on the GPU a run takes)
         return True, f"CUDA {torch.version.cuda}: " + "; ".join(gpus) + (f". Note: {slow}" if slow else "")
     import os
 
