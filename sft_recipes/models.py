@@ -209,10 +209,17 @@ def load_model(path: str, dtype: str, quantization_config=None, attn_implementat
     from transformers import AutoModelForCausalLM
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+    kwargs = dict(dtype=getattr(torch, dtype), quantization_config=quantization_config, device_map=device_map,
+                  trust_remote_code=trust_remote_code, use_safetensors=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), quantization_config=quantization_config, device_map=device_map,
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, use_safetensors=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+        except ValueError as e:  # transformers has no SDPA for a few architectures (Gemma 2: its soft-capping)
+            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            print(f"note: {str(e).split()[0]} has no SDPA attention in transformers, so it runs with eager "
+                  "attention (model.attn_implementation=eager).", flush=True)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
     except OSError as e:
         raise UserError(f"Could not load the model from {path}: {e}") from None
     if getattr(quantization_config, "load_in_4bit", False):

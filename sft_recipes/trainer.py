@@ -409,8 +409,9 @@ class Trainer(SFTTrainer):
             for file, text in self.checkpoint_files.items():
                 (run_dir / ".staging" / name / file).write_text(text)
             publish(run_dir / ".staging" / name, run_dir / name, f"step {self.state.global_step}")
+            # by step (Trainer's mtime order warns about "this filesystem" when checkpoints come within a second)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                               best_model_checkpoint=self.state.best_model_checkpoint)
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate for `total_flos` (6 x tokens x parameters), with the parameters counted once: Trainer

@@ -47,6 +47,24 @@ def tiny_dir(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Gemma 2 (soft-capped attention with a sliding window, which transformers runs without SDPA) with
+    random weights and the embedded tokenizer."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                          sliding_window=64, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny_gemma2")
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system of a few MB (tmpfs), for what a full disk does: `small_disk("6m")` mounts it (or resizes

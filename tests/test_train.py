@@ -222,6 +222,17 @@ def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
         assert not (tmp_path / "typo").exists()
 
 
+def test_a_model_without_sdpa_attention_trains_with_eager(tmp_path, tiny_gemma2_dir, capsys):
+    """The default model.attn_implementation=sdpa on Gemma 2, which transformers refuses to run with SDPA: the run
+    says so and trains with eager attention (padding-free rows kept apart: tests/test_trainer.py)."""
+    run(tmp_path, tiny_gemma2_dir, "preset=fast_test", "quantization=nf4", "train.max_steps=2")
+    assert "Gemma2ForCausalLM has no SDPA attention in transformers, so it runs with eager attention" in \
+        capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and math.isfinite(metrics["final_eval_loss"])
+    assert (tmp_path / "final_model" / "adapter_model.safetensors").exists()
+
+
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     """model.adapter: a new run (on other data, say) starts from a saved adapter's weights and LoRA settings. With a
     learning rate of 1e-12 nothing moves, so its saved adapter equals the one it started from, key by key."""

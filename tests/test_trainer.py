@@ -297,10 +297,12 @@ def test_compiled_checkpointed_layers_replay_the_same_dropout(tiny_dir, rows, wa
     assert abs(numeric - analytic) < 0.02 * analytic, (numeric, analytic)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_and_packed_batches_keep_samples_apart(tiny_dir, rows, attn):
+@pytest.mark.parametrize("model_dir,attn", [("tiny_dir", "sdpa"), ("tiny_dir", "eager"),
+                                            ("tiny_gemma2_dir", "eager")])  # (Gemma 2: a sliding window of 64)
+def test_padding_free_and_packed_batches_keep_samples_apart(request, model_dir, rows, attn):
     """Per-sample losses of samples laid end to end (as padding_free/packing do) equal those of each alone."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model_dir), dtype=torch.float32,
+                                                 attn_implementation=attn)
     model = get_peft_model(model, build.lora_config(make().lora)).eval()
 
     def per_token_losses(batch):
