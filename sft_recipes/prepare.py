@@ -77,9 +77,11 @@ class Renderer:
         system = r.system if r.system is not None else self.system_prompt  # (a chat transcript's own)
         return self.template.messages(r.as_dict(), system, r.history_messages())
 
-    def _find_pieces(self) -> Optional[Tuple[str, str, str]]:
-        """(head, middle, tail) such that full text = head + user + middle + answer + tail, if the template
-        renders placeholders that way; None otherwise."""
+    def _find_pieces(self) -> Optional[Tuple[str, str, str, str, str]]:
+        """(head, user_lead, middle, lead, tail) such that full text = head + user_lead + user + middle + lead + answer
+        + tail and the prompt ends after middle, if the template renders placeholders that way; None otherwise. The
+        leads are spaces before the user's text (`plain`'s "User: ") and whitespace that the answer's turn puts before
+        it (its space after "Assistant:"), each tokenized with the text after it, as the tokenizer joins them."""
         sys_msgs = self.template.messages({}, self.system_prompt)[:-1]
         with refusals(f"the prompt of data.template={self.template.name}" + (
                 f" with the system prompt {sys_msgs[0]['content']!r}" if sys_msgs else ""), sys_msgs):
@@ -87,10 +89,13 @@ class Renderer:
                                                   add_generation_prompt=True, tokenize=False)
             full = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U},
                                                             {"role": "assistant", "content": A}], tokenize=False)
-        if prompt.count(U) != 1 or not full.startswith(prompt) or not full[len(prompt):].startswith(A):
+        rest = full[len(prompt):]
+        if prompt.count(U) != 1 or not full.startswith(prompt) or A not in rest or rest[:rest.index(A)].strip():
             return None
         head, middle = prompt.split(U)
-        return head, middle, self._end_at_eos(full[len(prompt) + len(A):])
+        lead = rest[:rest.index(A)]
+        return head.rstrip(" "), head[len(head.rstrip(" ")):], middle, lead, self._end_at_eos(
+            rest[len(lead) + len(A):])
 
     def _end_at_eos(self, text: str) -> str:
         """The trained text ends at the end-of-turn token: what follows it (a newline) is never generated."""
@@ -136,11 +141,11 @@ class Renderer:
         return enc["input_ids"], n_prompt, gaps
 
     def fast(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int]]:
-        head, middle, tail = self.pieces
+        head, user_lead, middle, lead, tail = self.pieces
         enc = lambda texts: self.tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
         h, m, t = enc([head, middle, tail])
-        users = enc([self._messages(r)[-1]["content"] for r in records])
-        answers = enc([r.answer for r in records])
+        users = enc([user_lead + self._messages(r)[-1]["content"] for r in records])
+        answers = enc([lead + r.answer for r in records])
         ids = [h + u + m + a + t for u, a in zip(users, answers)]
         return ids, [len(h) + len(u) + len(m) for u in users]
 
@@ -355,6 +360,27 @@ def own_system_prompts(records, system: Optional[str]) -> Optional[str]:
             f"run's{fix}")
 
 
+def prompt_joins_answer(tokenizer, template: Template, system: Optional[str]) -> Optional[str]:
+    """A prompt that ends where the tokenizer joins it to the answer's first word: "Assistant: " (with the space)
+    before "The" is tokenized with " The" as one token, which starts in the prompt. Training then never trains that
+    token and never sees the prompt end as inference tokenizes it (a lone " "), on every record."""
+    question = "What is it?"
+    msgs = template.messages({"question": question}, system)
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for answer in ("The", "A", "Yes", "1"):
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+        if not full.startswith(prompt):  # (tokenize names a template that renders its prompt otherwise)
+            return None
+        spans = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if joined := next((full[a:b] for a, b in spans if a < len(prompt) < b), None):
+            end = prompt.rsplit(question, 1)[-1][-20:]  # (what follows the question)
+            return (f"data.template={template.name}: its prompt ends in {end!r}, which the tokenizer joins "
+                    f"to the answer's first word ({joined!r} is one token): no answer's first token is trained, and "
+                    "at inference the prompt ends in a token that training never saw. Let the chat template's "
+                    "generation prompt end before that text, and put it at the start of the assistant's turn.")
+    return None
+
+
 def unsourced_prompts(records, template: Template) -> Optional[str]:
     """A template that names the source in the prompt ({source}), with records that have none: their prompts name an
     empty one ("Source: " and nothing after it)."""
@@ -403,6 +429,7 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
     system = opts.system_prompt if opts.system_prompt is not None else template.system
     for warning in (own_system_prompts(train_records + val_records, system),
                     special_token_text(train_records + val_records, tokenizer),
+                    prompt_joins_answer(tokenizer, template, system),
                     unsourced_prompts(train_records + val_records, template)):
         report["warnings"] += [warning] if warning else []
     train, train_stats = tokenize(train_records, tokenizer, template, opts.max_length, opts.overlong,

@@ -28,8 +28,8 @@ PLAIN_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
     "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
-)
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)  # the prompt ends at the colon: the space is the answer's, as its first token (' The') holds it
 
 
 @dataclass(frozen=True)

@@ -289,17 +289,44 @@ def test_fast_path_equals_the_reference_token_for_token(tokenizer, template):
     assert used_fast and ids == reference and n_prompt == ref_n and not any(gaps)
 
 
-def test_plain_template_falls_back_to_the_reference(embedded_dir):
+@pytest.mark.parametrize("template", ["chat", "chat_with_source", "plain", "tutor"])
+def test_training_prompts_are_the_tokens_inference_sends(embedded_dir, template):
+    """For each template, every record's prompt tokens in training are those of its prompt tokenized alone, as chat
+    and generate send it, and every token of the answer trains: `plain` once ended its prompt in "Assistant: ",
+    whose space the tokenizer joins to the answer's first word (' The'): that token was never trained."""
+    from sft_recipes.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_dir)  # a fresh copy: apply_to changes the tokenizer
+    tmpl = templates.get(template, [str(ROOT / "conf" / "templates")])
+    tmpl.apply_to(tok)
+    records = data.load_records(TRAIN)
+    renderer = prepare.Renderer(tok, tmpl)
+    ids, n_prompt, _, fast = renderer(records)
+    assert fast and (ids, n_prompt) == renderer.reference(records)[:2]
+    for r, row, n in zip(records, ids, n_prompt):
+        prompt = tok.apply_chat_template(tmpl.messages(r.as_dict()), add_generation_prompt=True, tokenize=False)
+        assert row[:n] == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(row[n:]).strip() == r.answer + tok.eos_token
+    assert prepare.prompt_joins_answer(tok, tmpl, tmpl.system) is None
+
+
+def test_a_prompt_that_ends_inside_the_answers_first_token_is_warned_about(embedded_dir):
     from sft_recipes.models import load_tokenizer
 
     tok = load_tokenizer(embedded_dir)
-    tmpl = templates.get("plain")
-    tmpl.apply_to(tok)
-    records = data.load_records(TRAIN)[:20]
-    ds, stats = prepare.tokenize(records, tok, tmpl, 512)
-    ids, n_prompt, _ = prepare.Renderer(tok, tmpl).reference(records)
-    assert ds["input_ids"] == ids
-    assert tok.decode(ds[0]["input_ids"]).startswith("System: You are a helpful assistant.\nUser: ")
+    old = templates.Template("old_plain", system="Be brief.", chat_template=templates.PLAIN_CHAT_TEMPLATE.replace(
+        "{{ 'Assistant:' }}", "{{ 'Assistant: ' }}"))
+    old.apply_to(tok)
+    assert prepare.prompt_joins_answer(tok, old, old.system) == (
+        "data.template=old_plain: its prompt ends in '\\nAssistant: ', which the tokenizer joins to the answer's first "
+        "word (' The' is one token): no answer's first token is trained, and at inference the prompt ends in a token "
+        "that training never saw. Let the chat template's generation prompt end before that text, and put it at the "
+        "start of the assistant's turn.")
+    ds, _ = prepare.tokenize(data.load_records(TRAIN)[:1], tok, old, 512)
+    assert prepare.show_example(ds[0], tok).endswith("Assistant: A>>> population is the entire group we want to "
+                                                     "learn about; a sample is the subset of it that we actually "
+                                                     "observe. We use statistics computed from the sample to estimate "
+                                                     "parameters of the population.<|im_end|><<<")
 
 
 def test_special_token_text_in_the_data_is_warned_about(tmp_path, tokenizer):

@@ -29,7 +29,7 @@ def test_plain_template_renders_original_format(embedded_dir):
     t = templates.get("plain")
     t.apply_to(tok)
     prompt = tok.apply_chat_template(t.messages(RECORD), tokenize=False, add_generation_prompt=True)
-    assert prompt == "System: You are a helpful assistant.\nUser: What is a p-value?\nAssistant: "
+    assert prompt == "System: You are a helpful assistant.\nUser: What is a p-value?\nAssistant:"  # (space: answer's)
     full = tok.apply_chat_template(t.messages(RECORD) + [{"role": "assistant", "content": "A probability."}],
                                    tokenize=False)
     assert full.startswith(prompt) and full.endswith("A probability." + tok.eos_token + "\n")
