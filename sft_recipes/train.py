@@ -143,15 +143,20 @@ def lora_fits(cfg, model_path: str, peft_config):
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
         return None
     names = [n for n, _ in meta.named_modules()]
-    linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
-                              - {"lm_head"}))
+    layers = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in layers}))
+    # the attention's own projections (Phi-3's qkv_proj and o_proj, GPT-2's c_attn and c_proj): what the default
+    # q, k, v, o stands for on a model that names them otherwise
+    attention = sorted({n.rsplit(".", 1)[-1] for n in layers if "attn" in n.lower() or "attention" in n.lower()})
     targets = value(list(cfg.lora.target_modules))
     # PEFT refuses only when no name matches (its rule: the module's name, or its end after a dot): one misspelled
     # name among several would train no LoRA there, silently
     if missing := [t for t in cfg.lora.target_modules if t != "all-linear"
                    and not any(n == t or n.endswith("." + t) for n in names)]:
+        on_attention = (f"; its attention's: lora.target_modules=[{','.join(attention)}]"
+                        if attention and set(attention) != set(cfg.lora.target_modules) else "")
         raise UserError(f"lora.target_modules={targets} names {', '.join(missing)}, which {cfg.model.name_or_path} has "
-                        f"no layer of: LoRA would not go there. The model's linear layers: {linear} "
+                        f"no layer of: LoRA would not go there. The model's linear layers: {linear}{on_attention} "
                         "(lora=all_linear takes them all).")
     try:
         return get_peft_model(meta, copy.deepcopy(peft_config))

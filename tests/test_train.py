@@ -216,10 +216,28 @@ def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
     for targets, missing in (("[query,value]", "query, value"), ("[q_proj,k_proj,v_prj,o_proj]", "v_prj")):
         with pytest.raises(UserError, match=rf"lora.target_modules=\[.*\] names {missing}, which .* has no layer of: "
                                             r"LoRA would not go there. The model's linear layers: down_proj, gate_proj, "
-                                            r"k_proj, o_proj, q_proj, up_proj, v_proj \(lora=all_linear"):
+                                            r"k_proj, o_proj, q_proj, up_proj, v_proj; its attention's: "
+                                            r"lora.target_modules=\[k_proj,o_proj,q_proj,v_proj\] \(lora=all_linear"):
             run(tmp_path / "typo", tiny_dir, "preset=fast_test", "train.max_steps=1", "data.val_path=null",
                 f"lora.target_modules={targets}")
         assert not (tmp_path / "typo").exists()
+    # a model that names its attention's projections otherwise (Phi-3: qkv_proj, o_proj) is answered with those names
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    phi3 = tmp_path / "phi3"
+    Phi3ForCausalLM(Phi3Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, pad_token_id=None)).save_pretrained(phi3)
+    shutil.copy(Path(tiny_dir) / "tokenizer.json", phi3)
+    shutil.copy(Path(tiny_dir) / "tokenizer_config.json", phi3)
+    shutil.copy(Path(tiny_dir) / "chat_template.jinja", phi3)
+    with pytest.raises(UserError, match=r"names q_proj, k_proj, v_proj, which .* has no layer of: LoRA would not go "
+                                        r"there. The model's linear layers: down_proj, gate_up_proj, o_proj, qkv_proj; "
+                                        r"its attention's: lora.target_modules=\[o_proj,qkv_proj\] \(lora=all_linear"):
+        run(tmp_path / "phi3_run", str(phi3), "preset=fast_test", "train.max_steps=1", "data.val_path=null")
+    run(tmp_path / "phi3_run", str(phi3), "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+        "lora.target_modules=[o_proj,qkv_proj]")
+    assert {k.split(".")[-3] for k in load_file(tmp_path / "phi3_run" / "final_model" / "adapter_model.safetensors")} \
+        == {"o_proj", "qkv_proj"}
 
 
 def test_a_model_without_sdpa_attention_trains_with_eager(tmp_path, tiny_gemma2_dir, capsys):
