@@ -25,6 +25,22 @@ USAGE = "python -m sft_recipes.merge run_dir=RUN|latest [dtype=bfloat16|float32]
 DEFAULTS = {"run_dir": None, "dtype": "bfloat16", "limit": 0, "gguf": None}
 
 
+def conv1d_layers_back(model, architecture) -> None:
+    """transformers' dequantize() makes every 4-bit layer an nn.Linear, also where the architecture has a Conv1D
+    (GPT-2's c_attn, whose weight is stored transposed), which the merged model's files would then hold the wrong way
+    round: each such layer becomes a Conv1D again, with the same weights."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for name, layer in architecture.named_modules():
+        if isinstance(layer, Conv1D) and isinstance(linear := model.get_submodule(name), torch.nn.Linear):
+            conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight)
+            with torch.no_grad():
+                conv.weight.copy_(linear.weight.T)
+                conv.bias.copy_(linear.bias if linear.bias is not None else torch.zeros_like(conv.bias))
+            model.set_submodule(name, conv)
+
+
 def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] = None) -> dict:
     import shutil
     import tempfile
@@ -55,6 +71,8 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     if quantized:
         base = base.dequantize()
     merged = runs.adapter_model(cfg, run_dir, base.to(torch.float32)).merge_and_unload()
+    if quantized:
+        conv1d_layers_back(merged, models.meta_model(models.resolve_config(cfg.model), cfg.model.trust_remote_code))
     out = run_dir / "merged"
     tmp = Path(tempfile.mkdtemp(prefix="merged.tmp-", dir=run_dir))
     gguf_name = gguf_export.file_name(gguf) if gguf else None

@@ -143,7 +143,10 @@ def lora_fits(cfg, model_path: str, peft_config):
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
         return None
     names = [n for n, _ in meta.named_modules()]
-    layers = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
+
+    layers = [n for n, m in meta.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+              and not n.endswith("lm_head")]
     linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in layers}))
     # the attention's own projections (Phi-3's qkv_proj and o_proj, GPT-2's c_attn and c_proj): what the default
     # q, k, v, o stands for on a model that names them otherwise

@@ -375,6 +375,35 @@ def test_an_int8_run_validates_as_it_trains_and_merges_into_its_de_quantized_wei
     assert not isinstance(plain, PeftModel) and getattr(plain.config, "quantization_config", None) is None
 
 
+def test_a_4bit_gpt2_merges_into_its_own_layer_types(tmp_path, tokenizer):
+    """GPT-2's linear layers are Conv1D (weights stored transposed); de-quantized 4-bit layers come back as
+    nn.Linear, and merged/ held their weights the wrong way round (its load refused their shapes)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "sft_recipes", f"model.name_or_path={base}", "model.embedded=null",
+                        "preset=fast_test", f"data.train_path={TRAIN}", f"data.val_path={VAL}", "train.max_steps=2",
+                        "train.lr=2e-3", "train.report_to=[]", "lora.target_modules=[c_attn,c_proj]",
+                        f"hydra.run.dir={run}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = merge.merge(run, dtype="float32", limit=4)
+    assert report["relative_difference"] < 0.01
+    plain = GPT2LMHeadModel.from_pretrained(run / "merged", dtype=torch.float32)
+    assert isinstance(plain.transformer.h[0].attn.c_attn, Conv1D)
+    adapted = runs.adapter_model(runs.config(run), run)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 1, 4093, 198, 1780, 314]])
+    with torch.no_grad():
+        a, m = adapted(input_ids=ids).logits.float(), plain(input_ids=ids).logits
+    assert (a - m).abs().max() / a.abs().max() < 0.02
+
+
 def card_code_runs(card: str) -> str:
     """Run the card's Python example as written (fewer new tokens); returns what it printed."""
     code = card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=256", "max_new_tokens=4")
