@@ -169,6 +169,22 @@ def lora_fits(cfg, model_path: str, peft_config):
                         f"{e} The model's linear layers: {linear} (lora=all_linear takes them all).") from None
 
 
+def unquantized_experts(cfg, meta) -> Optional[str]:
+    """4- and 8-bit quantization covers linear layers: a mixture-of-experts model whose experts transformers holds as
+    fused 3-D tensors (Mixtral, Qwen3-MoE) keeps them, most of its weights, in model.dtype."""
+    if meta is None or cfg.quantization.bits not in (4, 8):
+        return None
+    base = [p for name, p in meta.named_parameters() if "lora_" not in name]  # (meta: with its LoRA layers)
+    fused = sum(p.numel() for p in base if p.ndim >= 3)
+    if not fused:
+        return None
+    total = sum(p.numel() for p in base)
+    gib = fused * estimate.DTYPE_BYTES[cfg.model.dtype] / 2**30
+    return (f"quantization={'nf4' if cfg.quantization.bits == 4 else 'int8'} quantizes linear layers: this model's "
+            f"experts, {fused:,} of its {total:,} parameters held as fused tensors that bitsandbytes does not quantize, "
+            f"stay in {cfg.model.dtype} ({gib:,.2f} GiB; the dry run's memory estimate counts them so).")
+
+
 class Plan(NamedTuple):
     steps: int  # optimizer steps in all
     text: str  # "21 (7 per epoch, 1 x 16 samples per step)"
@@ -417,6 +433,8 @@ def _run(cfg) -> Optional[Path]:
     adapter = cfg.model.adapter and not checkpoint  # a resumed run finds the adapter's weights in its checkpoint
     peft_config = None if adapter else build.lora_config(cfg.lora)
     meta = lora_fits(cfg, model_path, peft_config) if peft_config is not None else None
+    if experts := unquantized_experts(cfg, meta):
+        print(f"warning: {experts}")
     if cfg.dry_run:
         dry_run(cfg, model_path, tokenizer, data, plan, args, out, meta)
         return None

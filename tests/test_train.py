@@ -251,6 +251,27 @@ def test_a_model_without_sdpa_attention_trains_with_eager(tmp_path, tiny_gemma2_
     assert (tmp_path / "final_model" / "adapter_model.safetensors").exists()
 
 
+def test_experts_that_4bit_leaves_unquantized_are_named(tmp_path, tiny_dir, capsys):
+    """Mixtral's experts are fused 3-D tensors in transformers, which bitsandbytes does not quantize: a 4-bit run
+    says how much stays in bfloat16 (Mixtral-8x7B: 45.1 billion parameters, 84 GiB), and trains."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    mixtral = tmp_path / "mixtral"
+    MixtralForCausalLM(MixtralConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                     num_experts_per_tok=2)).save_pretrained(mixtral)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(tiny_dir) / name, mixtral)
+    run(tmp_path / "run", str(mixtral), "preset=fast_test", "train.max_steps=1", "data.val_path=null")
+    assert ("warning: quantization=nf4 quantizes linear layers: this model's experts, 24,576 of its 3,173,600 "
+            "parameters held as fused tensors that bitsandbytes does not quantize, stay in bfloat16 (0.00 GiB; the dry "
+            "run's memory estimate counts them so).") in capsys.readouterr().out
+    assert (tmp_path / "run" / "final_model" / "adapter_model.safetensors").exists()
+    run(tmp_path / "full", str(mixtral), "preset=fast_test", "train.max_steps=1", "data.val_path=null",
+        "quantization=none", "dry_run=true")
+    assert "quantizes linear layers" not in capsys.readouterr().out
+
+
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     """model.adapter: a new run (on other data, say) starts from a saved adapter's weights and LoRA settings. With a
     learning rate of 1e-12 nothing moves, so its saved adapter equals the one it started from, key by key."""
