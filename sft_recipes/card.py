@@ -55,6 +55,7 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     system = system_prompt(cfg, template)
     messages = ([f'{{"role": "system", "content": {_s(system)}}}'] if system else []) + [
         f'{{"role": "user", "content": {user}}}']
+    generate = generate_lines(folder, merged)
     folder = _s(str(folder.resolve()))
     if merged:
         lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -81,9 +82,30 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     lines += [f"messages = [{', '.join(messages)}]",
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
               "                                       return_dict=True).to(model.device)",
-              "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)",
+              *generate,
               "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
     return "\n".join(lines)
+
+
+def generate_lines(folder: Path, merged: bool) -> list:
+    """generate() as the card's code calls it: where the chat template ends a reply with a token that is not the
+    tokenizer's eos_token (Gemma's <end_of_turn>, a Qwen base model's <|im_end|>), it names that token too (a merged
+    model's generation_config holds it already)."""
+    from transformers import AutoTokenizer
+
+    from .prepare import turn_end
+
+    line = "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)"
+    if merged:
+        return [line]
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return [line]
+    if (end := turn_end(tok)) in (None, tok.eos_token):
+        return [line]
+    return [line[:-1] + f",  # a reply ends at {end}", f"                     eos_token_id=[tokenizer.eos_token_id, "
+            f"tokenizer.convert_tokens_to_ids({_s(end)})])"]
 
 
 def gguf_usage(cfg, gguf: str) -> list:

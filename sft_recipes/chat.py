@@ -59,6 +59,8 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+    from .prepare import stop_ids
+
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -74,7 +76,7 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
                               device=input_ids.device)
 
     kwargs = dict(**inputs, max_new_tokens=max_new_tokens, **(sampling or sampling_args()),
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, streamer=streamer,
+                  eos_token_id=stop_ids(tok, model), pad_token_id=tok.pad_token_id, streamer=streamer,
                   stopping_criteria=StoppingCriteriaList([Stop()]))
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
     pieces = []

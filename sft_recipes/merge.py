@@ -51,6 +51,7 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
 
     from . import card, gguf_export, models, runs
     from .errors import UserError, no_space
+    from .prepare import stop_ids
 
     if dtype not in ("bfloat16", "float32"):
         raise UserError(f"dtype={dtype}: use bfloat16 or float32.")
@@ -81,6 +82,8 @@ def merge(run_dir, dtype: str = "bfloat16", limit: int = 0, gguf: Optional[str] 
     try:
         if gguf:  # from the float32 merge, before it is cast to dtype
             gguf_export.write(merged, tok.chat_template, source, tmp / gguf_name, gguf, reader)
+        stops = stop_ids(tok, merged)  # the end of a reply too, where that is not the eos_token
+        merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         merged.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         for name in earlier:  # a second link: until the new merged/ is in place, the old one stays whole

@@ -65,12 +65,36 @@ class Stats:
                 "conversations": self.conversations}
 
 
+def turn_end(tokenizer) -> Optional[str]:
+    """The special token that ends a reply in the tokenizer's chat template (<|im_end|>, <|eot_id|>, <end_of_turn>):
+    where training ends each reply and generation stops. It is not always the tokenizer's eos_token (Gemma's is
+    <eos>, a Qwen base model's <|endoftext|>); that is the answer where the template puts no special token there."""
+    try:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": U}, {"role": "assistant", "content": A}],
+                                             tokenize=False)
+    except Exception:  # (a template that wants other turns: the tokenizer's eos_token)
+        return tokenizer.eos_token
+    after = tokenizer(full[full.rfind(A) + len(A):], add_special_tokens=False)["input_ids"][:1]
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return tokenizer.convert_ids_to_tokens(after[0]) if after and after[0] in specials else tokenizer.eos_token
+
+
+def stop_ids(tokenizer, model=None) -> List[int]:
+    """The token ids that end an answer: the template's end of turn, the tokenizer's eos_token and the model's
+    generation_config's (several for Llama 3 and Gemma). generate() given eos_token_id takes those alone."""
+    ids = [tokenizer.convert_tokens_to_ids(end) if (end := turn_end(tokenizer)) else None, tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 class Renderer:
     """Turns records into input_ids, the tokens before the first trained reply, and the untrained tokens between a
     conversation's trained replies, through a template and a tokenizer."""
 
     def __init__(self, tokenizer, template: Template, system_prompt: Optional[str] = None):
         self.tok, self.template, self.system_prompt = tokenizer, template, system_prompt
+        self.end = turn_end(tokenizer)
         self.pieces = self._find_pieces()
 
     def _messages(self, r: Record) -> List[dict]:
@@ -99,8 +123,8 @@ class Renderer:
 
     def _end_at_eos(self, text: str) -> str:
         """The trained text ends at the end-of-turn token: what follows it (a newline) is never generated."""
-        eos, stripped = self.tok.eos_token, text.rstrip()
-        return stripped if eos and stripped.endswith(eos) else text
+        end, stripped = self.end, text.rstrip()
+        return stripped if end and stripped.endswith(end) else text
 
     def reference(self, records: Sequence[Record]) -> Tuple[List[List[int]], List[int], List[list]]:
         """Render with Jinja and tokenize each conversation whole. Each trained reply is trained from where its prompt

@@ -232,8 +232,10 @@ class Progress:
 def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress):
     import torch
 
+    from .prepare import stop_ids
+
     shown = Progress(progress, len(conversations)) if progress and len(conversations) > batch_size else None
-    out = []
+    out, stops = [], stop_ids(tok, model)
     device = next(model.parameters()).device
     for i in range(0, len(conversations), batch_size):
         side, tok.padding_side = tok.padding_side, "left"
@@ -244,14 +246,12 @@ def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, u
             tok.padding_side = side
         with torch.no_grad():
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}),
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=stops, pad_token_id=tok.pad_token_id,
                                  **({} if use_cache is None else {"use_cache": use_cache}))
         for row in ids[:, batch["input_ids"].shape[1]:]:
             row = row.tolist()
-            stopped = tok.eos_token_id in row
-            if stopped:
-                row = row[:row.index(tok.eos_token_id)]
-            out.append((tok.decode(row, skip_special_tokens=True).strip(), stopped))
+            end = next((n for n, i in enumerate(row) if i in stops), None)
+            out.append((tok.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
         if shown:
             shown.update(len(out))
     return out

@@ -348,6 +348,7 @@ def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_run):
     assert report["merged_into"] == "de-quantized 4-bit weights" and report["relative_difference"] < 0.01
     plain = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32)
     assert not isinstance(plain, PeftModel) and getattr(plain.config, "quantization_config", None) is None
+    assert plain.generation_config.eos_token_id == 2  # <|im_end|>, the end of a reply (prepare.stop_ids)
     cfg = runs.config(tiny_run)
     adapted = runs.adapter_model(cfg, tiny_run)
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 1, 4093, 198, 1780, 314]])
@@ -637,3 +638,39 @@ def test_a_repetition_penalty_reaches_every_answer(tiny_run, tmp_path):
         tiny_run / "eval_penalty" / "report.md").read_text()
     assert "greedy answers of at most 12 tokens, repetition penalty 1000000.0):" in (
         tiny_run / "final_model" / "README.md").read_text()  # the model card says so too
+
+
+def test_a_reply_ends_at_the_templates_end_of_turn_token_where_that_is_not_eos(tiny_dir, embedded_dir, tmp_path):
+    """A tokenizer whose eos_token is not the token that ends a reply in its chat template (a Qwen base model's
+    <|endoftext|> beside ChatML's <|im_end|>; Gemma's <eos> beside <end_of_turn>): each reply trains through the
+    template's token and no further, answers stop there (generate() given eos_token_id stops at those alone), the
+    model card's code names it, and a merged model's generation_config holds it."""
+    from transformers import AutoModelForCausalLM
+
+    from sft_recipes import card, prepare, templates
+    from sft_recipes.models import load_tokenizer
+
+    tok = load_tokenizer(embedded_dir)
+    tok.eos_token = "<|endoftext|>"
+    assert prepare.turn_end(tok) == "<|im_end|>" and prepare.stop_ids(tok) == [2, 0]
+    ds, _ = prepare.tokenize(data.load_records(TRAIN)[:3], tok, templates.get("chat"), 512)
+    assert [tok.convert_ids_to_tokens(row["input_ids"][-1]) for row in ds] == ["<|im_end|>"] * 3  # (no newline)
+    assert all(label != -100 for label in ds[0]["labels"][-3:])
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id  # as a base model's: <|endoftext|> alone
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)  # it always says <|im_end|>
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[2] = 10.0
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    conversation = [{"role": "user", "content": "What is a p-value?"}]
+    assert runs.generate(model, tok, [conversation], max_new_tokens=6) == [("", True)]
+    assert chat.answer(model, tok, conversation, max_new_tokens=6) == "" and len(calls) == 2  # one step each
+
+    tok.save_pretrained(tmp_path / "adapter")
+    code = "\n".join(card.generate_lines(tmp_path / "adapter", merged=False))
+    assert 'eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])' in code
+    assert prepare.stop_ids(tok, model) == [2, 0]
