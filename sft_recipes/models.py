@@ -112,6 +112,8 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
     """A local folder holding the model (see the module docstring for the order)."""
     name_or_path = os.path.expanduser(name_or_path)
     if Path(name_or_path).is_dir():
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise UserError(not_a_model(Path(name_or_path)))
         return name_or_path
     if name_or_path.endswith(".gguf"):
         return str(_converted(Path(name_or_path)))
@@ -144,6 +146,25 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
     except Exception as e:
         raise UserError(f"Could not download model '{name_or_path}' from the hub ({type(e).__name__}: {e}). "
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
+
+
+def not_a_model(folder: Path) -> str:
+    """What a folder given as model.name_or_path without a config.json holds instead, and what to give."""
+    import json
+
+    head = f"model.name_or_path={folder} is not a model folder (no config.json)"
+    adapter = next((a for a in (folder, folder / "final_model") if (a / "adapter_config.json").is_file()), None)
+    if adapter is not None:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        what = "a run of sft-recipes" if adapter != folder else "a LoRA adapter"
+        run = next((r for r in (folder, folder.parent) if (r / ".hydra" / "config.yaml").is_file()), None)
+        chat = f"; to ask it questions, python -m sft_recipes.chat run_dir={run}" if run else ""
+        return (f"{head}: it holds {what}, trained on {base}. To train that adapter further, "
+                f"model.name_or_path={base} model.adapter={folder}{chat}.")
+    if ggufs := sorted(folder.glob("*.gguf")):
+        return f"{head}: name its GGUF file, model.name_or_path={ggufs[0]}" + (
+            f" (or another of its {len(ggufs)} GGUF files)." if len(ggufs) > 1 else ".")
+    return f"{head}. Give a folder with config.json and *.safetensors (save_pretrained writes one), or a .gguf file."
 
 
 def _converted(gguf: Path) -> Path:

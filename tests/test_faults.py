@@ -342,6 +342,40 @@ def test_a_missing_model_folder_never_means_the_embedded_model(monkeypatch):
     assert not models.is_embedded("HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def test_a_folder_that_is_not_a_model_says_what_it_holds(tmp_path):
+    """model.name_or_path naming a LoRA adapter, a run, a folder of GGUF files or any other folder without a
+    config.json: one paragraph that says what it holds and what to give (it was a traceback from transformers)."""
+    import json
+
+    from sft_recipes import models
+    from sft_recipes.errors import UserError
+
+    def refusal(folder):
+        with pytest.raises(UserError) as e:
+            models.resolve(str(folder))
+        return str(e.value)
+
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("{}")
+    (run / "final_model" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    head = "model.name_or_path={} is not a model folder (no config.json)"
+    assert refusal(run / "final_model") == (
+        f"{head.format(run / 'final_model')}: it holds a LoRA adapter, trained on /models/base. To train that adapter "
+        f"further, model.name_or_path=/models/base model.adapter={run / 'final_model'}; to ask it questions, python -m "
+        f"sft_recipes.chat run_dir={run}.")
+    assert refusal(run).startswith(f"{head.format(run)}: it holds a run of sft-recipes, trained on /models/base. To "
+                                   f"train that adapter further, model.name_or_path=/models/base model.adapter={run};")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m.Q8_0.gguf").write_bytes(b"")
+    assert refusal(tmp_path / "gguf") == (f"{head.format(tmp_path / 'gguf')}: name its GGUF file, "
+                                          f"model.name_or_path={tmp_path / 'gguf' / 'm.Q8_0.gguf'}.")
+    (tmp_path / "empty").mkdir()
+    assert refusal(tmp_path / "empty") == (f"{head.format(tmp_path / 'empty')}. Give a folder with config.json and "
+                                           "*.safetensors (save_pretrained writes one), or a .gguf file.")
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
     r = cli(*args(tiny_dir, tmp_path / "run", "data.train_path=/no/such.json", "debug=true"))
     assert r.returncode != 0 and "Traceback" in r.stderr
