@@ -155,7 +155,7 @@ def not_a_model(folder: Path) -> str:
     head = f"model.name_or_path={folder} is not a model folder (no config.json)"
     adapter = next((a for a in (folder, folder / "final_model") if (a / "adapter_config.json").is_file()), None)
     if adapter is not None:
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or "BASE"
         what = "a run of sft-recipes" if adapter != folder else "a LoRA adapter"
         run = next((r for r in (folder, folder.parent) if (r / ".hydra" / "config.yaml").is_file()), None)
         chat = f"; to ask it questions, python -m sft_recipes.chat run_dir={run}" if run else ""

@@ -390,9 +390,13 @@ def prompt_joins_answer(tokenizer, template: Template, system: Optional[str]) ->
     token and never sees the prompt end as inference tokenizes it (a lone " "), on every record."""
     question = "What is it?"
     msgs = template.messages({"question": question}, system)
-    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    for answer in ("The", "A", "Yes", "1"):
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+    render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw)  # noqa: E731
+    try:
+        prompt = render(msgs, add_generation_prompt=True)
+        fulls = [render(msgs + [{"role": "assistant", "content": answer}]) for answer in ("The", "A", "Yes", "1")]
+    except TemplateError:  # (tokenize names what the chat template refuses, and the way out)
+        return None
+    for full in fulls:
         if not full.startswith(prompt):  # (tokenize names a template that renders its prompt otherwise)
             return None
         spans = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

@@ -69,7 +69,7 @@ NO_SYSTEM_TEMPLATE = (  # as Gemma 2's: no system role
     "{% endif %}")
 
 
-def test_a_chat_template_that_refuses_a_system_message_says_how_to_train(embedded_dir):
+def test_a_chat_template_that_refuses_a_system_message_says_how_to_train(embedded_dir, tmp_path):
     """A chat template's own refusal (Gemma 2's takes no system message) is one paragraph naming what it refused, the
     run's system prompt or a record's own, and the way out; without a system message the same template trains."""
     from sft_recipes import prepare
@@ -84,6 +84,11 @@ def test_a_chat_template_that_refuses_a_system_message_says_how_to_train(embedde
     with pytest.raises(UserError, match=r"^The chat template refused the prompt of data.template=gemma with the system "
                                         r"prompt 'Be brief.': System role not supported. .*data.system_prompt=null"):
         prepare.tokenize([plain], tok, t, 512, system_prompt="Be brief.")
+    (tmp_path / "qa.json").write_text('[{"question": "What is a p-value?", "answer": "A probability."}]')
+    with pytest.raises(UserError, match=r"^The chat template refused the prompt of data.template=gemma with the system "
+                                        r"prompt 'Be brief.'"):  # (the whole preparation: its warnings' checks too)
+        prepare.prepare(str(tmp_path / "qa.json"), None, tok, t,
+                        prepare.Options(max_length=512, system_prompt="Be brief."))
     with pytest.raises(UserError, match=r"^The chat template refused the messages of qa.jsonl, line 2: System role "
                                         r"not supported. .*user: \"Answer briefly.\\n\\n\{question\}\""):
         prepare.tokenize([plain, own], tok, t, 512)
