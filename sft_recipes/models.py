@@ -148,6 +148,39 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
 
 
+def quantized_weights(path: str, quantization) -> None:
+    """A model saved already quantized (a "-bnb-4bit" upload, say) loads with its own quantization settings, whatever
+    the run's `quantization` says (transformers takes the saved ones, and cannot load it unquantized): a run whose
+    settings differ is refused, naming those that match it, before any weights load."""
+    import json
+
+    saved = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    if not saved:
+        return
+    method = saved.get("quant_method", "?")
+    if method != "bitsandbytes":
+        if quantization.bits != 16:
+            raise UserError(f"{path} holds weights quantized with {method}, which bitsandbytes cannot quantize again: "
+                            "train LoRA on them as transformers loads them with quantization=none (it needs the "
+                            f"package {method} asks for), or give the model in full precision.")
+        return
+    bits = 4 if saved.get("load_in_4bit") else 8
+    wanted = {"quantization": "nf4" if bits == 4 else "int8"}
+    if bits == 4:
+        wanted |= {"quantization.quant_type": saved.get("bnb_4bit_quant_type", "fp4"),
+                   "quantization.double_quant": str(bool(saved.get("bnb_4bit_use_double_quant"))).lower(),
+                   "quantization.compute_dtype": str(saved.get("bnb_4bit_compute_dtype", "float32"))}
+    ours = {"quantization": {4: "nf4", 8: "int8"}.get(quantization.bits, "none"),
+            "quantization.quant_type": quantization.quant_type,
+            "quantization.double_quant": str(quantization.double_quant).lower(),
+            "quantization.compute_dtype": quantization.compute_dtype}
+    if differ := {k: v for k, v in wanted.items() if ours[k] != v}:
+        raise UserError(f"{path} holds weights already quantized by bitsandbytes to {bits} bits, which load with the "
+                        f"settings they were saved with: {' '.join(f'{k}={v}' for k, v in wanted.items())}. This run "
+                        f"asks for {', '.join(f'{k}={ours[k]}' for k in differ)}: set "
+                        f"{' '.join(f'{k}={v}' for k, v in differ.items())}, or give the model in full precision.")
+
+
 def not_a_model(folder: Path) -> str:
     """What a folder given as model.name_or_path without a config.json holds instead, and what to give."""
     import json
@@ -226,12 +259,18 @@ def cuda_gpu() -> Optional[tuple]:
 
 def load_model(path: str, dtype: str, quantization_config=None, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False):
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
-    kwargs = dict(dtype=getattr(torch, dtype), quantization_config=quantization_config, device_map=device_map,
-                  trust_remote_code=trust_remote_code, use_safetensors=True)
+    saved = (Path(path) / "config.json").is_file() and "quantization_config" in json.loads(
+        (Path(path) / "config.json").read_text())
+    kwargs = dict(dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust_remote_code,
+                  use_safetensors=True)
+    if not saved:  # (weights saved quantized load as saved, quantized_weights having checked that the run agrees;
+        kwargs["quantization_config"] = quantization_config  # given None, transformers loads them unquantized)
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)

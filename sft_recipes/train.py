@@ -393,6 +393,7 @@ def _run(cfg) -> Optional[Path]:
 
     # Data first: bad records fail here, before any model weights are loaded.
     model_path = models.resolve_config(cfg.model)
+    models.quantized_weights(model_path, cfg.quantization)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     if cfg.data.val_path == "auto":
         print(validation_choice(cfg))

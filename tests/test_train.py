@@ -272,6 +272,30 @@ def test_experts_that_4bit_leaves_unquantized_are_named(tmp_path, tiny_dir, caps
     assert "quantizes linear layers" not in capsys.readouterr().out
 
 
+def test_a_model_saved_in_4bit_trains_with_the_settings_it_was_saved_with(tmp_path, tiny_dir):
+    """A "-bnb-4bit" model loads with its own quantization settings whatever the run says (and not at all
+    unquantized): a run that asks for others is refused, naming those that match; one that matches trains."""
+    from sft_recipes import build, models
+
+    saved = tmp_path / "bnb4"
+    models.load_model(tiny_dir, "bfloat16", build.bnb_config(make().quantization)).save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(tiny_dir) / name, saved)
+    for asks, differ in (("quantization=none", "quantization=none: set quantization=nf4"),
+                         ("quantization.double_quant=false", "quantization.double_quant=false: set "
+                                                             "quantization.double_quant=true")):
+        with pytest.raises(UserError, match=rf"^{saved} holds weights already quantized by bitsandbytes to 4 bits, which "
+                                            r"load with the settings they were saved with: quantization=nf4 "
+                                            r"quantization.quant_type=nf4 quantization.double_quant=true "
+                                            rf"quantization.compute_dtype=bfloat16. This run asks for {differ}, or give "
+                                            r"the model in full precision.$"):
+            run(tmp_path / "refused", str(saved), "preset=fast_test", "train.max_steps=1", asks)
+        assert not (tmp_path / "refused").exists()
+    run(tmp_path / "run", str(saved), "preset=fast_test", "train.max_steps=2", "data.val_path=null")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and math.isfinite(metrics["final_train_loss"])
+
+
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
     """model.adapter: a new run (on other data, say) starts from a saved adapter's weights and LoRA settings. With a
     learning rate of 1e-12 nothing moves, so its saved adapter equals the one it started from, key by key."""
