@@ -294,6 +294,16 @@ def test_a_model_saved_in_4bit_trains_with_the_settings_it_was_saved_with(tmp_pa
     run(tmp_path / "run", str(saved), "preset=fast_test", "train.max_steps=2", "data.val_path=null")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and math.isfinite(metrics["final_train_loss"])
+    # weights quantized otherwise: bitsandbytes cannot quantize them again
+    gptq = tmp_path / "gptq"
+    shutil.copytree(tiny_dir, gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
+                                                                                     "bits": 4}}))
+    with pytest.raises(UserError, match=rf"^{gptq} holds weights quantized with gptq, which bitsandbytes cannot "
+                                        r"quantize again: train LoRA on them as transformers loads them with "
+                                        r"quantization=none"):
+        run(tmp_path / "refused", str(gptq), "preset=fast_test", "train.max_steps=1")
 
 
 def test_training_continues_from_a_saved_adapter(tmp_path, tiny_dir, capsys):
