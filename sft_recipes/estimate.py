@@ -27,14 +27,11 @@ OFFLOAD_STASH = 5
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
              gradient_checkpointing: bool, double_quant: bool = True, offloading: bool = False) -> Dict[str, float]:
     """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count."""
-    import torch
+    from .models import linear_layers
 
     cfg = model.config.get_text_config()
     b = DTYPE_BYTES[dtype]
-    quantized = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            quantized += module.weight.numel()
+    quantized = sum(module.weight.numel() for _, module in linear_layers(model))
     total = sum(p.numel() for p in model.parameters())
     frozen = total - quantized
     if bits == 4:  # NF4: 0.5 byte/param + an absmax per 64 (fp32, or 8-bit with a second level when double)

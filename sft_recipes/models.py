@@ -148,14 +148,29 @@ def resolve(name_or_path: str, embedded: Optional[str] = None, gguf_file: Option
                         "Check the id and your access, or pass model.name_or_path=DIR.") from None
 
 
+def saved_quantization(path: str) -> Optional[dict]:
+    """The quantization_config a model folder's config.json holds (weights saved quantized), or None."""
+    import json
+
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+
+
+def linear_layers(model) -> list:
+    """(name, module) of the model's linear layers but its head: nn.Linear, and GPT-2's Conv1D, which bitsandbytes
+    quantizes and LoRA targets alike."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+            and not n.endswith("lm_head")]
+
+
 def quantized_weights(path: str, quantization) -> None:
     """A model saved already quantized (a "-bnb-4bit" upload, say) loads with its own quantization settings, whatever
     the run's `quantization` says (transformers takes the saved ones, and cannot load it unquantized): a run whose
     settings differ is refused, naming those that match it, before any weights load."""
-    import json
-
-    saved = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
-    if not saved:
+    if not (saved := saved_quantization(path)):
         return
     method = saved.get("quant_method", "?")
     if method != "bitsandbytes":
@@ -259,17 +274,13 @@ def cuda_gpu() -> Optional[tuple]:
 
 def load_model(path: str, dtype: str, quantization_config=None, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False):
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
-    saved = (Path(path) / "config.json").is_file() and "quantization_config" in json.loads(
-        (Path(path) / "config.json").read_text())
     kwargs = dict(dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust_remote_code,
                   use_safetensors=True)
-    if not saved:  # (weights saved quantized load as saved, quantized_weights having checked that the run agrees;
+    if saved_quantization(path) is None:  # (weights saved quantized load as saved, quantized_weights having checked that the run agrees;
         kwargs["quantization_config"] = quantization_config  # given None, transformers loads them unquantized)
     try:
         try:

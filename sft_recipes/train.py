@@ -135,7 +135,6 @@ def lora_fits(cfg, model_path: str, peft_config):
     that cannot be built without weights), which the dry run counts parameters on."""
     import copy
 
-    import torch
     from peft import get_peft_model
 
     try:
@@ -143,10 +142,7 @@ def lora_fits(cfg, model_path: str, peft_config):
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
         return None
     names = [n for n, _ in meta.named_modules()]
-    from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
-
-    layers = [n for n, m in meta.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
-              and not n.endswith("lm_head")]
+    layers = [n for n, _ in models.linear_layers(meta)]
     linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in layers}))
     # the attention's own projections (Phi-3's qkv_proj and o_proj, GPT-2's c_attn and c_proj): what the default
     # q, k, v, o stands for on a model that names them otherwise
