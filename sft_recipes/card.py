@@ -55,11 +55,10 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     system = system_prompt(cfg, template)
     messages = ([f'{{"role": "system", "content": {_s(system)}}}'] if system else []) + [
         f'{{"role": "user", "content": {user}}}']
-    generate = generate_lines(folder, merged)
-    folder = _s(str(folder.resolve()))
+    where = _s(str(folder.resolve()))
     if merged:
         lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                 f"path = {folder}  # this folder", "tokenizer = AutoTokenizer.from_pretrained(path)",
+                 f"path = {where}  # this folder", "tokenizer = AutoTokenizer.from_pretrained(path)",
                  f"model = AutoModelForCausalLM.from_pretrained(path, dtype={dtype}).eval()"]
     else:
         quant = {4: ["quantization_config=BitsAndBytesConfig(  # as trained; leave it out to load "
@@ -71,7 +70,7 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
         lines = ["import torch", "from peft import PeftModel",
                  "from transformers import AutoModelForCausalLM, AutoTokenizer"
                  + (", BitsAndBytesConfig" if quant else ""), "",
-                 f"base_id = {_s(base)}", f"adapter = {folder}  # this folder (or its hub id once pushed)",
+                 f"base_id = {_s(base)}", f"adapter = {where}  # this folder (or its hub id once pushed)",
                  "tokenizer = AutoTokenizer.from_pretrained(adapter)  # carries the chat template used in training",
                  f"base = AutoModelForCausalLM.from_pretrained(base_id, dtype={dtype}" + (",", ")")[not quant],
                  *(f"    {line}" for line in quant or []),
@@ -82,30 +81,33 @@ def usage(cfg, base: str, folder: Path, merged: bool) -> str:
     lines += [f"messages = [{', '.join(messages)}]",
               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
               "                                       return_dict=True).to(model.device)",
-              *generate,
-              "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
+              *answer_lines(folder, merged)]
     return "\n".join(lines)
 
 
-def generate_lines(folder: Path, merged: bool) -> list:
-    """generate() as the card's code calls it: where the chat template ends a reply with a token that is not the
-    tokenizer's eos_token (Gemma's <end_of_turn>, a Qwen base model's <|im_end|>), it names that token too (a merged
-    model's generation_config holds it already)."""
+def answer_lines(folder: Path, merged: bool) -> list:
+    """generate() and the answer printed, as the card's code does them: where the chat template ends a reply with a
+    token that is not the tokenizer's eos_token (Gemma's <end_of_turn>, a Qwen base model's <|im_end|>), generate()
+    names that token too (a merged model's generation_config holds it already); where the template writes a
+    reasoning block before the reply (Qwen3's), the answer printed is what follows it."""
     from transformers import AutoTokenizer
 
-    from .prepare import turn_end
+    from .prepare import reasoning_end, turn_end
 
     line = "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)"
-    if merged:
-        return [line]
+    reply = "tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)"
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
-        return [line]
-    if (end := turn_end(tok)) in (None, tok.eos_token):
-        return [line]
-    return [line[:-1] + f",  # a reply ends at {end}", f"                     eos_token_id=[tokenizer.eos_token_id, "
-            f"tokenizer.convert_tokens_to_ids({_s(end)})])"]
+        return [line, f"print({reply})"]
+    generate = [line]
+    if not merged and (end := turn_end(tok)) not in (None, tok.eos_token):
+        generate = [line[:-1] + f",  # a reply ends at {end}", "                     eos_token_id=["
+                    f"tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids({_s(end)})])"]
+    if not (reasoned := reasoning_end(tok)):
+        return generate + [f"print({reply})"]
+    return generate + [f"reply = {reply}", f"print(reply.split({_s(reasoned)})[-1].strip())  # the answer, after the "
+                       "reasoning block that the chat template puts first"]
 
 
 def gguf_usage(cfg, gguf: str) -> list:

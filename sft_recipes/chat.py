@@ -50,16 +50,54 @@ def loop_start(ids: Sequence[int]) -> Optional[int]:
     return None
 
 
+class Shown:
+    """Streams a reply from its first word, without the empty reasoning block it opens with where the chat template
+    writes one (prepare.reasoning_end: "<think>\n\n</think>\n\n" before a Qwen3 model's answers). A block with
+    reasoning in it streams as it comes; the text is held back only while it may still be the empty one."""
+
+    def __init__(self, stream, end: Optional[str]):
+        self.stream, self.end, self.held, self.started = stream, end, "" if end else None, False
+
+    def __call__(self, piece: str) -> None:
+        if self.held is None:
+            return self._emit(piece)
+        self.held += piece
+        opening, text = "<" + self.end[2:], self.held.lstrip()  # ("<think>")
+        if text.startswith(opening):
+            text = text[len(opening):].lstrip()
+        elif opening.startswith(text):
+            return
+        if text.startswith(self.end):  # the empty block: left out
+            self.held = None
+            return self._emit(text[len(self.end):])
+        if not self.end.startswith(text):
+            self.close()
+
+    def close(self) -> None:
+        """The end of the reply: text still held back is shown."""
+        held, self.held = self.held, None
+        if held:
+            self._emit(held)
+
+    def _emit(self, text: str) -> None:
+        if not self.started:  # (a model that opens with a newline: the answer starts at its first word)
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            self.stream(text)
+
+
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None,
            stop_loops: bool = True) -> str:
     """The answer to a conversation: greedy, or per `sampling` (sampling_args); with `stream`, each piece of text is
     passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on). With `stop_loops`, an answer
     that repeats itself stops there, and the answer returned keeps one copy of the repeated passage (LOOP_NOTE is
-    streamed, or printed to stderr)."""
+    streamed, or printed to stderr). The answer returned leaves out a reasoning block (prepare.reasoning_end); the
+    stream, an empty one (Shown)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    from .prepare import stop_ids
+    from .prepare import answer_of, reasoning_end, stop_ids
 
     inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True).to(next(model.parameters()).device)
@@ -79,17 +117,14 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
                   eos_token_id=stop_ids(tok, model), pad_token_id=tok.pad_token_id, streamer=streamer,
                   stopping_criteria=StoppingCriteriaList([Stop()]))
     worker = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
-    pieces = []
+    pieces, reasoned = [], reasoning_end(tok)
+    shown = Shown(stream, reasoned) if stream else None
     try:
         worker.start()
         for piece in streamer:
-            if not pieces:  # (a model that opens with a newline: the answer starts at its first word)
-                piece = piece.lstrip()
-                if not piece:
-                    continue
             pieces.append(piece)
-            if stream:
-                stream(piece)
+            if shown:
+                shown(piece)
         worker.join()
     except KeyboardInterrupt:
         stop.set()
@@ -97,15 +132,18 @@ def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling:
             worker.join()
         if not stream:
             raise
+        shown.close()
         stream(" [stopped]")
-        return "".join(pieces).strip()
+        return answer_of("".join(pieces).strip(), reasoned)
+    if shown:
+        shown.close()
     if kept:  # a loop: the answer keeps its first copy
         if stream:
             stream(f" [{LOOP_NOTE}]")
         else:
             print(f"note: the answer was {LOOP_NOTE}.", file=sys.stderr)
-        return tok.decode(kept[0], skip_special_tokens=True).strip()
-    return "".join(pieces).strip()
+        return answer_of(tok.decode(kept[0], skip_special_tokens=True).strip(), reasoned)
+    return answer_of("".join(pieces).strip(), reasoned)
 
 
 def save(history: List[dict], path: str, system: Optional[str], source: str) -> str:

@@ -34,6 +34,7 @@ from .templates import Template, refusals
 
 U, A = "\ue000USER\ue000", "\ue000ANSWER\ue000"  # placeholders (private-use characters)
 VERIFY_SAMPLE = 256
+REASONING_END = "</think>"  # the end of a reasoning block (Qwen3, DeepSeek-R1's distills, SmolLM3)
 
 
 @dataclass
@@ -88,6 +89,19 @@ def stop_ids(tokenizer, model=None) -> List[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def reasoning_end(tokenizer) -> Optional[str]:
+    """"</think>" where the chat template writes a reasoning block before the reply (Qwen3's writes
+    "<think>\\n\\n</think>\\n\\n" before each answer that has none, and trains it): a model fine-tuned on plain answers
+    writes that empty block first. It is no part of the answer that chat shows or evaluate scores."""
+    template = getattr(tokenizer, "chat_template", None)
+    return REASONING_END if REASONING_END in str(template or "") else None
+
+
+def answer_of(reply: str, end: Optional[str]) -> str:
+    """A reply without its reasoning block (what follows `end`, from reasoning_end), where it has one."""
+    return reply.rpartition(end)[2].strip() if end and end in reply else reply
+
+
 class Renderer:
     """Turns records into input_ids, the tokens before the first trained reply, and the untrained tokens between a
     conversation's trained replies, through a template and a tokenizer."""
@@ -104,8 +118,9 @@ class Renderer:
     def _find_pieces(self) -> Optional[Tuple[str, str, str, str, str]]:
         """(head, user_lead, middle, lead, tail) such that full text = head + user_lead + user + middle + lead + answer
         + tail and the prompt ends after middle, if the template renders placeholders that way; None otherwise. The
-        leads are spaces before the user's text (`plain`'s "User: ") and whitespace that the answer's turn puts before
-        it (its space after "Assistant:"), each tokenized with the text after it, as the tokenizer joins them."""
+        leads are spaces before the user's text (`plain`'s "User: ") and what the answer's turn puts before it (its
+        space after "Assistant:", Qwen3's empty reasoning block), each tokenized with the text after it, as the
+        tokenizer joins them."""
         sys_msgs = self.template.messages({}, self.system_prompt)[:-1]
         with refusals(f"the prompt of data.template={self.template.name}" + (
                 f" with the system prompt {sys_msgs[0]['content']!r}" if sys_msgs else ""), sys_msgs):
@@ -114,7 +129,7 @@ class Renderer:
             full = self.tok.apply_chat_template(sys_msgs + [{"role": "user", "content": U},
                                                             {"role": "assistant", "content": A}], tokenize=False)
         rest = full[len(prompt):]
-        if prompt.count(U) != 1 or not full.startswith(prompt) or A not in rest or rest[:rest.index(A)].strip():
+        if prompt.count(U) != 1 or not full.startswith(prompt) or A not in rest:
             return None
         head, middle = prompt.split(U)
         lead = rest[:rest.index(A)]
@@ -149,8 +164,10 @@ class Renderer:
             text = pairs[-1][1] if ts[-1] == len(c) - 1 else self._end_at_eos(render([c])[0])  # (an untrained last)
             if not all(text.startswith(p) and text.startswith(e) for p, e in pairs):
                 last = " (data.train_replies=last trains each conversation's last reply alone)" if r.history else ""
+                why = (f" (it writes a reasoning block, {REASONING_END}, before the last reply alone, as Qwen3's "
+                       "does, and none before the earlier ones)" if r.history and reasoning_end(self.tok) else "")
                 raise UserError(f"Template '{self.template.name}' renders the prompt of {r.where} differently "
-                                "alone than inside the conversation, so training would not match inference; "
+                                f"alone than inside the conversation{why}, so training would not match inference; "
                                 f"fix its chat_template{last}.")
             texts.append(text)
             bounds.append([(len(p), len(e)) for p, e in pairs])

@@ -197,7 +197,7 @@ def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, b
     tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit layers on the CPU use
     bitsandbytes' inference layout while it runs (models.repacked_for_inference). With `progress` (a label), answers
     done and the time left go to stderr when there is more than one batch.
-    Returns [(text, stopped at end-of-turn)]."""
+    Returns [(text, stopped at end-of-turn)]; the text leaves out a reasoning block (prepare.reasoning_end)."""
     from .models import repacked_for_inference
 
     with repacked_for_inference(model):
@@ -232,10 +232,10 @@ class Progress:
 def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress):
     import torch
 
-    from .prepare import stop_ids
+    from .prepare import answer_of, reasoning_end, stop_ids
 
     shown = Progress(progress, len(conversations)) if progress and len(conversations) > batch_size else None
-    out, stops = [], stop_ids(tok, model)
+    out, stops, reasoned = [], stop_ids(tok, model), reasoning_end(tok)
     device = next(model.parameters()).device
     for i in range(0, len(conversations), batch_size):
         side, tok.padding_side = tok.padding_side, "left"
@@ -251,7 +251,7 @@ def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, u
         for row in ids[:, batch["input_ids"].shape[1]:]:
             row = row.tolist()
             end = next((n for n, i in enumerate(row) if i in stops), None)
-            out.append((tok.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
+            out.append((answer_of(tok.decode(row[:end], skip_special_tokens=True).strip(), reasoned), end is not None))
         if shown:
             shown.update(len(out))
     return out

@@ -14,6 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "data" / "training_data" / "sft_sample.json"
 VAL = ROOT / "data" / "training_data" / "sft_sample_val.json"
+QWEN3_LIKE = (  # as Qwen3's chat template: the last reply opens with its reasoning block, an empty one if it has none
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% set parts = m['content'].split('</think>') %}"
+    "{{ '<|im_start|>assistant\n' }}{% if loop.last %}"
+    "{{ '<think>\n' + (parts[0].split('<think>')[-1].strip() if parts | length > 1 else '') + '\n</think>\n\n' }}"
+    "{% endif %}{{ parts[-1].lstrip() + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Evaluate, chat and merge: metrics against hand-computed cases, each command end to end on the tiny model,
 and once on the embedded model (the adapter must beat the base model)."""
+import contextlib
+import copy
+import io
 import json
 import re
 import shutil
@@ -9,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN, VAL
+from conftest import QWEN3_LIKE, ROOT, TRAIN, VAL
 from sft_recipes import chat, data, evaluate, merge, runs
 from sft_recipes.errors import UserError
 
@@ -185,6 +188,50 @@ def test_ctrl_c_at_the_edges_of_an_answer_stops_that_answer_not_the_chat(tiny_ru
         pytest.fail(f"the Ctrl-C {edge!r} ended the chat")
     out = capsys.readouterr().out
     assert raised and out.count(" [stopped]\n") == 1 and out.count("model> ") == 2, out
+
+
+@pytest.mark.parametrize("reasoning", ["", "Recall the definition."])
+def test_a_reasoning_block_is_no_part_of_the_answer_shown_or_scored(tokenizer, tmp_path, reasoning):
+    """A model fine-tuned on plain answers with Qwen3's chat template writes the empty reasoning block that the
+    template put before every trained answer ("<think>\\n\\n</think>\\n\\n"). Chat streams the answer from its first
+    word without that block (a block with reasoning in it streams as it comes), and the answer that chat keeps,
+    evaluate scores and answer files hold is what follows the block. Pieces as a streamer passes them on: one
+    decoded token at a time."""
+    from sft_recipes import card, prepare, templates
+    from sft_recipes.chat import Shown
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN3_LIKE
+    end = prepare.reasoning_end(tok)
+    assert end == "</think>" and prepare.reasoning_end(tokenizer) is None  # (SmolLM2's template writes none)
+    ds, _ = prepare.tokenize(data.load_records(TRAIN)[:1], tok, templates.get("chat"), 512)
+    trained = tok.decode([i for i, label in zip(ds[0]["input_ids"], ds[0]["labels"]) if label != -100])
+    assert trained.startswith("<think>\n\n</think>\n\n")  # what the model learns to write before each answer
+
+    reply = f"<think>\n{reasoning}\n</think>\n\nA p-value is a probability."
+    streamed = []
+    shown = Shown(streamed.append, end)
+    for token in tok(reply, add_special_tokens=False)["input_ids"]:
+        shown(tok.decode([token]))
+    shown.close()
+    expected = f"<think>\n{reasoning}\n</think>\n\n" if reasoning else ""
+    assert "".join(streamed) == expected + "A p-value is a probability."
+    assert prepare.answer_of(reply, end) == "A p-value is a probability."
+    assert prepare.answer_of(reply, None) == reply  # (a template without reasoning blocks: the reply as written)
+    tok.save_pretrained(tmp_path / "adapter")  # the model card's code prints the answer alone too
+    *_, printed = card.answer_lines(tmp_path / "adapter", merged=False)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        exec(printed, {"reply": reply})
+    assert said.getvalue() == "A p-value is a probability.\n"
+
+    for unfinished in ("<think>\n", "\n<thi"):  # a reply cut short inside what could be the block: shown as it is
+        streamed = []
+        shown = Shown(streamed.append, end)
+        shown(unfinished)
+        assert streamed == []
+        shown.close()
+        assert streamed == [unfinished.lstrip()]
 
 
 def test_loop_start_finds_where_an_answer_begins_to_repeat_itself():
@@ -671,6 +718,6 @@ def test_a_reply_ends_at_the_templates_end_of_turn_token_where_that_is_not_eos(t
     assert chat.answer(model, tok, conversation, max_new_tokens=6) == "" and len(calls) == 2  # one step each
 
     tok.save_pretrained(tmp_path / "adapter")
-    code = "\n".join(card.generate_lines(tmp_path / "adapter", merged=False))
+    code = "\n".join(card.answer_lines(tmp_path / "adapter", merged=False))
     assert 'eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])' in code
     assert prepare.stop_ids(tok, model) == [2, 0]

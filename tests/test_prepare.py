@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TRAIN, VAL
+from conftest import QWEN3_LIKE, ROOT, TRAIN, VAL
 from sft_recipes import data, prepare, templates
 from sft_recipes.errors import UserError
 
@@ -194,6 +194,15 @@ def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_
     trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
     assert tok.decode(row["input_ids"][:trained_from]) == "user:\na?<|im_end|>\nuser:\nc?<|im_end|>\nassistant:\n"
     assert tok.decode(row["input_ids"][trained_from:]) == "d.<|im_end|>"  # the last reply's prompt, as chat sends it
+
+    tok.chat_template = QWEN3_LIKE  # a reasoning block before the last reply alone: the message says so
+    chat = templates.get("chat")
+    with pytest.raises(UserError, match=r"conversation \(it writes a reasoning block, </think>, before the last reply "
+                                        r"alone, as Qwen3's does, and none before the earlier ones\)"):
+        prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128))
+    row = prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128, train_replies="last")).train[0]
+    trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert tok.decode(row["input_ids"][trained_from:]) == "<think>\n\n</think>\n\nd.<|im_end|>"
 
 
 def test_train_replies_last_trains_each_conversations_last_reply(tmp_path, tokenizer):
