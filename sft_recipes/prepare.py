@@ -162,13 +162,16 @@ class Renderer:
         for r, c, ts in zip(records, convs, trained):
             pairs = [(next(prompts), next(ends)) for _ in ts]
             text = pairs[-1][1] if ts[-1] == len(c) - 1 else self._end_at_eos(render([c])[0])  # (an untrained last)
-            if not all(text.startswith(p) and text.startswith(e) for p, e in pairs):
+            if odd := next((x for pair in pairs for x in pair if not text.startswith(x)), None):
                 last = " (data.train_replies=last trains each conversation's last reply alone)" if r.history else ""
                 why = (f" (it writes a reasoning block, {REASONING_END}, before the last reply alone, as Qwen3's "
                        "does, and none before the earlier ones)" if r.history and reasoning_end(self.tok) else "")
+                at = len(os.path.commonprefix([odd, text]))
+                around = lambda t: t[max(0, at - 20):at + 20]  # noqa: E731
                 raise UserError(f"Template '{self.template.name}' renders the prompt of {r.where} differently "
-                                f"alone than inside the conversation{why}, so training would not match inference; "
-                                f"fix its chat_template{last}.")
+                                f"alone than inside the conversation{why}: alone it reads {around(odd)!r} "
+                                f"where the conversation reads {around(text)!r}, so training would not "
+                                f"match inference; fix its chat_template{last}.")
             texts.append(text)
             bounds.append([(len(p), len(e)) for p, e in pairs])
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)

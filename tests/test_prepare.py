@@ -1,4 +1,5 @@
 """Formats, deduplication, leak-free splits, the fast tokenization path and the prepared-data cache."""
+import copy
 import json
 import re
 import subprocess
@@ -203,6 +204,22 @@ def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_
     row = prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128, train_replies="last")).train[0]
     trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
     assert tok.decode(row["input_ids"][trained_from:]) == "<think>\n\n</think>\n\nd.<|im_end|>"
+
+
+def test_a_generation_prompt_that_the_reply_does_not_follow_is_named(tokenizer):
+    """DeepSeek-R1's distills: the generation prompt opens a reasoning block that the rendered reply leaves out, so
+    no answer could train after the prompt that chat sends. The run stops, naming both texts where they part."""
+    tok = copy.deepcopy(tokenizer)
+    tmpl = templates.Template("r1_like", chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|User|>' + m['content'] }}"
+        "{% else %}{{ '<|Assistant|>' + m['content'].split('</think>')[-1] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|Assistant|><think>\\n' }}{% endif %}"))
+    tmpl.apply_to(tok)
+    with pytest.raises(UserError, match=re.escape(
+            f"Template 'r1_like' renders the prompt of {TRAIN}, record 1 differently alone than inside the "
+            "conversation: alone it reads 'sample?<|Assistant|><think>\\n' where the conversation reads "
+            "'sample?<|Assistant|>A population is the ', so training would not match inference; fix its chat_template.")):
+        prepare.prepare(str(TRAIN), None, tok, tmpl, prepare.Options(max_length=512))
 
 
 def test_train_replies_last_trains_each_conversations_last_reply(tmp_path, tokenizer):
