@@ -119,6 +119,12 @@ def save_interval(train, steps: Optional[int]) -> int:
     return train.save_steps or (min(50, math.ceil(steps / 5)) if steps else 50)
 
 
+def padding_free(train) -> bool:
+    """Whether a batch's samples (or packed rows) go end to end in one row. One sample a batch has no padding to
+    remove (and TRL warns at every run that padding-free is pointless)."""
+    return (train.padding_free and train.batch_size > 1) or train.packing
+
+
 def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = None, steps: Optional[int] = None):
     """trl.SFTConfig for our pre-tokenized rows (input_ids + labels): TRL pads, batches and runs the loop; `steps`, the
     run's optimizer steps, sets an unset train.save_steps. `train.sft_args` adds any other SFTConfig argument; one that
@@ -174,8 +180,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool, use_cpu: Optional[bool] = N
         # rows are already cut to data.max_length by sft_recipes.prepare (with counts); packing fills rows to it
         max_length=cfg.data.max_length if t.packing else None,
         packing=t.packing,
-        # one sample a batch has no padding to remove (and TRL warns at every run that padding-free is pointless)
-        padding_free=(t.padding_free and t.batch_size > 1) or t.packing,
+        padding_free=padding_free(t),
         pad_to_multiple_of=t.pad_to_multiple_of,
         completion_only_loss=False,  # our rows carry their own labels
         dataloader_num_workers=0,

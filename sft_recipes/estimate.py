@@ -3,7 +3,8 @@
 The four terms of a LoRA/QLoRA step: the frozen base weights (4-bit NF4: half a byte per parameter plus
 its block scales; 8-bit: one byte; else the model dtype), the LoRA parameters with their gradients and
 AdamW state (fp32: 4 + 4 + 8 bytes each), the activations kept for the backward pass, and the logits
-(with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py).
+(with their float32 copies and gradients, where the lean loss step materializes them; see trainer.py); with eager
+attention, also each row's attention matrices (heads x row length squared), which SDPA never holds.
 Activations per token and layer follow the tensors a Llama-style decoder layer saves; with gradient
 checkpointing only each layer's input is kept, plus one layer recomputed; with activation offloading most of
 what is kept waits in CPU memory instead.
@@ -25,8 +26,10 @@ OFFLOAD_STASH = 5
 
 
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
-             gradient_checkpointing: bool, double_quant: bool = True, offloading: bool = False) -> Dict[str, float]:
-    """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count."""
+             gradient_checkpointing: bool, double_quant: bool = True, offloading: bool = False,
+             attention: str = "sdpa", padding_free: bool = False) -> Dict[str, float]:
+    """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count. `attention`:
+    the attention it trains with (models.attention); `padding_free`: a batch's samples in one row."""
     from .models import linear_layers
 
     cfg = model.config.get_text_config()
@@ -58,6 +61,14 @@ def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int,
     if logits > LEAN_LOGITS_BYTES:  # ...or TRL's tiled kernel, which never holds more than a tile of them
         logits = 0
     parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits}
+    if attention == "eager":
+        # Eager attention holds each row's attention matrix (heads x length x length; a padding-free row is the whole
+        # batch): its float32 softmax and the copy in the compute dtype stay for the backward pass in every layer (in
+        # one, with checkpointing), and the scores and their gradients pass through (bench/attention_memory.py).
+        rows, span = (1, tokens) if padding_free else (batch_size, seq_len)
+        kept = 4 + (b if b < 4 else 0)
+        parts["attention_matrices"] = rows * heads * span * span * (
+            kept * (1 if gradient_checkpointing else layers) + 4 + b)
     parts["total"] = sum(parts.values())
     return parts
 

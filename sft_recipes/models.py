@@ -272,10 +272,16 @@ def cuda_gpu() -> Optional[tuple]:
     return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
+def attention(model_class, requested: str) -> str:
+    """The attention a model trains with: model.attn_implementation, except sdpa for an architecture that transformers
+    runs without SDPA (Gemma 2: its soft-capping), which trains with eager."""
+    return "eager" if requested == "sdpa" and getattr(model_class, "_supports_sdpa", True) is False else requested
+
+
 def load_model(path: str, dtype: str, quantization_config=None, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     kwargs = dict(dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust_remote_code,
@@ -283,14 +289,12 @@ def load_model(path: str, dtype: str, quantization_config=None, attn_implementat
     if saved_quantization(path) is None:  # (weights saved quantized load as saved, quantized_weights having checked that the run agrees;
         kwargs["quantization_config"] = quantization_config  # given None, transformers loads them unquantized)
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
-        except ValueError as e:  # transformers has no SDPA for a few architectures (Gemma 2: its soft-capping)
-            if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
-                raise
-            print(f"note: {str(e).split()[0]} has no SDPA attention in transformers, so it runs with eager "
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # (None: a model's own code)
+        if (attn := attention(model_class, attn_implementation)) != attn_implementation:
+            print(f"note: {model_class.__name__} has no SDPA attention in transformers, so it runs with eager "
                   "attention (model.attn_implementation=eager).", flush=True)
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs)
     except OSError as e:
         raise UserError(f"Could not load the model from {path}: {e}") from None
     if getattr(quantization_config, "load_in_4bit", False):

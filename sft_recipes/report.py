@@ -210,17 +210,19 @@ def memory_estimate(cfg, model_path: str, seq_len: int, model=None):
     from peft import get_peft_model
 
     from . import build, estimate
-    from .models import meta_model
+    from .models import attention, meta_model
 
     if model is None:
         model = get_peft_model(meta_model(model_path, cfg.model.trust_remote_code), build.lora_config(cfg.lora))
     base = model.get_base_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    q = cfg.quantization
+    q, t = cfg.quantization, cfg.train
     dtype = q.compute_dtype if q.bits == 4 else cfg.model.dtype
-    parts = estimate.estimate(base, trainable, q.bits, dtype, cfg.train.batch_size, seq_len,
-                              cfg.train.gradient_checkpointing, q.double_quant, cfg.train.activation_offloading)
+    parts = estimate.estimate(base, trainable, q.bits, dtype, t.batch_size, seq_len, t.gradient_checkpointing,
+                              q.double_quant, t.activation_offloading,
+                              attention(type(base), cfg.model.attn_implementation),
+                              build.padding_free(t))
     return trainable, total, parts
 
 

@@ -249,6 +249,29 @@ def test_memory_estimate_matches_peaks_measured_on_a_gpu(rows, offloading, measu
     assert abs(parts["total"] / 2**30 - measured_gib) / measured_gib < 0.06, parts
 
 
+# bench/attention_memory.py on this CPU: eager's peak over SDPA's in one step over a padding-free row (GiB)
+@pytest.mark.parametrize("tokens, samples, layers, checkpointing, measured_gib", [
+    (2048, 2, 2, False, 0.642), (2048, 2, 4, False, 1.044), (2048, 2, 4, True, 0.391), (3236, 4, 2, True, 0.99)])
+def test_eager_attention_matrices_match_what_eager_holds_over_sdpa(tokens, samples, layers, checkpointing,
+                                                                   measured_gib):
+    """The estimate's `attention matrices` (eager attention only, as Gemma 2 trains) against the memory eager took
+    beyond SDPA, measured; a padding-free row holds the whole batch, so its matrices grow with the batch squared."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_recipes import estimate
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536,
+                                             num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3))
+    args = (model, 0, 16, "bfloat16", samples, tokens // samples, checkpointing)
+    eager = estimate.estimate(*args, attention="eager", padding_free=True)
+    assert abs(eager["attention_matrices"] / 2**30 - measured_gib) / measured_gib < 0.1, eager
+    padded = estimate.estimate(*args, attention="eager", padding_free=False)["attention_matrices"]
+    assert eager["attention_matrices"] == samples * padded  # (samples rows of tokens / samples each)
+    assert "attention_matrices" not in estimate.estimate(*args)  # SDPA holds no such matrices
+
+
 # The step counts are what real runs of the sample data took (metrics.json's global_step: README, "Few optimizer
 # steps"); packed rows are counted in tests/test_cli.py.
 @pytest.mark.parametrize("overrides, plan, advice", [

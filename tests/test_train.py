@@ -243,6 +243,8 @@ def test_peft_args_shape_the_trained_adapter(tmp_path, tiny_dir):
 def test_a_model_without_sdpa_attention_trains_with_eager(tmp_path, tiny_gemma2_dir, capsys):
     """The default model.attn_implementation=sdpa on Gemma 2, which transformers refuses to run with SDPA: the run
     says so and trains with eager attention (padding-free rows kept apart: tests/test_trainer.py)."""
+    run(tmp_path / "plan", tiny_gemma2_dir, "preset=fast_test", "dry_run=true")
+    assert "attention matrices" in capsys.readouterr().out  # the memory estimate counts what eager attention holds
     run(tmp_path, tiny_gemma2_dir, "preset=fast_test", "quantization=nf4", "train.max_steps=2")
     assert "Gemma2ForCausalLM has no SDPA attention in transformers, so it runs with eager attention" in \
         capsys.readouterr().out
