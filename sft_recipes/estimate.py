@@ -27,9 +27,10 @@ OFFLOAD_STASH = 5
 
 def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int, seq_len: int,
              gradient_checkpointing: bool, double_quant: bool = True, offloading: bool = False,
-             attention: str = "sdpa", padding_free: bool = False) -> Dict[str, float]:
+             attention: str = "sdpa", padding_free: bool = False, cuda: bool = True) -> Dict[str, float]:
     """Bytes per term for `model` (built on the meta device) with its LoRA trainable parameter count. `attention`:
-    the attention it trains with (models.attention); `padding_free`: a batch's samples in one row."""
+    the attention it trains with (models.attention); `padding_free`: a batch's samples in one row; `cuda`: on a
+    GPU (else the CPU, where TRL's tiled loss kernel holds more)."""
     from .models import linear_layers
 
     cfg = model.config.get_text_config()
@@ -55,11 +56,11 @@ def estimate(model, lora_trainable: int, bits: int, dtype: str, batch_size: int,
         kept = tokens * h * b * min(layers, OFFLOAD_STASH) + per_layer if gradient_checkpointing else \
             per_layer * min(layers, 2)
         activations = min(activations, kept)
-    from .trainer import LEAN_LOGITS_BYTES, LOGITS_BYTES_PER_ELEMENT
+    from .trainer import LOGITS_BYTES_PER_ELEMENT, lean_limit, tiled_bytes
 
     logits = tokens * cfg.vocab_size * LOGITS_BYTES_PER_ELEMENT  # the lean loss step holds them all...
-    if logits > LEAN_LOGITS_BYTES:  # ...or TRL's tiled kernel, which never holds more than a tile of them
-        logits = 0
+    if logits > lean_limit(tokens, cfg.vocab_size, cuda):  # ...or TRL's tiled kernel holds a tile of them at once
+        logits = 0 if cuda else tiled_bytes(tokens, cfg.vocab_size)  # (on a GPU, in its kernel: not counted)
     parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits}
     if attention == "eager":
         # Eager attention holds each row's attention matrix (heads x length x length; a padding-free row is the whole

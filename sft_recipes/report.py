@@ -207,6 +207,7 @@ def write_metrics(trainer, path: Path, wall_s: float, peak_bytes: int,
 def memory_estimate(cfg, model_path: str, seq_len: int, model=None):
     """(trainable, total parameters, estimated peak bytes per term), from the model config: no weights loaded.
     `model`: the weightless PEFT model of this config, if one was built already."""
+    import torch
     from peft import get_peft_model
 
     from . import build, estimate
@@ -222,7 +223,7 @@ def memory_estimate(cfg, model_path: str, seq_len: int, model=None):
     parts = estimate.estimate(base, trainable, q.bits, dtype, t.batch_size, seq_len, t.gradient_checkpointing,
                               q.double_quant, t.activation_offloading,
                               attention(type(base), cfg.model.attn_implementation),
-                              build.padding_free(t))
+                              build.padding_free(t), torch.cuda.is_available())
     return trainable, total, parts
 
 

@@ -3,8 +3,9 @@
 TRL computes the loss through a tiled log-probability kernel that also yields entropy and top-1 metrics, so
 the (tokens x vocabulary) logits never exist at once; its backward recomputes every tile, which cost a
 quarter of a training step on the CPU (bench/throughput.py, py-spy). When the logits of the trained positions
-fit in LEAN_LOGITS_BYTES, the LM head here runs once, only at the positions that predict a trained token
-(`logits_to_keep`), followed by one cross-entropy; larger batches (a 7B model's 100k vocabulary) keep TRL's
+fit in LEAN_LOGITS_BYTES (on a CPU, in what TRL's kernel would hold there: lean_limit), the LM head here runs
+once, only at the positions that predict a trained token (`logits_to_keep`), followed by one cross-entropy; larger
+batches (a 7B model's 100k vocabulary) keep TRL's
 tiled kernel (on a GPU that is decided from the row width, since counting the trained positions would make the
 host wait for the device), with the metrics left on the device until they are logged. The loss is the same sum
 over trained tokens divided by their count (tests/test_trainer.py compares the paths); the logged metrics are
@@ -109,9 +110,26 @@ class Guard(TrainerCallback):
             control.should_training_stop = True
 
 
-LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their gradients at once
+LEAN_LOGITS_BYTES = 2**30  # the most the lean step may hold in logits and their gradients at once (on a GPU)
 # bf16 logits, their float32 copy, the log-softmax, its gradient and the bf16 gradient: 2 + 4 + 4 + 4 + 2
 LOGITS_BYTES_PER_ELEMENT = 16
+# Where there is no Triton (the CPU), TRL's tiled kernel folds each tile of the logits (up to 4,096 positions by
+# 32,768 vocabulary entries) in torch ops, with float32 temporaries: 31 bytes a tile element at once, measured (16 for
+# the lean step's logits). There the lean step is taken while it holds no more than that tile: the embedded model's
+# loss on 3,236 positions took 2.4 GiB and 2.2 s lean against 3.1 GiB and 9.0 s tiled (bench/loss_step.py).
+CPU_TILE_BYTES_PER_ELEMENT = 31
+TILE = (4096, 32768)  # (positions, vocabulary entries): TRL's TOKEN_CHUNK_SIZE and _CHUNKED_LOGPROB_CHUNK_SIZE
+
+
+def lean_limit(positions: int, vocab: int, cuda: bool) -> int:
+    """The most bytes the lean step's logits may take for a batch of `positions` positions: LEAN_LOGITS_BYTES, or
+    on a CPU what TRL's tiled kernel would hold (tiled_bytes), where that is more."""
+    return LEAN_LOGITS_BYTES if cuda else max(LEAN_LOGITS_BYTES, tiled_bytes(positions, vocab))
+
+
+def tiled_bytes(positions: int, vocab: int) -> int:
+    """What TRL's tiled kernel holds at once on a CPU: one tile of float32 temporaries."""
+    return min(positions, TILE[0]) * min(vocab, TILE[1]) * CPU_TILE_BYTES_PER_ELEMENT
 
 
 # How gradient checkpointing meets a compiled layer (train.compile_checkpoint). "traced": torch.compile traces
@@ -439,7 +457,8 @@ class Trainer(SFTTrainer):
         labels = inputs["labels"]
         targets = labels[:, 1:]
         vocab = self.model.config.get_text_config().vocab_size
-        fits = lambda positions: labels.size(0) * positions * vocab * LOGITS_BYTES_PER_ELEMENT <= LEAN_LOGITS_BYTES
+        limit = lean_limit(targets.numel(), vocab, labels.is_cuda)  # (the tiled kernel scores every position there)
+        fits = lambda positions: labels.size(0) * positions * vocab * LOGITS_BYTES_PER_ELEMENT <= limit
         keep = None
         if not labels.is_cuda or fits(targets.size(1)):  # on a GPU, counting the trained positions would stall it
             keep = (targets != -100).any(0).nonzero().squeeze(-1)  # positions whose next token is trained, any row

@@ -36,6 +36,7 @@ def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
     metrics = ours._metrics["train"]
     lean = ours.compute_loss(ours.model, dict(batch))
     monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # force the tiled path
+    monkeypatch.setattr(trainer_mod, "CPU_TILE_BYTES_PER_ELEMENT", 0)
     tiled = ours.compute_loss(ours.model, dict(batch))
     assert all(torch.is_tensor(v) for v in metrics["mean_token_accuracy"])  # not read back yet
     trl_loss = SFTTrainer.compute_loss(ours, ours.model, dict(batch))
@@ -53,6 +54,40 @@ def test_lean_loss_equals_trl_loss(tiny_dir, tmp_path, rows, monkeypatch):
     assert torch.allclose(ours.compute_loss(ours.model, dict(batch), num_items_in_batch=n), lean, rtol=1e-5)
     lean.backward()  # and it trains: LoRA weights get gradients
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in ours.model.named_parameters() if "lora_" in n_)
+
+
+def test_on_a_cpu_the_lean_step_is_taken_while_it_holds_less_than_trls_tile(tiny_dir, tmp_path, rows, monkeypatch):
+    """Without Triton, TRL's tiled kernel holds float32 temporaries of a whole tile (up to 4,096 positions by 32,768
+    vocabulary entries, 31 bytes an element), more than the lean step's logits (16 bytes an element of 49,152): on
+    a CPU the lean step is taken past LEAN_LOGITS_BYTES while its logits take no more than that tile (measured: 2.4
+    GiB and 2.2 s against 3.1 GiB and 9.0 s on 3,236 positions, bench/loss_step.py). The memory estimate counts the
+    same."""
+    ours = make_trainer(tiny_dir, tmp_path / "a", trainer_mod.Trainer, rows)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0)(rows[:3])
+    tiled = []
+    monkeypatch.setattr(ours, "tiled_loss", lambda *a, **kw: tiled.append(1) or trainer_mod.Trainer.tiled_loss(
+        ours, *a, **kw))
+    monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)
+    lean = ours.compute_loss(ours.model, dict(batch))
+    assert tiled == []
+    monkeypatch.setattr(trainer_mod, "CPU_TILE_BYTES_PER_ELEMENT", 0)
+    assert torch.allclose(ours.compute_loss(ours.model, dict(batch)), lean, rtol=1e-5) and tiled == [1]
+    monkeypatch.undo()
+
+    assert trainer_mod.lean_limit(3236, 49152, cuda=False) == 3236 * 32768 * 31 > trainer_mod.LEAN_LOGITS_BYTES
+    assert trainer_mod.lean_limit(3236, 49152, cuda=True) == trainer_mod.LEAN_LOGITS_BYTES
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft_recipes import estimate
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4))
+    logits = lambda tokens, cuda: estimate.estimate(  # noqa: E731
+        model, 0, 4, "bfloat16", 1, tokens, True, cuda=cuda)["logits"]
+    assert logits(3236, cuda=False) == 3236 * 49152 * 16  # lean, past LEAN_LOGITS_BYTES
+    assert logits(3236, cuda=True) == 0  # TRL's Triton kernel (the GPU figures were measured with it)
+    assert logits(8192, cuda=False) == 4096 * 32768 * 31  # a tile at once
 
 
 def test_validation_loss_is_the_token_mean_whatever_the_batch(tiny_dir, tmp_path, rows, monkeypatch):
@@ -81,6 +116,7 @@ def test_validation_loss_is_the_token_mean_whatever_the_batch(tiny_dir, tmp_path
         assert metrics["eval_loss"] == pytest.approx(per_token, rel=1e-5)
         assert metrics["eval_mean_token_accuracy"] == pytest.approx(correct / trained, rel=1e-6)
     monkeypatch.setattr(trainer_mod, "LEAN_LOGITS_BYTES", 0)  # the tiled path
+    monkeypatch.setattr(trainer_mod, "CPU_TILE_BYTES_PER_ELEMENT", 0)
     assert ours.evaluate(val)["eval_loss"] == pytest.approx(per_token, rel=1e-5)
     ours.args.per_device_eval_batch_size = 1
     per_sample = sum(mean_loss(ours.model, [r]) for r in rows) / len(rows)
