@@ -286,8 +286,9 @@ def load_model(path: str, dtype: str, quantization_config=None, attn_implementat
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     kwargs = dict(dtype=getattr(torch, dtype), device_map=device_map, trust_remote_code=trust_remote_code,
                   use_safetensors=True)
-    if saved_quantization(path) is None:  # (weights saved quantized load as saved, quantized_weights having checked that the run agrees;
-        kwargs["quantization_config"] = quantization_config  # given None, transformers loads them unquantized)
+    if saved_quantization(path) is None:  # (weights saved quantized load as saved, quantized_weights having
+        kwargs["quantization_config"] = quantization_config  # checked that the run agrees; given None, transformers
+        # loads them unquantized)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # (None: a model's own code)

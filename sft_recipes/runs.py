@@ -251,7 +251,8 @@ def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, u
         for row in ids[:, batch["input_ids"].shape[1]:]:
             row = row.tolist()
             end = next((n for n, i in enumerate(row) if i in stops), None)
-            out.append((answer_of(tok.decode(row[:end], skip_special_tokens=True).strip(), reasoned), end is not None))
+            text = tok.decode(row[:end], skip_special_tokens=True).strip()
+            out.append((answer_of(text, reasoned), end is not None))
         if shown:
             shown.update(len(out))
     return out

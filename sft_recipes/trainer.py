@@ -5,11 +5,11 @@ the (tokens x vocabulary) logits never exist at once; its backward recomputes ev
 quarter of a training step on the CPU (bench/throughput.py, py-spy). When the logits of the trained positions
 fit in LEAN_LOGITS_BYTES (on a CPU, in what TRL's kernel would hold there: lean_limit), the LM head here runs
 once, only at the positions that predict a trained token (`logits_to_keep`), followed by one cross-entropy; larger
-batches (a 7B model's 100k vocabulary) keep TRL's
-tiled kernel (on a GPU that is decided from the row width, since counting the trained positions would make the
-host wait for the device), with the metrics left on the device until they are logged. The loss is the same sum
-over trained tokens divided by their count (tests/test_trainer.py compares the paths); the logged metrics are
-loss, token accuracy and num_tokens. Other losses TRL offers (train.sft_args.loss_type, ...) take TRL's path.
+batches (a 7B model's 100k vocabulary) keep TRL's tiled kernel (on a GPU that is decided from the row width, since
+counting the trained positions would make the host wait for the device), with the metrics left on the device until
+they are logged. The loss is the same sum over trained tokens divided by their count (tests/test_trainer.py
+compares the paths); the logged metrics are loss, token accuracy and num_tokens. Other losses TRL offers
+(train.sft_args.loss_type, ...) take TRL's path.
 """
 from __future__ import annotations
 
