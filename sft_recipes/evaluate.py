@@ -2,10 +2,11 @@
 
 On the run's validation split (or on other question/answer files: a test set that chose nothing), the loss and
 perplexity of the base model and of base + adapter, then greedy answers from both (the run's chat template,
-stopping at the end-of-turn token; `repetition_penalty=1.1` as chat takes it) scored against the references with
-ROUGE-L, token F1 and exact match (torchmetrics' ROUGE and SQuAD metrics), with their mean length in words beside the
-references'. Writes RUN/eval/ (for data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl,
-metrics.png. run_dir=RUN/checkpoint-N evaluates that checkpoint (a finished run's or one still training) into
+stopping at the end-of-turn token; `repetition_penalty=1.1` as chat takes it; a base model whose chat template can
+turn reasoning off, Qwen3's, asked with it off) scored against the references with ROUGE-L, token F1 and exact
+match (torchmetrics' ROUGE and SQuAD metrics), with their mean length in words beside the references'. Writes
+RUN/eval/ (for data=FILE: RUN/eval_<file name>/): metrics.json, report.md, predictions.jsonl, metrics.png.
+run_dir=RUN/checkpoint-N evaluates that checkpoint (a finished run's or one still training) into
 RUN/eval_checkpoint-N/ (RUN/eval_<file name>_checkpoint-N/).
 """
 from __future__ import annotations
@@ -55,8 +56,10 @@ def table(m: dict) -> List[str]:
 def answers_made(m: dict) -> str:
     """How an evaluation's answers were made, as its report.md and the model card say it."""
     penalty = m.get("repetition_penalty", 1)
+    asked = ", ".join(f"{k}={v}" for k, v in m.get("base_asked_with", {}).items())
     return f"greedy answers of at most {m['max_new_tokens']} tokens" + (
-        f", repetition penalty {penalty}" if penalty != 1 else "")
+        f", repetition penalty {penalty}" if penalty != 1 else "") + (
+        f"; the base model asked with its chat template's {asked}, answering without reasoning first" if asked else "")
 
 
 def out_dir(run_dir: Path, data) -> Path:
@@ -76,6 +79,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
              repetition_penalty: float = 1.0) -> dict:
     from . import card, runs
     from .errors import UserError
+    from .prepare import thinking_off
 
     if repetition_penalty <= 0:
         raise UserError(f"repetition_penalty={repetition_penalty}: it must be positive (1: none; 1.1 makes a small "
@@ -103,11 +107,11 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
         print(f"warning: {longer}", file=sys.stderr)
     model = runs.adapter_model(cfg, run_dir)
     conversations = [runs.record_messages(cfg, r) for r in val_records]  # as trained
-    greedy = runs.sampling_args(repetition_penalty=repetition_penalty)
+    greedy, direct = runs.sampling_args(repetition_penalty=repetition_penalty), thinking_off(tok)
     with model.disable_adapter():
         base_loss = runs.mean_loss(model, rows)
         base_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, greedy,
-                                     progress="base model")
+                                     progress="base model", chat_args=direct)
     tuned_loss = runs.mean_loss(model, rows)
     tuned_answers = runs.generate(model, tok, conversations, max_new_tokens, batch_size, greedy, progress="fine-tuned")
 
@@ -129,6 +133,7 @@ def evaluate(run_dir, max_new_tokens: int = 256, limit: int = 0, batch_size: int
     metrics = {"run_dir": str(runs.run_of(run_dir)), "adapter": runs.adapter_dir(run_dir).name,
                "data": data or "validation split", "records": len(val_records),
                "also_in_training": seen, "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty,
+               **({"base_asked_with": direct} if direct else {}),
                "references_cut": longer,
                "reference_words": words([r.answer for r in val_records]),
                "base": summary(base_loss, base_scores, base_answers),

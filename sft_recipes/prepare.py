@@ -97,6 +97,13 @@ def reasoning_end(tokenizer) -> Optional[str]:
     return REASONING_END if REASONING_END in str(template or "") else None
 
 
+def thinking_off(tokenizer) -> dict:
+    """apply_chat_template's arguments that ask for an answer without reasoning where the chat template has that
+    switch (Qwen3's `enable_thinking=False` puts an empty reasoning block in the prompt); else none. A base model that
+    reasons first spends evaluate's max_new_tokens on its reasoning, so its answers would be cut before they begin."""
+    return {"enable_thinking": False} if "enable_thinking" in str(getattr(tokenizer, "chat_template", "") or "") else {}
+
+
 def answer_of(reply: str, end: Optional[str]) -> str:
     """A reply without its reasoning block (what follows `end`, from reasoning_end), where it has one."""
     return reply.rpartition(end)[2].strip() if end and end in reply else reply

@@ -192,16 +192,19 @@ def sampling_args(temperature: float = 0.0, top_p: float = 1.0, repetition_penal
 
 
 def generate(model, tok, conversations: List[List[dict]], max_new_tokens: int, batch_size: int = 8,
-             sampling: Optional[dict] = None, use_cache: Optional[bool] = None, progress: str = ""):
+             sampling: Optional[dict] = None, use_cache: Optional[bool] = None, progress: str = "",
+             chat_args: Optional[dict] = None):
     """Answers for prompt conversations (greedy, or `sampling`: sampling_args), batched with left padding (the
     tokenizer's own padding side is left as it was); stops at the end-of-turn token. 4-bit layers on the CPU use
     bitsandbytes' inference layout while it runs (models.repacked_for_inference). With `progress` (a label), answers
-    done and the time left go to stderr when there is more than one batch.
+    done and the time left go to stderr when there is more than one batch. `chat_args` go to the chat template
+    (prepare.thinking_off).
     Returns [(text, stopped at end-of-turn)]; the text leaves out a reasoning block (prepare.reasoning_end)."""
     from .models import repacked_for_inference
 
     with repacked_for_inference(model):
-        return _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress)
+        return _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress,
+                         chat_args or {})
 
 
 class Progress:
@@ -229,7 +232,7 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress):
+def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, use_cache, progress, chat_args):
     import torch
 
     from .prepare import answer_of, reasoning_end, stop_ids
@@ -241,7 +244,8 @@ def _generate(model, tok, conversations, max_new_tokens, batch_size, sampling, u
         side, tok.padding_side = tok.padding_side, "left"
         try:
             batch = tok.apply_chat_template(conversations[i:i + batch_size], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True, padding=True).to(device)
+                                            return_tensors="pt", return_dict=True, padding=True,
+                                            **chat_args).to(device)
         finally:
             tok.padding_side = side
         with torch.no_grad():

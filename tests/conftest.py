@@ -20,7 +20,9 @@ QWEN3_LIKE = (  # as Qwen3's chat template: the last reply opens with its reason
     "{{ '<think>\n' + (parts[0].split('<think>')[-1].strip() if parts | length > 1 else '') + '\n</think>\n\n' }}"
     "{% endif %}{{ parts[-1].lstrip() + '<|im_end|>\n' }}"
     "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}")
 
 
 @pytest.fixture(scope="session")

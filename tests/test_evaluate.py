@@ -234,6 +234,56 @@ def test_a_reasoning_block_is_no_part_of_the_answer_shown_or_scored(tokenizer, t
         assert streamed == [unfinished.lstrip()]
 
 
+class Says:
+    """A logits processor that makes a model write `reply`'s tokens, then its end-of-turn token, and keeps the
+    prompts it was given (as text): generate's own hook, on a real model."""
+
+    def __init__(self, tok, reply: str):
+        self.tok, self.prompts = tok, []
+        self.ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def __call__(self, input_ids, scores):
+        if not self.prompts or input_ids.shape[1] <= self.start:
+            self.start = input_ids.shape[1]
+            self.prompts = [self.tok.decode(row, skip_special_tokens=False) for row in input_ids]
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[min(input_ids.shape[1] - self.start, len(self.ids) - 1)]] = 0.0
+        return forced
+
+
+def test_a_base_model_that_can_answer_without_reasoning_is_evaluated_so(tiny_run, tiny_dir, tmp_path):
+    """Qwen3 reasons before it answers unless its chat template's enable_thinking is False: its reasoning would fill
+    evaluate's max_new_tokens, and the base model's answers would be cut before they begin. Evaluate asks the base
+    model with that switch off (its prompt then ends with an empty reasoning block), and says so; the fine-tuned model
+    is asked as chat asks it, and the reasoning block it writes is no part of its answer."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    from sft_recipes import prepare
+
+    tok = runs.tokenizer(tiny_run)
+    tok.chat_template = QWEN3_LIKE
+    assert prepare.thinking_off(tok) == {"enable_thinking": False}
+    assert prepare.thinking_off(runs.tokenizer(tiny_run)) == {}  # (SmolLM2's template has no such switch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    questions = [[{"role": "user", "content": q}] for q in ("What is a p-value?", "What is a mean?")]
+    for chat_args, prompt_end in (({}, "<|im_start|>assistant\n"),
+                                  (prepare.thinking_off(tok), "<|im_start|>assistant\n<think>\n\n</think>\n\n")):
+        says = Says(tok, "<think>\n\n</think>\n\nA p-value is a probability.")
+        answers = runs.generate(model, tok, questions, max_new_tokens=30, chat_args=chat_args,
+                                sampling={"do_sample": False, "logits_processor": LogitsProcessorList([says])})
+        assert answers == [("A p-value is a probability.", True)] * 2
+        assert [p.endswith(prompt_end) for p in says.prompts] == [True, True], says.prompts
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "eval*"))
+    tok.save_pretrained(run / "final_model")
+    m = evaluate.evaluate(run, max_new_tokens=4, limit=2)
+    assert m["base_asked_with"] == {"enable_thinking": False}
+    said = "the base model asked with its chat template's enable_thinking=False, answering without reasoning first"
+    assert said in (run / "eval" / "report.md").read_text() and said in (run / "final_model" / "README.md").read_text()
+    assert "base_asked_with" not in json.loads((tiny_run / "eval" / "metrics.json").read_text())
+
+
 def test_loop_start_finds_where_an_answer_begins_to_repeat_itself():
     from sft_recipes.chat import loop_start
 
