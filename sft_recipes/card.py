@@ -210,6 +210,7 @@ def render(run_dir: Path, cfg, merged: bool = False) -> str:
         ("LoRA", ("DoRA, " if lora.use_dora else "") + ("rsLoRA scaling, " if lora.use_rslora else "")
                  + f"r={adapter.get('r', lora.r)}, alpha={adapter.get('lora_alpha', build.lora_alpha(lora))}, dropout "
                  f"{lora.dropout} on {', '.join(sorted(targets))}"
+                 + (f" (not in `{adapter['exclude_modules']}`)" if adapter.get("exclude_modules") else "")
                  + (f", {OmegaConf.to_container(lora.peft_args)}" if lora.peft_args else "")
                  + (f"; {trainable:,} trainable parameters" if trainable else "")),
         ("data", (f"{train.get('kept')} training pairs ({train.get('truncated', 0)} answers cut at "

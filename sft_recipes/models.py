@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 from urllib.parse import urlparse
 
 from .errors import UserError, no_space
@@ -164,6 +164,26 @@ def linear_layers(model) -> list:
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
             and not n.endswith("lm_head")]
+
+
+def beside_text(model, targets) -> List[str]:
+    """The parts of a model beside its text decoder and head (Gemma 3's vision tower, Gemma 3n's audio tower) that
+    hold linear layers `targets` names (LoRA's: a list of names, or "all-linear"): their module paths, none for a
+    text-only model. Text-only training never runs them: LoRA there would add parameters that never train."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        inside = next(n for n, m in model.named_modules() if m is decoder)
+    except (AttributeError, NotImplementedError, StopIteration):
+        return []
+    named = lambda n: targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)  # noqa: E731
+    parts = []
+    for name, module in linear_layers(model):
+        if inside and not name.startswith(inside + ".") and module is not head and named(name):
+            dots = name.split(".")  # the outermost module on its path that does not hold the decoder
+            part = next(".".join(dots[:i]) for i in range(1, len(dots) + 1)
+                        if not (inside + ".").startswith(".".join(dots[:i]) + "."))
+            parts += [part] if part not in parts else []
+    return parts
 
 
 def quantized_weights(path: str, quantization) -> None:

@@ -131,9 +131,12 @@ def within_context(cfg, model_path: str, data: prepare.Prepared) -> None:
 
 def lora_fits(cfg, model_path: str, peft_config):
     """PEFT's own checks of lora.target_modules (and lora.peft_args) on the model's architecture, before any weights
-    load; a refusal names the model's linear layers. Returns that weightless PEFT model (None for an architecture
-    that cannot be built without weights), which the dry run counts parameters on."""
+    load; a refusal names the model's linear layers. LoRA is kept to the language model of a model with other parts
+    (a vision tower: models.beside_text), through `peft_config.exclude_modules`, which lora.peft_args may set instead.
+    Returns that weightless PEFT model (None for an architecture that cannot be built without weights), which the dry
+    run counts parameters on."""
     import copy
+    import re
 
     from peft import get_peft_model
 
@@ -141,8 +144,13 @@ def lora_fits(cfg, model_path: str, peft_config):
         meta = models.meta_model(model_path, cfg.model.trust_remote_code)
     except Exception:  # an architecture that cannot be built without weights: PEFT checks when the model loads
         return None
-    names = [n for n, _ in meta.named_modules()]
-    layers = [n for n, _ in models.linear_layers(meta)]
+    left_out = models.beside_text(meta, peft_config.target_modules) if peft_config.exclude_modules is None else []
+    if left_out:
+        peft_config.exclude_modules = "(" + "|".join(map(re.escape, left_out)) + r")\..*"
+        print(f"LoRA goes on the language model alone ({', '.join(left_out)} left out: text never runs through it)")
+    outside = lambda n: any(n.startswith(part + ".") for part in left_out)  # noqa: E731
+    names = [n for n, _ in meta.named_modules() if not outside(n)]
+    layers = [n for n, _ in models.linear_layers(meta) if not outside(n)]
     linear = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in layers}))
     # the attention's own projections (Phi-3's qkv_proj and o_proj, GPT-2's c_attn and c_proj): what the default
     # q, k, v, o stands for on a model that names them otherwise
@@ -154,9 +162,10 @@ def lora_fits(cfg, model_path: str, peft_config):
                    and not any(n == t or n.endswith("." + t) for n in names)]:
         on_attention = (f"; its attention's: lora.target_modules=[{','.join(attention)}]"
                         if attention and set(attention) != set(cfg.lora.target_modules) else "")
+        where = " in its language model" if left_out else ""
         raise UserError(f"lora.target_modules={targets} names {', '.join(missing)}, which {cfg.model.name_or_path} has "
-                        f"no layer of: LoRA would not go there. The model's linear layers: {linear}{on_attention} "
-                        "(lora=all_linear takes them all).")
+                        f"no layer of{where}: LoRA would not go there. The model's linear layers{where}: "
+                        f"{linear}{on_attention} (lora=all_linear takes them all).")
     try:
         return get_peft_model(meta, copy.deepcopy(peft_config))
     except (ValueError, TypeError) as e:

@@ -74,6 +74,28 @@ def tiny_gemma2_dir(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory, tokenizer) -> str:
+    """A Gemma 3 as its 4B and larger models come: Gemma3ForConditionalGeneration, a vision tower beside a language
+    model of 2 layers (a sliding window of 64, then global attention), random weights, the embedded tokenizer."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny_gemma3")
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system of a few MB (tmpfs), for what a full disk does: `small_disk("6m")` mounts it (or resizes

@@ -274,6 +274,35 @@ def test_experts_that_4bit_leaves_unquantized_are_named(tmp_path, tiny_dir, caps
     assert "quantizes linear layers" not in capsys.readouterr().out
 
 
+def test_lora_stays_in_the_language_model_of_a_model_that_also_sees_images(tmp_path, tiny_gemma3_dir, capsys):
+    """Gemma 3 (4B and up) loads as Gemma3ForConditionalGeneration, a vision tower beside its language model, and the
+    tower's attention has q_proj, k_proj and v_proj too: PEFT would put LoRA there, parameters that text never trains.
+    LoRA goes on the language model alone, in 4 bits, and the adapter loads with plain transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    gemma3 = tiny_gemma3_dir
+    said = "LoRA goes on the language model alone (model.vision_tower left out: text never runs through it)"
+    run(tmp_path / "run", str(gemma3), "preset=fast_test", "train.max_steps=2", "data.val_path=null")
+    assert said in capsys.readouterr().out
+    saved = load_file(tmp_path / "run" / "final_model" / "adapter_model.safetensors")
+    assert saved and all(".language_model." in k for k in saved)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gemma3), tmp_path / "run" / "final_model")
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith("lora_A")} \
+        == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not [n for n, _ in model.named_modules() if "vision" in n and "lora" in n]
+    assert "on k_proj, o_proj, q_proj, v_proj (not in `(model\\.vision_tower)\\..*`)" in \
+        (tmp_path / "run" / "final_model" / "README.md").read_text()  # (the model card)
+
+    run(tmp_path / "plan", str(gemma3), "preset=fast_test", "lora=all_linear", "dry_run=true")
+    # its language model's 2 x 7 linear layers, r=16 x (in + out): q and o 16 x 64, k and v 16 x 48 (one key-value
+    # head of 16), gate, up and down 16 x 96; the vision tower's none
+    assert "Trainable parameters: 16,384 of " in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"names out_proj, which .* has no layer of in its language model: LoRA would "
+                                        r"not go there. The model's linear layers in its language model: down_proj, "):
+        run(tmp_path / "vision", str(gemma3), "preset=fast_test", "lora.target_modules=[q_proj,out_proj]")
+
+
 def test_a_model_saved_in_4bit_trains_with_the_settings_it_was_saved_with(tmp_path, tiny_dir):
     """A "-bnb-4bit" model loads with its own quantization settings whatever the run says (and not at all
     unquantized): a run that asks for others is refused, naming those that match; one that matches trains."""

@@ -334,7 +334,8 @@ def test_compiled_checkpointed_layers_replay_the_same_dropout(tiny_dir, rows, wa
 
 
 @pytest.mark.parametrize("model_dir,attn", [("tiny_dir", "sdpa"), ("tiny_dir", "eager"),
-                                            ("tiny_gemma2_dir", "eager")])  # (Gemma 2: a sliding window of 64)
+                                            ("tiny_gemma2_dir", "eager"),  # (Gemma 2: a sliding window of 64)
+                                            ("tiny_gemma3_dir", "sdpa")])  # (Gemma 3: one, beside a vision tower)
 def test_padding_free_and_packed_batches_keep_samples_apart(request, model_dir, rows, attn):
     """Per-sample losses of samples laid end to end (as padding_free/packing do) equal those of each alone."""
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model_dir), dtype=torch.float32,
