@@ -11,7 +11,8 @@ Answers are greedy unless `temperature` > 0 (then sampled, with `top_p` and `see
 discourages a small model's loops (more also rules out the words the answer needs again), and an answer that
 repeats itself (three copies of one passage in a row) is stopped there and kept with one copy, with a note
 (`stop_loops=false` lets it run on to `max_new_tokens`; files of questions are answered as generated);
-`base=true` answers with the base model alone, for comparison. With a template that names the source in the prompt
+`base=true` answers with the base model alone, for comparison (asked as evaluate asks it: a chat template that can
+turn reasoning off, Qwen3's, with it off). With a template that names the source in the prompt
 (`chat_with_source`), `source="..."` gives it; `system="..."` asks with another system prompt than the run's (a run
 trained on chat transcripts with their own). `run_dir=RUN/checkpoint-N` talks to that checkpoint's adapter (its
 answers file: answers_<file name>_checkpoint-N).
@@ -88,19 +89,19 @@ class Shown:
 
 
 def answer(model, tok, conversation, max_new_tokens: int, stream=None, sampling: Optional[dict] = None,
-           stop_loops: bool = True) -> str:
+           stop_loops: bool = True, chat_args: Optional[dict] = None) -> str:
     """The answer to a conversation: greedy, or per `sampling` (sampling_args); with `stream`, each piece of text is
     passed to it as it comes, and Ctrl-C stops the answer there (the chat goes on). With `stop_loops`, an answer
     that repeats itself stops there, and the answer returned keeps one copy of the repeated passage (LOOP_NOTE is
     streamed, or printed to stderr). The answer returned leaves out a reasoning block (prepare.reasoning_end); the
-    stream, an empty one (Shown)."""
+    stream, an empty one (Shown). `chat_args` go to the chat template (prepare.thinking_off)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     from .prepare import answer_of, reasoning_end, stop_ids
 
-    inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
-                                     return_dict=True).to(next(model.parameters()).device)
+    inputs = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                     **(chat_args or {})).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop, prompt_length, kept = threading.Event(), inputs["input_ids"].shape[1], []
 
@@ -207,7 +208,7 @@ def converse(cfg, ask, prompt: str, who: str, source: str = "", system: Optional
 
 
 def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_size: int,
-                sampling: dict, source: str = "") -> None:
+                sampling: dict, source: str = "", chat_args: Optional[dict] = None) -> None:
     """Answer every record's question (with its source, else `source`); JSON lines into `out`, written whole at the
     end (a file that is there already is replaced only then)."""
     import os
@@ -215,7 +216,7 @@ def answer_file(cfg, model, tok, records, out: Path, max_new_tokens: int, batch_
     from . import runs
 
     answers = runs.generate(model, tok, [runs.record_messages(cfg, r, source) for r in records], max_new_tokens,
-                            batch_size, sampling, progress="questions")
+                            batch_size, sampling, progress="questions", chat_args=chat_args)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w") as f:
         for r, (text, stopped) in zip(records, answers):
@@ -232,6 +233,7 @@ def _cli(argv):
 
     from . import models, runs
     from .errors import UserError
+    from .prepare import thinking_off
     from .templates import refusals
     from .train import template_of
 
@@ -270,12 +272,17 @@ def _cli(argv):
     model = runs.adapter_model(cfg, args["run_dir"])
     set_seed(args["seed"])
     sampling = sampling_args(args["temperature"], args["top_p"], args["repetition_penalty"])
+    direct = thinking_off(tok) if args["base"] else {}  # (as evaluate asks the base model)
+    if direct:
+        print("note: the base model is asked with its chat template's "
+              + ", ".join(f"{k}={v}" for k, v in direct.items()) + ", as evaluate asks it: it answers without "
+              "reasoning first.", file=sys.stderr)
     ask = lambda conversation, stream=None: answer(  # noqa: E731
-        model, tok, conversation, args["max_new_tokens"], stream, sampling, args["stop_loops"])
+        model, tok, conversation, args["max_new_tokens"], stream, sampling, args["stop_loops"], direct)
     with model.disable_adapter() if args["base"] else contextlib.nullcontext():
         if args["questions"]:  # (runs.generate repacks the 4-bit layers for inference itself)
             answer_file(cfg, model, tok, records, out, args["max_new_tokens"], args["batch_size"],
-                        sampling, args["source"])
+                        sampling, args["source"], direct)
             print(f"{len(records)} answers ({'base' if args['base'] else 'fine-tuned'} model): {out}")
         else:
             who = "base" if args["base"] else "fine-tuned" + (f" ({checkpoint})" if checkpoint else "")

@@ -251,11 +251,12 @@ class Says:
         return forced
 
 
-def test_a_base_model_that_can_answer_without_reasoning_is_evaluated_so(tiny_run, tiny_dir, tmp_path):
+def test_a_base_model_that_can_answer_without_reasoning_is_evaluated_so(tiny_run, tiny_dir, tmp_path, capsys):
     """Qwen3 reasons before it answers unless its chat template's enable_thinking is False: its reasoning would fill
     evaluate's max_new_tokens, and the base model's answers would be cut before they begin. Evaluate asks the base
     model with that switch off (its prompt then ends with an empty reasoning block), and says so; the fine-tuned model
-    is asked as chat asks it, and the reasoning block it writes is no part of its answer."""
+    is asked as chat asks it, and the reasoning block it writes is no part of its answer. Chat's base=true, there to
+    compare, asks as evaluate does."""
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from sft_recipes import prepare
@@ -273,6 +274,10 @@ def test_a_base_model_that_can_answer_without_reasoning_is_evaluated_so(tiny_run
                                 sampling={"do_sample": False, "logits_processor": LogitsProcessorList([says])})
         assert answers == [("A p-value is a probability.", True)] * 2
         assert [p.endswith(prompt_end) for p in says.prompts] == [True, True], says.prompts
+        says = Says(tok, "<think>\n\n</think>\n\nA p-value is a probability.")  # chat's answer, asked alike
+        assert chat.answer(model, tok, questions[0], 30, chat_args=chat_args, sampling={
+            "do_sample": False, "logits_processor": LogitsProcessorList([says])}) == "A p-value is a probability."
+        assert says.prompts[0].endswith(prompt_end), says.prompts
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "eval*"))
@@ -282,6 +287,11 @@ def test_a_base_model_that_can_answer_without_reasoning_is_evaluated_so(tiny_run
     said = "the base model asked with its chat template's enable_thinking=False, answering without reasoning first"
     assert said in (run / "eval" / "report.md").read_text() and said in (run / "final_model" / "README.md").read_text()
     assert "base_asked_with" not in json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    capsys.readouterr()
+    for base, note in (("true", True), ("false", False)):
+        chat._cli([f"run_dir={run}", f"base={base}", "prompt=What is a p-value?", "max_new_tokens=3"])
+        assert ("the base model is asked with its chat template's enable_thinking=False, as evaluate asks it"
+                in capsys.readouterr().err) == note
 
 
 def test_loop_start_finds_where_an_answer_begins_to_repeat_itself():
