@@ -78,9 +78,9 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 1024
     overlong: str = "truncate"  # truncate (the answer, never the question) | drop | error
-    # a chat transcript of several exchanges: all (every reply trains, each after the conversation before it) | last
-    # (its last reply alone; the earlier ones are context, as the template renders them: templates that drop earlier
-    # replies' reasoning need this)
+    # a chat transcript of several exchanges: all (every reply trains, each after the conversation before it) | each
+    # (as all, each reply in a row of its own: the conversation before it rendered as chat sends it, which templates
+    # that drop earlier replies' reasoning, Qwen3's, need) | last (its last reply alone; the earlier ones are context)
     train_replies: str = "all"
     cache: bool = True  # reuse prepared (tokenized) data when files, tokenizer and options are unchanged
     template: str = "chat"
@@ -462,8 +462,9 @@ def check(cfg: Config) -> None:
         problems.append(f"data.max_length={d.max_length} is too small (at least 16).")
     if d.overlong not in ("truncate", "drop", "error"):
         problems.append(f"data.overlong={d.overlong} must be truncate, drop or error.")
-    if d.train_replies not in ("all", "last"):
-        problems.append(f"data.train_replies={d.train_replies} must be all (every reply of a conversation) or last.")
+    if d.train_replies not in ("all", "each", "last"):
+        problems.append(f"data.train_replies={d.train_replies} must be all (every reply of a conversation), each "
+                        "(every reply, in a row of its own) or last.")
     if not 0 <= d.val_fraction < 1:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 1).")
     if d.split_by not in ("record", "source"):

@@ -3,8 +3,8 @@
 We tokenize ourselves instead of letting TRL do it, so that the length audit, the overlong policy and the
 dry-run display see exactly the tokens that are trained, and nothing is dropped without being counted.
 Each row is `input_ids` + `labels` (-100 on the prompt): the loss falls on the answer and on the
-end-of-turn token that closes it (in a conversation, on every reply, or on the last: data.train_replies). TRL
-trains on such rows as they are.
+end-of-turn token that closes it (in a conversation, on every reply, in one row or each in a row of its own, or
+on the last: data.train_replies). TRL trains on such rows as they are.
 
 Two ways to the same tokens. The reference: render each conversation with the chat template (Jinja) and
 tokenize it whole, taking the prompt/answer boundary from character offsets. The fast way, used when it is
@@ -40,6 +40,7 @@ REASONING_END = "</think>"  # the end of a reasoning block (Qwen3, DeepSeek-R1's
 @dataclass
 class Stats:
     records: int = 0
+    rows: int = 0  # the records, or with data.train_replies=each a row per trained reply
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -50,16 +51,16 @@ class Stats:
     # records dropped under data.overlong=truncate because the prompt alone fills max_length, and where the first are
     question_too_long: int = 0
     question_too_long_at: List[str] = field(default_factory=list)  # "FILE, record N: P prompt tokens"
-    conversations: int = 0  # kept records of several exchanges (chat transcripts)
+    conversations: int = 0  # kept rows of several exchanges (chat transcripts)
     first_conversation: int = -1  # the row of the first (what the dry run shows)
-    train_replies: str = "all"  # of a conversation: all, or the last (data.train_replies)
+    train_replies: str = "all"  # of a conversation: all, each (a row per reply) or the last (data.train_replies)
 
     def percentile(self, q: float) -> int:
         s = sorted(self.lengths)
         return s[min(len(s) - 1, int(q * len(s)))] if s else 0
 
     def summary(self) -> Dict[str, int]:
-        return {"records": self.records, "kept": self.kept, "tokens_p50": self.percentile(0.5),
+        return {"records": self.records, "rows": self.rows, "kept": self.kept, "tokens_p50": self.percentile(0.5),
                 "tokens_p90": self.percentile(0.9), "tokens_p99": self.percentile(0.99),
                 "tokens_max": max(self.lengths, default=0), "over_max_length": self.over_max_length,
                 "truncated": self.truncated, "dropped": self.dropped, "trained_tokens": self.trained_tokens,
@@ -170,7 +171,8 @@ class Renderer:
             pairs = [(next(prompts), next(ends)) for _ in ts]
             text = pairs[-1][1] if ts[-1] == len(c) - 1 else self._end_at_eos(render([c])[0])  # (an untrained last)
             if odd := next((x for pair in pairs for x in pair if not text.startswith(x)), None):
-                last = " (data.train_replies=last trains each conversation's last reply alone)" if r.history else ""
+                last = (" (data.train_replies=each trains every reply in a row of its own, after the conversation "
+                        "before it as chat sends it)" if r.history else "")
                 why = (f" (it writes a reasoning block, {REASONING_END}, before the last reply alone, as Qwen3's "
                        "does, and none before the earlier ones)" if r.history and reasoning_end(self.tok) else "")
                 at = len(os.path.commonprefix([odd, text]))
@@ -230,15 +232,30 @@ def last_replies(records: Sequence[Record]) -> List[Record]:
     return out
 
 
+def each_reply(records: Sequence[Record]) -> List[Record]:
+    """data.train_replies=each: a conversation becomes a row per trained reply, each ending with that reply, which
+    alone trains, after the conversation before it (rendered as chat sends it: a template that renders earlier
+    replies otherwise than the last, as Qwen3's drops their reasoning block, trains every reply so)."""
+    out = []
+    for r in records:
+        turns = r.history + ((r.question, r.answer),)
+        out += [replace(r, question=q, answer=a, history=turns[:n], untrained=tuple(range(n)),
+                        where=r.where if n == len(r.history) else f"{r.where} (reply {n + 1})")
+                for n, (q, a) in enumerate(turns) if n not in r.untrained]
+    return out
+
+
 def tokenize(records: Sequence[Record], tokenizer, template: Template, max_length: int,
              overlong: str = "truncate", system_prompt: Optional[str] = None, replies: str = "all"):
     """Tokenize records into a Dataset of input_ids/labels, applying the overlong policy; `replies` is
-    data.train_replies (all | last). Returns (dataset, stats)."""
+    data.train_replies (all | each | last). Returns (dataset, stats); stats count records, and the rows kept."""
     import numpy as np
 
-    records = last_replies(records) if replies == "last" else records
-    ids_list, n_prompt_list, gaps_list, fast = Renderer(tokenizer, template, system_prompt)(records)
-    stats = Stats(records=len(records), fast_path=fast, train_replies=replies)
+    stats = Stats(records=len(records), train_replies=replies)
+    conversations = sum(bool(r.history) for r in records)
+    records = {"last": last_replies, "each": each_reply}.get(replies, list)(records)
+    stats.rows = len(records)
+    ids_list, n_prompt_list, gaps_list, stats.fast_path = Renderer(tokenizer, template, system_prompt)(records)
     stats.lengths = [len(ids) for ids in ids_list]
     rows_ids, kept_n_prompt, kept_gaps, overlong_where = [], [], [], []
     for r, ids, n_prompt, gaps in zip(records, ids_list, n_prompt_list, gaps_list):
@@ -265,6 +282,8 @@ def tokenize(records: Sequence[Record], tokenizer, template: Template, max_lengt
                         f"{'; '.join(overlong_where[:MAX_LISTED])}. Raise data.max_length, or set "
                         "data.overlong=truncate (cut the answer) or data.overlong=drop.")
     stats.kept = len(rows_ids)
+    if replies == "each":  # (a conversation's first reply is a row without history)
+        stats.conversations = conversations
     if not stats.kept:
         files = ", ".join(sorted({r.where.rsplit(", ", 1)[0] for r in records if r.where})) or "the data"
         why = (f"data.overlong=drop left out all {len(records)} (the shortest has {min(stats.lengths)} tokens); raise "
@@ -303,7 +322,7 @@ def truncation_warning(stats: Stats, max_length: int) -> str:
     p99, longest = stats.percentile(0.99), max(stats.lengths)
     fits = (f"data.max_length={p99} keeps 99 % whole, {longest} all" if p99 < longest else
             f"data.max_length={longest} keeps them all")
-    return (f"{stats.truncated} of {stats.records} training answers ({100 * stats.truncated / stats.records:.0f} %) "
+    return (f"{stats.truncated} of {stats.rows} training answers ({100 * stats.truncated / stats.rows:.0f} %) "
             f"are cut at data.max_length={max_length} tokens: the model learns them without their end (and the "
             f"end-of-turn token that closes them); {fits} (or data.overlong=drop leaves them out).")
 
@@ -499,7 +518,7 @@ def prepare(train_spec, val_spec, tokenizer, template: Template, opts: Options) 
                 f"{st.question_too_long} record(s) dropped: the prompt alone (system prompt, question and "
                 f"template) fills data.max_length={opts.max_length} tokens, leaving no room for the answer "
                 f"({'; '.join(st.question_too_long_at)}). Raise data.max_length or shorten them.")
-    if train_stats.truncated >= TRUNCATED_WARN * train_stats.records:
+    if train_stats.truncated >= TRUNCATED_WARN * train_stats.rows:
         report["warnings"].append(truncation_warning(train_stats, opts.max_length))
     if key is not None:
         cache_save(key, train, val, {"train_stats": asdict(train_stats),

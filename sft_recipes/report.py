@@ -279,8 +279,9 @@ def data_report(cfg, data, plan: str, advice: Optional[str], params, parts, path
 
 def data_summary(name: str, stats) -> str:
     s = stats.summary()
-    return (f"{name}: {s['records']} record{'' if s['records'] == 1 else 's'}, kept {s['kept']}; tokens per record "
-            f"p50={s['tokens_p50']} p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; "
+    rows = f" ({stats.rows} rows, one per reply)" if stats.train_replies == "each" else ""
+    return (f"{name}: {s['records']} record{'' if s['records'] == 1 else 's'}{rows}, kept {s['kept']}; tokens per "
+            f"record p50={s['tokens_p50']} p90={s['tokens_p90']} p99={s['tokens_p99']} max={s['tokens_max']}; "
             f"{s['over_max_length']} over max_length ({s['truncated']} truncated, {s['dropped']} dropped); "
             f"{s['trained_tokens']} trained tokens" + (f"; {s['conversations']} conversation(s) of several exchanges, "
                                                        f"{replies(stats)}" if s["conversations"] else ""))
@@ -288,7 +289,9 @@ def data_summary(name: str, stats) -> str:
 
 def replies(stats) -> str:
     """Which replies of a conversation train (data.train_replies)."""
-    return "every reply trained" if stats.train_replies == "all" else "the last reply trained (data.train_replies=last)"
+    return {"all": "every reply trained", "each": "every reply trained, each in a row of its own after the "
+            "conversation before it (data.train_replies=each)"}.get(
+        stats.train_replies, "the last reply trained (data.train_replies=last)")
 
 
 def write_data_stats(data, path: Path) -> None:

@@ -98,7 +98,8 @@ def test_misspelled_key_and_wrong_type_fail_at_compose_time():
     ("data.split_by=chapter", "data.split_by=chapter must be record or source"),
     ("lora.target_modules=[q_proj,lm_head]", "LoRA on lm_head"),
     ("data.overlong=cut", "data.overlong=cut must be truncate, drop or error"),
-    ("data.train_replies=first", "data.train_replies=first must be all (every reply of a conversation) or last"),
+    ("data.train_replies=first", "data.train_replies=first must be all (every reply of a conversation), each (every "
+                                 "reply, in a row of its own) or last"),
     ("train.batch_size=0", "train.batch_size=0 must be positive"),
     ("train.loraplus_lr_ratio=0", "train.loraplus_lr_ratio=0.0 must be positive"),
     ("quantization.bits=3", "use quantization=nf4|int8|none"),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import QWEN3_LIKE, ROOT, TRAIN, VAL
-from sft_recipes import data, prepare, templates
+from sft_recipes import data, prepare, report, templates
 from sft_recipes.errors import UserError
 
 
@@ -176,7 +176,8 @@ def test_a_conversation_trains_every_reply_and_no_user_turn(tmp_path, tokenizer)
 def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_dir):
     """A chat template that renders the conversation's earlier replies otherwise once it goes on (as templates that
     drop earlier reasoning do) would train prompts that chat never sends: named, not trained. With
-    data.train_replies=last only the last reply trains, after the conversation as the template renders it for chat."""
+    data.train_replies=each every reply trains in a row of its own, after the conversation before it as the template
+    renders it for chat; with data.train_replies=last only the last reply trains."""
     from sft_recipes.models import load_tokenizer
 
     tok = load_tokenizer(embedded_dir)
@@ -189,8 +190,18 @@ def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_
     path.write_text(json.dumps({"messages": [turn("user", "a?"), turn("assistant", "b."), turn("user", "c?"),
                                              turn("assistant", "d.")]}))
     with pytest.raises(UserError, match=f"Template 'last_reply_only' renders the prompt of {path}, line 1 differently "
-                                        r"alone than inside the conversation.*\(data.train_replies=last trains"):
+                                        r"alone than inside the conversation.*\(data.train_replies=each trains "
+                                        r"every reply in a row of its own"):
         prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128))
+    each = prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128, train_replies="each"))
+    assert (each.train_stats.records, each.train_stats.rows, each.train_stats.conversations) == (1, 2, 1)
+    for row, (prompt, reply) in zip(each.train, [("user:\na?<|im_end|>\nassistant:\n", "b.<|im_end|>"),
+                                                 ("user:\na?<|im_end|>\nuser:\nc?<|im_end|>\nassistant:\n",
+                                                  "d.<|im_end|>")]):
+        trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        assert tok.decode(row["input_ids"][:trained_from]) == prompt  # each reply's prompt, as chat sends it
+        assert tok.decode(row["input_ids"][trained_from:]) == reply
+        assert all(label != -100 for label in row["labels"][trained_from:])
     row = prepare.prepare(str(path), None, tok, tmpl, prepare.Options(max_length=128, train_replies="last")).train[0]
     trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
     assert tok.decode(row["input_ids"][:trained_from]) == "user:\na?<|im_end|>\nuser:\nc?<|im_end|>\nassistant:\n"
@@ -201,6 +212,9 @@ def test_a_template_that_rewrites_earlier_replies_is_refused(tmp_path, embedded_
     with pytest.raises(UserError, match=r"conversation \(it writes a reasoning block, </think>, before the last reply "
                                         r"alone, as Qwen3's does, and none before the earlier ones\)"):
         prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128))
+    rows = prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128, train_replies="each")).train
+    assert [tok.decode([i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]) for row in rows] \
+        == ["<think>\n\n</think>\n\nb.<|im_end|>", "<think>\n\n</think>\n\nd.<|im_end|>"]  # each as chat has it
     row = prepare.prepare(str(path), None, tok, chat, prepare.Options(max_length=128, train_replies="last")).train[0]
     trained_from = next(i for i, label in enumerate(row["labels"]) if label != -100)
     assert tok.decode(row["input_ids"][trained_from:]) == "<think>\n\n</think>\n\nd.<|im_end|>"
@@ -222,9 +236,11 @@ def test_a_generation_prompt_that_the_reply_does_not_follow_is_named(tokenizer):
         prepare.prepare(str(TRAIN), None, tok, tmpl, prepare.Options(max_length=512))
 
 
-def test_train_replies_last_trains_each_conversations_last_reply(tmp_path, tokenizer):
+def test_train_replies_last_or_each(tmp_path, tokenizer):
     """data.train_replies=last: the earlier replies of a conversation are context, as the user turns are; a record
-    without earlier turns trains as before, and one whose last reply has the weight 0 is refused by name."""
+    without earlier turns trains as before, and one whose last reply has the weight 0 is refused by name.
+    data.train_replies=each: every reply trains, each in a row that ends with it (a reply with the weight 0 makes
+    none), the same tokens trained as with all."""
     turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
     conv = [turn("user", "What is a mean?"), turn("assistant", "The average."), turn("user", "And a median?"),
             turn("assistant", "The middle value.")]
@@ -241,10 +257,24 @@ def test_train_replies_last_trains_each_conversations_last_reply(tmp_path, token
     assert row["labels"][-len(trained):] == every_row["labels"][-len(trained):]
     earlier = tokenizer("The average.<|im_end|>", add_special_tokens=False)["input_ids"]
     assert last.train_stats.trained_tokens == every.train_stats.trained_tokens - len(earlier)
+    # data.train_replies=each: the same replies trained, each in a row of its own ending with it
+    each = prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=512, train_replies="each"))
+    assert each.train_stats.trained_tokens == every.train_stats.trained_tokens
+    first_row = each.train[0]  # the conversation up to its first reply: where the whole one begins
+    assert every_row["input_ids"][:len(first_row["input_ids"])] == first_row["input_ids"]
+    assert tokenizer.decode([t for t, label in zip(first_row["input_ids"], first_row["labels"]) if label != -100]) \
+        == "The average.<|im_end|>"
+    assert each.train[1] == row and each.train[2] == plain  # the last reply's row is train_replies=last's
+    assert report.data_summary("Training data", each.train_stats).startswith(
+        "Training data: 2 records (3 rows, one per reply), kept 3; ")
+    assert "1 conversation(s) of several exchanges, every reply trained, each in a row of its own after the " \
+        "conversation before it (data.train_replies=each)" in report.data_summary("Training data", each.train_stats)
     path.write_text(json.dumps({"messages": [*conv[:3], {**conv[3], "weight": 0}]}))
     with pytest.raises(UserError, match=f"{path}, line 1: its last reply has the weight 0, and with "
                                         "data.train_replies=last no other reply trains"):
         prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=512, train_replies="last"))
+    each = prepare.prepare(str(path), None, tokenizer, tmpl, prepare.Options(max_length=512, train_replies="each"))
+    assert list(each.train) == [first_row]  # (a reply with the weight 0 makes no row)
 
 
 def test_all_files_are_checked_before_failing(tmp_path):
