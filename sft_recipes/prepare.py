@@ -51,7 +51,7 @@ class Stats:
     # records dropped under data.overlong=truncate because the prompt alone fills max_length, and where the first are
     question_too_long: int = 0
     question_too_long_at: List[str] = field(default_factory=list)  # "FILE, record N: P prompt tokens"
-    conversations: int = 0  # kept rows of several exchanges (chat transcripts)
+    conversations: int = 0  # kept records of several exchanges (chat transcripts)
     first_conversation: int = -1  # the row of the first (what the dry run shows)
     train_replies: str = "all"  # of a conversation: all, each (a row per reply) or the last (data.train_replies)
 
