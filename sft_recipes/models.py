@@ -166,24 +166,28 @@ def linear_layers(model) -> list:
             and not n.endswith("lm_head")]
 
 
+def named_by(name: str, targets) -> bool:
+    """Whether LoRA's `targets` (a list of names, or "all-linear" for every linear layer) name the module `name`, by
+    PEFT's rule: its whole name, or its end after a dot."""
+    return targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)
+
+
 def beside_text(model, targets) -> List[str]:
     """The parts of a model beside its text decoder and head (Gemma 3's vision tower, Gemma 3n's audio tower) that
-    hold linear layers `targets` names (LoRA's: a list of names, or "all-linear"): their module paths, none for a
-    text-only model. Text-only training never runs them: LoRA there would add parameters that never train."""
+    hold linear layers `targets` names (named_by): their module paths, none for a text-only model. Text-only training
+    never runs them: LoRA there would add parameters that never train."""
     try:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         inside = next(n for n, m in model.named_modules() if m is decoder)
     except (AttributeError, NotImplementedError, StopIteration):
         return []
-    named = lambda n: targets == "all-linear" or any(n == t or n.endswith("." + t) for t in targets)  # noqa: E731
-    parts = []
-    for name, module in linear_layers(model):
-        if inside and not name.startswith(inside + ".") and module is not head and named(name):
-            dots = name.split(".")  # the outermost module on its path that does not hold the decoder
-            part = next(".".join(dots[:i]) for i in range(1, len(dots) + 1)
-                        if not (inside + ".").startswith(".".join(dots[:i]) + "."))
-            parts += [part] if part not in parts else []
-    return parts
+    if not inside:  # (the model is its own decoder)
+        return []
+    path = inside.split(".")
+    outside = [name.split(".") for name, module in linear_layers(model)
+               if not name.startswith(inside + ".") and module is not head and named_by(name, targets)]
+    # each one's outermost module that does not hold the decoder: one past the path they share with it
+    return list(dict.fromkeys(".".join(dots[:len(os.path.commonprefix([dots, path])) + 1]) for dots in outside))
 
 
 def quantized_weights(path: str, quantization) -> None:

@@ -156,10 +156,10 @@ def lora_fits(cfg, model_path: str, peft_config):
     # q, k, v, o stands for on a model that names them otherwise
     attention = sorted({n.rsplit(".", 1)[-1] for n in layers if "attn" in n.lower() or "attention" in n.lower()})
     targets = value(list(cfg.lora.target_modules))
-    # PEFT refuses only when no name matches (its rule: the module's name, or its end after a dot): one misspelled
-    # name among several would train no LoRA there, silently
+    # PEFT refuses only when no name matches (its rule: models.named_by): one misspelled name among several would
+    # train no LoRA there, silently
     if missing := [t for t in cfg.lora.target_modules if t != "all-linear"
-                   and not any(n == t or n.endswith("." + t) for n in names)]:
+                   and not any(models.named_by(n, [t]) for n in names)]:
         on_attention = (f"; its attention's: lora.target_modules=[{','.join(attention)}]"
                         if attention and set(attention) != set(cfg.lora.target_modules) else "")
         where = " in its language model" if left_out else ""
