@@ -23,14 +23,10 @@ SHAPES = [(2048, 2, 2, False), (2048, 2, 4, False), (2048, 2, 4, True), (3236, 4
 
 def step(attn: str, tokens: int, samples: int, layers: int, checkpointing: bool) -> int:
     """Bytes the resident size grows by over one training step, in this process."""
-    import ctypes
-    import gc
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def status(field: str) -> int:
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+    from sft_recipes.estimate import restart_resident_peak, status_kib
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
@@ -43,13 +39,10 @@ def step(attn: str, tokens: int, samples: int, layers: int, checkpointing: bool)
     short = tokens // samples
     model(input_ids=ids[:, :short], position_ids=positions[:, :short], labels=ids[:, :short]).loss.backward()
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size starts again from here
-    start = status("VmRSS")
+    restart_resident_peak()
+    start = status_kib("VmRSS")
     model(input_ids=ids, position_ids=positions, labels=ids).loss.backward()
-    return status("VmHWM") - start
+    return (status_kib("VmHWM") - start) * 1024
 
 
 def estimated(tokens: int, samples: int, layers: int, checkpointing: bool) -> int:

@@ -14,22 +14,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 VOCAB, HIDDEN = 49152, 576
 POSITIONS = [1024, 3236]
 
 
 def step(way: str, positions: int) -> tuple:
     """(bytes the resident size grows by, seconds) over one loss step of `positions` positions, in this process."""
-    import ctypes
-    import gc
     import time
 
     import torch
     import torch.nn.functional as F
     from trl.kernels import ChunkedLogProbFunction
 
-    def status(field: str) -> int:
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+    from sft_recipes.estimate import restart_resident_peak, status_kib
 
     torch.manual_seed(0)
     weight = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16)
@@ -47,13 +45,10 @@ def step(way: str, positions: int) -> tuple:
         loss.backward()
 
     once(64)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size starts again from here
-    start, began = status("VmRSS"), time.perf_counter()
+    restart_resident_peak()
+    start, began = status_kib("VmRSS"), time.perf_counter()
     once(positions)
-    return status("VmHWM") - start, time.perf_counter() - began
+    return (status_kib("VmHWM") - start) * 1024, time.perf_counter() - began
 
 
 def main():

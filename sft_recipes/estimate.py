@@ -80,12 +80,31 @@ def table(parts: Dict[str, float]) -> str:
 
 # ---- measuring the real peak ---------------------------------------------------------------------------------
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of this process's /proc/self/status in KiB (VmRSS: the resident size; VmHWM: its peak); 0 without it."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def restart_resident_peak() -> None:
+    """Hand the allocator's freed pages back to the system (so the resident size shows live memory), then let the
+    peak resident size (VmHWM) start again from the current size."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
 
 
 class PeakMemory:
@@ -97,34 +116,22 @@ class PeakMemory:
         import torch
 
         self.cuda = torch.cuda.is_available()
-        self.before_model = 0 if self.cuda else _status_kib("VmRSS") * 1024
+        self.before_model = 0 if self.cuda else status_kib("VmRSS") * 1024
 
     def start(self) -> None:
         import torch
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-            return
-        import ctypes
-        import gc
-
-        gc.collect()
-        try:  # hand the allocator's freed pages (from loading and quantizing) back, so RSS shows live memory
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident size
-        except OSError:
-            pass
+        else:  # (without the freed pages of loading and quantizing)
+            restart_resident_peak()
 
     def peak_bytes(self) -> int:
         import torch
 
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        return max(0, _status_kib("VmHWM") * 1024 - self.before_model)
+        return max(0, status_kib("VmHWM") * 1024 - self.before_model)
 
 
 def save_sizes(adapter: int, trainable: int, optim: str, tokenizer) -> tuple[int, int]:
