@@ -243,7 +243,7 @@ class Says:
         self.ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
 
     def __call__(self, input_ids, scores):
-        if not self.prompts or input_ids.shape[1] <= self.start:
+        if not self.prompts:  # the first step: the prompts alone
             self.start = input_ids.shape[1]
             self.prompts = [self.tok.decode(row, skip_special_tokens=False) for row in input_ids]
         forced = torch.full_like(scores, float("-inf"))
